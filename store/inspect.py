@@ -1,0 +1,88 @@
+"""`store info` and `store verify`: summaries and full checksum checks of a store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from store.errors import StoreCorruptError
+from store.layout import TARGET_ARRAYS
+from store.reader import StoreReader
+
+
+@dataclass
+class SplitInfo:
+    sequences: int
+    tokens: int
+    chunks_done: int
+    chunks_total: int
+    stored_bytes: int
+    raw_bytes: int
+
+
+@dataclass
+class StoreInfo:
+    path: Path
+    teacher: str
+    top_k: int
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return all(s.chunks_done == s.chunks_total for s in self.splits.values())
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def store_info(path: Path) -> StoreInfo:
+    reader = StoreReader(path)
+    manifest = reader.manifest
+    records = reader.records()
+    info = StoreInfo(path=Path(path), teacher=str(manifest.teacher.get("name", "?")), top_k=0)
+    for split, shape in manifest.splits.items():
+        info.top_k = shape.top_k
+        lengths = reader.root[split]["lengths"][...]
+        done_rows = sum(
+            min(shape.chunk_rows_range(c)[1], shape.num_sequences) - shape.chunk_rows_range(c)[0]
+            for c in records[split]
+        )
+        specs = shape.array_specs()
+        raw_bytes = sum(
+            _itemsize(specs[name]["dtype"]) * done_rows * shape.positions * specs[name]["shape"][2]
+            for name in TARGET_ARRAYS
+        )
+        stored = sum(_folder_bytes(Path(path) / split / name) for name in TARGET_ARRAYS)
+        info.splits[split] = SplitInfo(
+            sequences=shape.num_sequences,
+            tokens=int(lengths.sum()),
+            chunks_done=len(records[split]),
+            chunks_total=shape.num_chunks,
+            stored_bytes=stored,
+            raw_bytes=raw_bytes,
+        )
+    return info
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def verify_store(path: Path) -> list[str]:
+    """Every problem found: chunks missing, undecodable or failing their checksums."""
+    reader = StoreReader(path)
+    records = reader.records()
+    problems = []
+    for split, shape in reader.manifest.splits.items():
+        for chunk in range(shape.num_chunks):
+            if chunk not in records[split]:
+                problems.append(f"{split}/{chunk}: not complete")
+                continue
+            try:
+                reader.read_targets(split, chunk, verify=True)
+            except StoreCorruptError as exc:
+                problems.append(f"{split}/{chunk}: {str(exc).split('; ')[0]}")
+    return problems

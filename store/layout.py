@@ -1,0 +1,110 @@
+"""The Zarr layout: array names, shapes, chunking and codecs. One place for all of it.
+
+A store is a Zarr v3 group with one subgroup per split (`train`, `valid`). Each split holds
+`num_sequences` rows of `seq_len` tokens; the teacher sees tokens[:, :-1], so target arrays have
+`positions = seq_len - 1` entries per row. Every array is chunked along rows only, `chunk_rows` rows
+a chunk, so one chunk index names the same rows in every array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS = ("train", "valid")
+
+# Arrays written once when the store is created, and arrays written chunk by chunk by the teacher.
+SEQUENCE_ARRAYS = ("tokens", "lengths", "prompt_offsets")
+TARGET_ARRAYS = ("topk_logits", "topk_indices", "logsumexp")
+
+# bfloat16 has no numpy dtype: its bit pattern is stored as uint16 and viewed back on read.
+LOGIT_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+
+
+@dataclass(frozen=True)
+class SplitShape:
+    num_sequences: int
+    seq_len: int
+    top_k: int
+    vocab_size: int
+    num_temperatures: int
+    chunk_rows: int
+    logits_dtype: str
+
+    @property
+    def positions(self) -> int:
+        return self.seq_len - 1
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_sequences // self.chunk_rows)
+
+    def chunk_rows_range(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.num_sequences)
+
+    @property
+    def index_dtype(self) -> str:
+        return "uint16" if self.vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+    def array_specs(self) -> dict[str, dict]:
+        """name -> {shape, chunks, dtype, codecs} for every array of the split."""
+        n, c, p, k = self.num_sequences, self.chunk_rows, self.positions, self.top_k
+        return {
+            "tokens": _spec((n, self.seq_len), (c, self.seq_len), "int32", _zstd(4, "shuffle")),
+            "lengths": _spec((n,), (c,), "int32", _zstd(4, "shuffle")),
+            "prompt_offsets": _spec((n,), (c,), "int32", _zstd(4, "shuffle")),
+            "topk_logits": _spec(
+                (n, p, k),
+                (c, p, k),
+                LOGIT_DTYPES[self.logits_dtype],
+                _zstd(np.dtype(LOGIT_DTYPES[self.logits_dtype]).itemsize, "bitshuffle"),
+            ),
+            # Indices are sorted per position, so deltas are small and compress well.
+            "topk_indices": _spec(
+                (n, p, k),
+                (c, p, k),
+                self.index_dtype,
+                {"filters": "delta", **_zstd(np.dtype(self.index_dtype).itemsize, "shuffle")},
+            ),
+            "logsumexp": _spec(
+                (n, p, self.num_temperatures),
+                (c, p, self.num_temperatures),
+                "float32",
+                _zstd(4, "shuffle"),
+            ),
+        }
+
+
+def _spec(shape: tuple, chunks: tuple, dtype: str, codec: dict) -> dict:
+    return {"shape": list(shape), "chunks": list(chunks), "dtype": dtype, "codec": codec}
+
+
+def _zstd(typesize: int, shuffle: str) -> dict:
+    return {"cname": "zstd", "clevel": 3, "shuffle": shuffle, "typesize": typesize}
+
+
+def zarr_codec_args(spec: dict) -> dict:
+    """Turn a spec's codec description into zarr.create_array keyword arguments."""
+    from zarr.codecs import BloscCodec
+
+    codec = dict(spec["codec"])
+    filters = codec.pop("filters", None)
+    args: dict = {"compressors": [BloscCodec(**codec)]}
+    if filters == "delta":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # numcodecs warns that its codecs are not in the v3 spec
+            from numcodecs.zarr3 import Delta
+
+            args["filters"] = [Delta(dtype=spec["dtype"])]
+    return args
+
+
+def chunk_key(split: str, array: str, chunk: int, ndim: int) -> str:
+    """Store key of a row chunk under zarr v3's default chunk key encoding."""
+    return "/".join([split, array, "c", str(chunk), *(["0"] * (ndim - 1))])

@@ -1,0 +1,208 @@
+"""The manifest: what made a store and how it is laid out. Frozen, versioned, checked on load.
+
+`manifest.json` at the store root holds everything fixed at creation. Completion is recorded per
+chunk in `records/<split>/<chunk>.json` (see `ChunkRecord`), so several writers never contend for
+one file; together they are the manifest's chunk table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from store.errors import ManifestError
+from store.layout import LOGIT_DTYPES, SPLITS, SplitShape
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+RECORDS_DIR = "records"
+# Refuse sizes that no real store has, before anything is allocated from them.
+MAX_ROWS = 1 << 26
+MAX_SEQ_LEN = 1 << 20
+MAX_TOP_K = 1 << 22
+
+
+@dataclass(frozen=True)
+class Manifest:
+    teacher: dict[str, Any]
+    tokenizer: dict[str, Any]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    splits: dict[str, SplitShape]
+    producer: str = "dwq-pipeline"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["arrays"] = {name: shape.array_specs() for name, shape in self.splits.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Manifest:
+        if not isinstance(raw, dict):
+            raise ManifestError("manifest is not a JSON object")
+        version = raw.get("schema_version")
+        if not isinstance(version, int):
+            raise ManifestError("manifest has no integer schema_version")
+        if version > SCHEMA_VERSION:
+            raise ManifestError(
+                f"store was written by a newer dwq-pipeline (manifest schema {version}, this one "
+                f"reads up to {SCHEMA_VERSION}); upgrade dwq-pipeline"
+            )
+        known = {f for f in cls.__dataclass_fields__} | {"arrays"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ManifestError(f"manifest has unknown keys: {', '.join(unknown)}")
+        missing = sorted(set(cls.__dataclass_fields__) - set(raw))
+        if missing:
+            raise ManifestError(f"manifest lacks keys: {', '.join(missing)}")
+        for key in ("teacher", "tokenizer", "data", "settings", "splits"):
+            if not isinstance(raw[key], dict):
+                raise ManifestError(f"manifest field {key!r} must be an object")
+        splits = {name: _parse_split(name, value) for name, value in raw["splits"].items()}
+        manifest = cls(
+            teacher=raw["teacher"],
+            tokenizer=raw["tokenizer"],
+            data=raw["data"],
+            settings=raw["settings"],
+            splits=splits,
+            producer=str(raw["producer"]),
+            schema_version=version,
+        )
+        if "arrays" in raw and raw["arrays"] != manifest.to_dict()["arrays"]:
+            raise ManifestError("manifest's array table does not match its split sizes")
+        return manifest
+
+    def differences(self, other: Manifest) -> list[str]:
+        """Human-readable list of what differs in the inputs and settings that made the stores."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        out = []
+        for section in ("teacher", "tokenizer", "data", "settings", "splits"):
+            a, b = mine[section], theirs[section]
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    out.append(f"{section}.{key}: {_short(a.get(key))} != {_short(b.get(key))}")
+        return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parse_split(name: str, raw: Any) -> SplitShape:
+    if name not in SPLITS:
+        raise ManifestError(f"manifest names an unknown split {name!r}")
+    if not isinstance(raw, dict) or set(raw) != set(SplitShape.__dataclass_fields__):
+        raise ManifestError(f"manifest split {name!r} has the wrong fields")
+    limits = {
+        "num_sequences": MAX_ROWS,
+        "seq_len": MAX_SEQ_LEN,
+        "top_k": MAX_TOP_K,
+        "vocab_size": 1 << 32,
+        "num_temperatures": 64,
+        "chunk_rows": MAX_ROWS,
+    }
+    for key, limit in limits.items():
+        value = raw[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ManifestError(f"manifest split {name!r}: {key}={value!r} is out of range")
+    if raw["seq_len"] < 2 or raw["top_k"] > raw["vocab_size"]:
+        raise ManifestError(f"manifest split {name!r}: inconsistent seq_len/top_k/vocab_size")
+    if raw["logits_dtype"] not in LOGIT_DTYPES:
+        raise ManifestError(
+            f"manifest split {name!r}: unknown logits dtype {raw['logits_dtype']!r}"
+        )
+    return SplitShape(**raw)
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One completed chunk: written only after its data is durable."""
+
+    split: str
+    chunk: int
+    shard: str
+    checksums: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ChunkRecord:
+        try:
+            record = cls(
+                split=str(raw["split"]),
+                chunk=int(raw["chunk"]),
+                shard=str(raw["shard"]),
+                checksums={str(k): str(v) for k, v in raw["checksums"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(f"malformed chunk record: {exc}") from exc
+        return record
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write, fsync, then rename: a reader sees the old file or the whole new one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(partial, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(store_path: Path) -> Manifest:
+    path = store_path / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{store_path} is not a dwq-pipeline store (no {MANIFEST_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(
+            f"{path} is unreadable ({exc}); the store must be recreated with `targets --overwrite`"
+        ) from exc
+    return Manifest.from_dict(raw)
+
+
+def write_manifest(store_path: Path, manifest: Manifest) -> None:
+    write_json_atomic(store_path / MANIFEST_FILE, manifest.to_dict())
+
+
+def record_path(store_path: Path, split: str, chunk: int) -> Path:
+    return store_path / RECORDS_DIR / split / f"{chunk:08d}.json"
+
+
+def write_record(store_path: Path, record: ChunkRecord) -> None:
+    path = record_path(store_path, record.split, record.chunk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record.to_dict())
+
+
+def read_records(store_path: Path, manifest: Manifest) -> dict[str, dict[int, ChunkRecord]]:
+    """split -> chunk -> record, for every readable record within the manifest's chunk range."""
+    out: dict[str, dict[int, ChunkRecord]] = {}
+    for split, shape in manifest.splits.items():
+        found: dict[int, ChunkRecord] = {}
+        folder = store_path / RECORDS_DIR / split
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                record = ChunkRecord.from_dict(json.loads(path.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError, ManifestError):
+                continue  # a torn record means the chunk is not done
+            if record.split == split and 0 <= record.chunk < shape.num_chunks:
+                found[record.chunk] = record
+        out[split] = found
+    return out

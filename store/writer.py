@@ -1,0 +1,268 @@
+"""Creating a store, writing chunks atomically and durably, resuming, sharding and merging.
+
+A chunk is done when its bytes are fsynced and its record is written (both atomically). A crash at
+any moment leaves either a done chunk or one that the next run recomputes from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from store.errors import StoreError, StoreMismatchError
+from store.layout import SEQUENCE_ARRAYS, TARGET_ARRAYS, chunk_key, zarr_codec_args
+from store.manifest import (
+    MANIFEST_FILE,
+    ChunkRecord,
+    Manifest,
+    fsync_dir,
+    read_manifest,
+    read_records,
+    write_manifest,
+    write_record,
+)
+
+
+def array_checksum(values: np.ndarray) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{values.dtype.str}{values.shape}".encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def sort_topk_by_index(logits: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order each position's top-k by vocabulary index: same data, far smaller after delta+zstd."""
+    order = np.argsort(indices, axis=-1, kind="stable")
+    return np.take_along_axis(logits, order, -1), np.take_along_axis(indices, order, -1)
+
+
+def chunks_for_shard(num_chunks: int, index: int, count: int) -> list[int]:
+    """Round-robin assignment: shards are disjoint and together cover every chunk."""
+    return list(range(index, num_chunks, count))
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if not path.exists() else path
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"cannot write the store at {path}: {parent} is not writable")
+
+
+def _build_skeleton(path: Path, manifest: Manifest, sequences: dict[str, dict[str, np.ndarray]]):
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
+    root.attrs["dwq_pipeline_schema"] = manifest.schema_version
+    for split, shape in manifest.splits.items():
+        group = root.create_group(split)
+        for name, spec in shape.array_specs().items():
+            array = group.create_array(
+                name,
+                shape=tuple(spec["shape"]),
+                chunks=tuple(spec["chunks"]),
+                dtype=spec["dtype"],
+                fill_value=0,
+                **zarr_codec_args(spec),
+            )
+            if name in SEQUENCE_ARRAYS:
+                array[...] = sequences[split][name]
+    write_manifest(path, manifest)
+
+
+def open_store_for_writing(
+    path: Path,
+    manifest: Manifest,
+    sequences: dict[str, dict[str, np.ndarray]],
+    overwrite: bool = False,
+) -> StoreWriter:
+    """Create the store, or reopen a matching one to resume; refuse one made differently."""
+    path = Path(path)
+    _check_writable(path)
+    if path.exists() and not (path / MANIFEST_FILE).is_file():
+        if any(path.iterdir()):
+            raise StoreError(
+                f"{path} exists and is not a dwq-pipeline store; choose another --store path"
+            )
+        path.rmdir()
+    if path.exists() and not overwrite:
+        existing = read_manifest(path)
+        differences = existing.differences(manifest)
+        if differences:
+            raise StoreMismatchError(
+                f"store {path} was made differently ({'; '.join(differences[:4])}); "
+                "pass --overwrite to replace it or choose another --store"
+            )
+        return StoreWriter(path, existing)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _build_skeleton(partial, manifest, sequences)
+        _swap_into_place(partial, path, overwrite)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise StoreError(f"cannot create the store at {path}: {exc.strerror or exc}") from exc
+    return StoreWriter(path, read_manifest(path))
+
+
+def _swap_into_place(partial: Path, path: Path, overwrite: bool) -> None:
+    if overwrite and path.exists():
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old)
+        return
+    try:
+        os.rename(partial, path)
+    except OSError:
+        # Another process created the store first: use theirs (the caller checks it matches).
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (path / MANIFEST_FILE).is_file():
+            raise
+    fsync_dir(path.parent)
+
+
+class StoreWriter:
+    """Writes target chunks into an existing store."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.root = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r+")
+
+    def done_chunks(self, split: str) -> set[int]:
+        return set(read_records(self.path, self.manifest)[split])
+
+    def missing_chunks(self, split: str, shard_index: int = 0, shard_count: int = 1) -> list[int]:
+        done = self.done_chunks(split)
+        total = self.manifest.splits[split].num_chunks
+        return [c for c in chunks_for_shard(total, shard_index, shard_count) if c not in done]
+
+    def write_chunk(
+        self, split: str, chunk: int, targets: dict[str, np.ndarray], shard: str
+    ) -> None:
+        """Write one chunk's target arrays, make them durable, then record the chunk as done."""
+        shape = self.manifest.splits[split]
+        start, stop = shape.chunk_rows_range(chunk)
+        logits, indices = sort_topk_by_index(targets["topk_logits"], targets["topk_indices"])
+        values = {
+            "topk_logits": logits,
+            "topk_indices": indices.astype(shape.index_dtype),
+            "logsumexp": targets["logsumexp"].astype(np.float32),
+        }
+        group = self.root[split]
+        for name in TARGET_ARRAYS:
+            expected = (stop - start, *group[name].shape[1:])
+            if values[name].shape != expected:
+                raise StoreError(
+                    f"chunk {split}/{chunk} {name}: shape {values[name].shape} != {expected}"
+                )
+            group[name][start:stop] = values[name]
+            self._fsync_chunk(split, name, chunk, group[name].ndim)
+        checksums = {name: array_checksum(values[name]) for name in TARGET_ARRAYS}
+        write_record(
+            self.path, ChunkRecord(split=split, chunk=chunk, shard=shard, checksums=checksums)
+        )
+
+    def _fsync_chunk(self, split: str, name: str, chunk: int, ndim: int) -> None:
+        file = self.path / chunk_key(split, name, chunk, ndim)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class BackgroundWriter:
+    """Runs `StoreWriter.write_chunk` on a thread behind a bounded queue.
+
+    The producer blocks only when `max_pending` chunks are already waiting, so the teacher keeps
+    computing while earlier chunks are sorted, compressed and written. An error in the writer is
+    raised in the producer on its next submit or on close.
+    """
+
+    def __init__(
+        self,
+        writer: StoreWriter,
+        shard: str,
+        max_pending: int = 2,
+        on_written: Callable[[str, int], None] | None = None,
+    ):
+        self.writer = writer
+        self.shard = shard
+        self.on_written = on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                split, chunk, targets = item
+                try:
+                    self.writer.write_chunk(split, chunk, targets, self.shard)
+                    if self.on_written:
+                        self.on_written(split, chunk)
+                except BaseException as exc:  # handed to the producer thread
+                    self.error = exc
+
+    def submit(self, split: str, chunk: int, targets: dict[str, np.ndarray]) -> None:
+        self._raise_if_failed()
+        self.queue.put((split, chunk, targets))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            if isinstance(error, OSError):
+                raise StoreError(f"writing the store failed: {error.strerror or error}") from error
+            raise error
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if exc_info[0] is None:
+            self.close()
+        else:  # finish what is queued (it is valid work), then let the original error through
+            self.queue.put(None)
+            self.thread.join()
+
+
+def merge_stores(out_path: Path, inputs: Iterable[Path]) -> dict[str, int]:
+    """Copy done chunks from stores made with the same manifest into `out_path`."""
+    from store.reader import StoreReader
+
+    readers = [StoreReader(Path(p)) for p in inputs]
+    if not readers:
+        raise StoreError("store merge needs at least one input store")
+    base = readers[0]
+    for reader in readers[1:]:
+        differences = base.manifest.differences(reader.manifest)
+        if differences:
+            raise StoreMismatchError(
+                f"{reader.path} differs from {base.path}: {'; '.join(differences[:4])}"
+            )
+    sequences = {split: base.sequences(split) for split in base.manifest.splits}
+    writer = open_store_for_writing(Path(out_path), base.manifest, sequences)
+    copied = {split: 0 for split in base.manifest.splits}
+    for reader in readers:
+        if reader.path.resolve() == writer.path.resolve():
+            continue
+        for split, records in reader.records().items():
+            for chunk in sorted(set(records) - writer.done_chunks(split)):
+                targets = reader.read_targets(split, chunk, verify=True)
+                writer.write_chunk(split, chunk, targets, records[chunk].shard)
+                copied[split] += 1
+    return copied

@@ -1,0 +1,114 @@
+"""Tiny models and data built in code: a byte-level BPE trained on a few sentences and a 2-layer
+llama saved as a real mlx-lm folder, so tests go through the same loading path as users."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pack my box with five dozen liquor jugs, then count to 12345.",
+    "def add(a, b):\n    return a + b\n",
+    "Zarr stores chunked, compressed, N-dimensional arrays.",
+    "MLX is an array framework for machine learning on Apple silicon.",
+    "Distillation makes a small student match a large teacher.",
+]
+
+
+def make_tokenizer_files(folder: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(SENTENCES * 20, trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "bos_token": "<|im_start|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": template,
+            }
+        )
+    )
+    return tokenizer.get_vocab_size()
+
+
+def make_tiny_model_folder(folder: Path, seed: int = 0, hidden_size: int = 64) -> Path:
+    from mlx_lm.models.llama import Model, ModelArgs
+    from mlx_lm.utils import save_config, save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = make_tokenizer_files(folder)
+    config = {
+        "model_type": "llama",
+        "hidden_size": hidden_size,
+        "num_hidden_layers": 2,
+        "intermediate_size": 2 * hidden_size,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": True,
+    }
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    save_model(folder, model)
+    save_config(config, folder / "config.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return make_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny-teacher")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def text_data(tmp_path) -> Path:
+    """A folder in mlx-lm text format with train/valid splits."""
+    folder = tmp_path / "data"
+    write_jsonl(
+        folder / "train.jsonl",
+        [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 4,
+    )
+    write_jsonl(folder / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 2)
+    return folder
+
+
+@pytest.fixture
+def tiny_targets_overrides(tiny_teacher, text_data, tmp_path) -> dict:
+    return {
+        "targets.teacher": str(tiny_teacher),
+        "targets.data": str(text_data),
+        "store": str(tmp_path / "store.zarr"),
+        "targets.top_k": 16,
+        "targets.max_seq_length": 17,
+        "targets.num_samples": 20,
+        "targets.num_valid_samples": 4,
+        "targets.batch_size": 2,
+        "targets.chunk_size": 3,
+        "targets.logits_dtype": "float32",
+    }

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config, parse_override
+from pipeline.errors import ConfigError
+from stages.targets import TargetsConfig
+
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "tiny.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_loads_and_validates(path):
+    config = load_config(path)
+    assert isinstance(config.targets, TargetsConfig)
+    assert config.targets.store  # the shared top-level store reached the stage config
+
+
+def test_cli_overrides_beat_file_which_beats_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("targets:\n  top_k: 64\n  seed: 7\n")
+    config = load_config(path, {"targets.top_k": 8}).targets
+    assert config.top_k == 8  # CLI
+    assert config.seed == 7  # file
+    assert config.max_seq_length == TargetsConfig().max_seq_length  # default
+
+
+def test_every_problem_is_reported_in_one_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "colour: red\ntargets:\n  top_k: 0\n  seed: abc\n  wat: 1\n  logits_dtype: int8\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    for fragment in (
+        "colour",
+        "top_k must be >= 1",
+        "seed must be int",
+        "targets.wat",
+        "logits_dtype",
+    ):
+        assert fragment in message
+    assert "\n" not in message
+
+
+def test_types_are_checked_not_coerced(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size must be int"):
+        load_config(None, {"targets.batch_size": True})
+    with pytest.raises(ConfigError, match="valid_share must be between"):
+        load_config(None, {"targets.valid_share": 1})
+    assert load_config(None, {"targets.valid_share": 0.5}).targets.valid_share == 0.5
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("targets.lse_temperatures=[1, 2.5]") == (
+        "targets.lse_temperatures",
+        [1, 2.5],
+    )
+    assert parse_override("store=a/b.zarr") == ("store", "a/b.zarr")
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+
+
+def test_missing_and_malformed_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from stages.data import DataSettings, build_sequences, ensure_default_data
+from stages.errors import DataError
+from stages.models import load_model
+from tests.conftest import SENTENCES, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_teacher):
+    return load_model(str(tiny_teacher)).tokenizer
+
+
+def settings(source, **kw) -> DataSettings:
+    base = dict(max_seq_length=16, num_samples=4, num_valid_samples=2, valid_share=0.25, seed=1)
+    base.update(kw)
+    return DataSettings(source=str(source), **base)
+
+
+def test_default_data_is_pydoc_text_and_deterministic(tmp_path):
+    first = ensure_default_data(tmp_path / "a")
+    second = ensure_default_data(tmp_path / "b")
+    for name in ("train.jsonl", "valid.jsonl"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    assert "Python" in (first / "train.jsonl").read_text()
+
+
+def test_text_is_packed_into_full_windows_deterministically(tokenizer, text_data):
+    train, valid = build_sequences(tokenizer, settings(text_data))
+    again, _ = build_sequences(tokenizer, settings(text_data))
+    assert np.array_equal(train.tokens, again.tokens)
+    assert (train.lengths == 16).all() and (train.prompt_offsets == 0).all()
+    assert len(train) == 4 and len(valid) == 2
+    other_seed, _ = build_sequences(tokenizer, settings(text_data, seed=2))
+    assert not np.array_equal(train.tokens, other_seed.tokens)
+
+
+def test_single_jsonl_file_holds_out_whole_records(tokenizer, tmp_path):
+    records = [{"text": f"Record number {i} says: {s}"} for i, s in enumerate(SENTENCES * 4)]
+    path = write_jsonl(tmp_path / "all.jsonl", records)
+    train, valid = build_sequences(
+        tokenizer, settings(path, num_samples=0, num_valid_samples=0, max_seq_length=8)
+    )
+    # 6 of 24 records are held out, so about a quarter of the windows are validation.
+    assert 0.15 < len(valid) / (len(train) + len(valid)) < 0.35
+
+
+def test_chat_records_keep_prompt_offsets_when_masking(tokenizer, tmp_path):
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": "add 2 and 3"},
+                {"role": "assistant", "content": "5"},
+            ]
+        }
+    ] * 6
+    path = write_jsonl(tmp_path / "chat.jsonl", chat)
+    train, _ = build_sequences(
+        tokenizer,
+        settings(path, max_seq_length=64, num_samples=2, num_valid_samples=1, mask_prompt=True),
+    )
+    assert (train.prompt_offsets > 0).all()
+    assert (train.prompt_offsets < train.lengths).all()
+    row = train.tokens[0, : train.lengths[0]].tolist()
+    assert tokenizer.decode(row[train.prompt_offsets[0] :]).startswith("5")
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([], "empty"),
+        ([{"colour": "red"}] * 3, "text"),
+    ],
+)
+def test_unusable_records_are_data_errors(tokenizer, tmp_path, records, message):
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataError, match=message):
+        build_sequences(tokenizer, settings(path))
+
+
+def test_too_little_data_says_how_much_there_is(tokenizer, text_data):
+    with pytest.raises(DataError, match="fewer than the 100000 asked for"):
+        build_sequences(tokenizer, settings(text_data, num_samples=100000))
+
+
+def test_missing_path_is_a_data_error(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_sequences(tokenizer, settings(tmp_path / "missing.jsonl"))

@@ -1,0 +1,262 @@
+"""Stage one on a tiny teacher: correctness, resume, shards, merge, verify, bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+from stages.models import load_model
+from stages.targets import Progress, Shard, compute_targets
+from store.inspect import store_info, verify_store
+from store.layout import TARGET_ARRAYS
+from store.reader import StoreReader, bfloat16_bits_to_float32
+from store.writer import merge_stores
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+
+
+def config_for(overrides: dict, **extra):
+    return load_config(None, {**overrides, **extra}).targets
+
+
+def stored_arrays(path: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")
+    return {f"{s}/{a}": group[s][a][...] for s in ("train", "valid") for a in group[s].array_keys()}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    left, right = stored_arrays(a), stored_arrays(b)
+    assert left.keys() == right.keys()
+    for key in left:
+        assert np.array_equal(left[key], right[key]), key
+    assert StoreReader(a).records().keys() == StoreReader(b).records().keys()
+    for split, records in StoreReader(a).records().items():
+        theirs = StoreReader(b).records()[split]
+        assert {c: r.checksums for c, r in records.items()} == {
+            c: r.checksums for c, r in theirs.items()
+        }
+
+
+def test_stored_topk_matches_independent_recomputation(tiny_targets_overrides, tiny_teacher):
+    config = config_for(tiny_targets_overrides)
+    manifest = compute_targets(config)
+    reader = StoreReader(Path(config.store))
+    teacher = load_model(str(tiny_teacher)).model
+    for split, shape in manifest.splits.items():
+        tokens = reader.sequences(split)["tokens"]
+        logits = np.array(teacher(mx.array(tokens[:, :-1])).astype(mx.float32))
+        stored = {
+            n: np.concatenate([reader.read_targets(split, c)[n] for c in range(shape.num_chunks)])
+            for n in TARGET_ARRAYS
+        }
+        expected_idx = np.sort(np.argsort(-logits, axis=-1)[..., : config.top_k], axis=-1)
+        assert np.array_equal(stored["topk_indices"], expected_idx)
+        np.testing.assert_allclose(
+            stored["topk_logits"],
+            np.take_along_axis(logits, expected_idx, -1),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+        for i, t in enumerate(config.lse_temperatures):
+            shifted = logits / t
+            top = shifted.max(-1, keepdims=True)
+            lse = (top + np.log(np.exp(shifted - top).sum(-1, keepdims=True)))[..., 0]
+            np.testing.assert_allclose(stored["logsumexp"][..., i], lse, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_logits_round_trip_exactly(tiny_targets_overrides, tiny_teacher):
+    config = config_for(tiny_targets_overrides, **{"targets.logits_dtype": "bfloat16"})
+    compute_targets(config)
+    reader = StoreReader(Path(config.store))
+    teacher = load_model(str(tiny_teacher)).model
+    tokens = reader.sequences("valid")["tokens"][:3]
+    values = reader.read_targets("valid", 0)
+    logits = teacher(mx.array(tokens[:, :-1])).astype(mx.float32)
+    picked = mx.take_along_axis(logits, mx.array(values["topk_indices"].astype(np.int32)), -1)
+    as_bf16_bits = np.array(picked.astype(mx.bfloat16).view(mx.uint16))
+    assert values["topk_logits"].dtype == np.uint16
+    assert np.array_equal(values["topk_logits"], as_bf16_bits)
+    np.testing.assert_allclose(
+        reader.logits_as_float32("valid", values["topk_logits"]), np.array(picked), rtol=1e-2
+    )
+    assert bfloat16_bits_to_float32(np.array([0x3F80], np.uint16))[0] == 1.0
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_store(tiny_targets_overrides, tmp_path):
+    whole = config_for(tiny_targets_overrides, store=str(tmp_path / "whole.zarr"))
+    compute_targets(whole)
+    broken = config_for(tiny_targets_overrides, store=str(tmp_path / "broken.zarr"))
+
+    def crash_after_three(progress: Progress) -> None:
+        if progress.chunks_done == 3:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        compute_targets(broken, on_progress=crash_after_three)
+    done = sum(len(r) for r in StoreReader(Path(broken.store)).records().values())
+    assert 1 <= done <= 3
+    seen = []
+    compute_targets(broken, on_progress=seen.append)
+    assert seen[-1].chunks_total == len(seen)
+    total = sum(s.num_chunks for s in StoreReader(Path(broken.store)).manifest.splits.values())
+    assert len(seen) == total - done  # nothing done twice
+    assert_same_store(Path(whole.store), Path(broken.store))
+
+
+def test_rerun_of_a_complete_store_computes_nothing(tiny_targets_overrides):
+    config = config_for(tiny_targets_overrides)
+    compute_targets(config)
+    seen = []
+    compute_targets(config, on_progress=seen.append)
+    assert seen == []
+
+
+def test_two_shard_processes_equal_one_process(tiny_targets_overrides, tmp_path):
+    single = config_for(tiny_targets_overrides, store=str(tmp_path / "single.zarr"))
+    compute_targets(single)
+    shared = tmp_path / "shared.zarr"
+    args = [f"--set={k}={v}" for k, v in tiny_targets_overrides.items() if k != "store"]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "targets",
+                "--store",
+                str(shared),
+                "--shard",
+                f"{i}/2",
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert_same_store(Path(single.store), shared)
+
+
+def test_shard_stores_merge_into_the_same_store(tiny_targets_overrides, tmp_path):
+    single = config_for(tiny_targets_overrides, store=str(tmp_path / "single.zarr"))
+    compute_targets(single)
+    parts = []
+    for i in range(2):
+        part = config_for(tiny_targets_overrides, store=str(tmp_path / f"part{i}.zarr"))
+        compute_targets(part, shard=Shard(i, 2))
+        parts.append(Path(part.store))
+    assert not store_info(parts[0]).complete
+    merge_stores(tmp_path / "merged.zarr", parts)
+    assert_same_store(Path(single.store), tmp_path / "merged.zarr")
+    assert verify_store(tmp_path / "merged.zarr") == []
+
+
+def test_verify_catches_a_flipped_byte(tiny_targets_overrides):
+    config = config_for(tiny_targets_overrides)
+    compute_targets(config)
+    store = Path(config.store)
+    assert runner.invoke(app, ["store", "verify", str(store)]).exit_code == 0
+    chunk = store / "train" / "topk_logits" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    problems = verify_store(store)
+    assert len(problems) == 1 and problems[0].startswith("train/1")
+    result = runner.invoke(app, ["store", "verify", str(store)])
+    assert result.exit_code == 1
+    assert "train/1" in result.output
+
+
+def test_store_info_reports_sizes(tiny_targets_overrides):
+    config = config_for(tiny_targets_overrides)
+    compute_targets(config)
+    info = store_info(Path(config.store))
+    assert info.complete and info.top_k == config.top_k
+    assert info.splits["train"].sequences == config.num_samples
+    assert info.splits["train"].tokens == config.num_samples * config.max_seq_length
+    assert 0 < info.splits["train"].stored_bytes < info.splits["train"].raw_bytes
+    result = runner.invoke(app, ["store", "info", config.store])
+    assert result.exit_code == 0 and "train" in result.output
+
+
+def cli_targets(overrides: dict, *extra: str):
+    args = ["targets"] + [f"--set={k}={v}" for k, v in overrides.items()] + list(extra)
+    return runner.invoke(app, args)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"targets.top_k": 100000}, "exceeds the teacher's vocabulary"),
+        ({"targets.top_k": 0}, "top_k must be >= 1"),
+        ({"targets.num_samples": 1, "targets.batch_size": 2}, "fewer than one batch"),
+        ({"targets.teacher": "/nonexistent/teacher"}, "does not exist"),
+        ({"targets.data": "/nonexistent/data.jsonl"}, "does not exist"),
+        ({"targets.max_seq_length": 100000}, "no train sequences"),
+        ({"targets.seed": 99}, "made differently"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_store_intact(tiny_targets_overrides, change, message):
+    assert cli_targets(tiny_targets_overrides).exit_code == 0
+    store = Path(tiny_targets_overrides["store"])
+    before = stored_arrays(store)
+    result = cli_targets({**tiny_targets_overrides, **change})
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    after = stored_arrays(store)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert verify_store(store) == []
+
+
+def test_empty_data_and_unwritable_output_are_refused(tiny_targets_overrides, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = cli_targets({**tiny_targets_overrides, "targets.data": str(empty)})
+    assert result.exit_code == 2 and "empty" in result.output
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not __import__("os").access(locked, __import__("os").W_OK):
+            result = cli_targets({**tiny_targets_overrides, "store": str(locked / "s.zarr")})
+            assert result.exit_code == 2 and "not writable" in result.output
+    finally:
+        locked.chmod(0o700)
+
+
+def test_overwrite_replaces_a_store_made_differently(tiny_targets_overrides):
+    assert cli_targets(tiny_targets_overrides).exit_code == 0
+    result = cli_targets({**tiny_targets_overrides, "targets.top_k": 8}, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert StoreReader(Path(tiny_targets_overrides["store"])).manifest.splits["train"].top_k == 8
+
+
+def test_store_opens_with_plain_zarr(tiny_targets_overrides):
+    config = config_for(tiny_targets_overrides)
+    compute_targets(config)
+    group = zarr.open_group(config.store, mode="r")
+    assert group["train"]["topk_logits"].shape == (20, 16, 16)
+    assert group["train"]["topk_indices"].dtype == np.uint16
+    shutil.rmtree(config.store)
