@@ -45,6 +45,7 @@ test-fast: setup
 
 bench: setup
 	$(BLAS_ENV) $(PY) bench/blas.py
+	$(BLAS_ENV) $(PY) bench/targets.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -174,11 +174,12 @@ def doctor() -> None:
 
 
 def main() -> None:
-    from pipeline.runtime import ensure_fast_blas
+    from pipeline.runtime import ensure_fast_blas, quiet_library_logs
 
     warning = ensure_fast_blas()
     if warning:
         ui.warn(warning)
+    quiet_library_logs()
     app()
 
 

@@ -109,3 +109,11 @@ def distributed_rank_and_size() -> tuple[int, int]:
 
     group = mx.distributed.init()
     return group.rank(), group.size()
+
+
+def quiet_library_logs() -> None:
+    """Tokenizing whole documents before packing them into windows makes transformers warn about
+    sequences longer than the model's context; that is expected here, so only errors are shown."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()

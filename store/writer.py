@@ -53,8 +53,8 @@ def _check_writable(path: Path) -> None:
     parent = path.parent if not path.exists() else path
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"cannot write the store at {path}: {parent} is not writable")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise StoreError(f"cannot write the store at {path}: {parent} is not a writable folder")
 
 
 def _build_skeleton(path: Path, manifest: Manifest, sequences: dict[str, dict[str, np.ndarray]]):
@@ -183,8 +183,8 @@ class BackgroundWriter:
     """Runs `StoreWriter.write_chunk` on a thread behind a bounded queue.
 
     The producer blocks only when `max_pending` chunks are already waiting, so the teacher keeps
-    computing while earlier chunks are sorted, compressed and written. An error in the writer is
-    raised in the producer on its next submit or on close.
+    computing while earlier chunks are extracted, sorted, compressed and written. An error in the
+    writer is raised in the producer on its next submit or on close.
     """
 
     def __init__(
@@ -205,17 +205,20 @@ class BackgroundWriter:
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             if self.error is None:
-                split, chunk, targets = item
+                split, chunk, make_targets = item
                 try:
-                    self.writer.write_chunk(split, chunk, targets, self.shard)
+                    self.writer.write_chunk(split, chunk, make_targets(), self.shard)
                     if self.on_written:
                         self.on_written(split, chunk)
                 except BaseException as exc:  # handed to the producer thread
                     self.error = exc
 
-    def submit(self, split: str, chunk: int, targets: dict[str, np.ndarray]) -> None:
+    def submit(
+        self, split: str, chunk: int, make_targets: Callable[[], dict[str, np.ndarray]]
+    ) -> None:
+        """Queue a chunk; `make_targets` runs on the writer thread (e.g. top-k extraction)."""
         self._raise_if_failed()
-        self.queue.put((split, chunk, targets))
+        self.queue.put((split, chunk, make_targets))
 
     def close(self) -> None:
         self.queue.put(None)

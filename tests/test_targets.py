@@ -235,15 +235,12 @@ def test_empty_data_and_unwritable_output_are_refused(tiny_targets_overrides, tm
     empty.write_text("")
     result = cli_targets({**tiny_targets_overrides, "targets.data": str(empty)})
     assert result.exit_code == 2 and "empty" in result.output
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if not __import__("os").access(locked, __import__("os").W_OK):
-            result = cli_targets({**tiny_targets_overrides, "store": str(locked / "s.zarr")})
-            assert result.exit_code == 2 and "not writable" in result.output
-    finally:
-        locked.chmod(0o700)
+    # A regular file where a folder should be: unwritable even for root, which CI runs as.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = cli_targets({**tiny_targets_overrides, "store": str(blocker / "sub" / "s.zarr")})
+    assert result.exit_code == 2 and "not a writable folder" in result.output
+    assert blocker.read_text() == "not a folder"
 
 
 def test_overwrite_replaces_a_store_made_differently(tiny_targets_overrides):
@@ -260,3 +257,38 @@ def test_store_opens_with_plain_zarr(tiny_targets_overrides):
     assert group["train"]["topk_logits"].shape == (20, 16, 16)
     assert group["train"]["topk_indices"].dtype == np.uint16
     shutil.rmtree(config.store)
+
+
+def test_mlx_launch_ranks_become_shards(tiny_targets_overrides, tmp_path):
+    single = config_for(tiny_targets_overrides, store=str(tmp_path / "single.zarr"))
+    compute_targets(single)
+    shared = tmp_path / "launched.zarr"
+    bin_dir = Path(sys.executable).parent
+    args = [f"--set={k}={v}" for k, v in tiny_targets_overrides.items() if k != "store"]
+    done = subprocess.run(
+        [
+            str(bin_dir / "mlx.launch"),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--starting-port",
+            "45931",
+            "--",
+            str(bin_dir / "dwq-pipeline"),
+            "targets",
+            "--store",
+            str(shared),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    shards = {
+        r.shard for records in StoreReader(shared).records().values() for r in records.values()
+    }
+    assert shards == {"0/2", "1/2"}
+    assert_same_store(Path(single.store), shared)

@@ -1,0 +1,100 @@
+"""Stage one on the default teacher, as ratios from one run:
+
+- targets tokens/s / bare teacher forward tokens/s on the same batches (goal >= 0.9)
+- store bytes/token / mlx-lm's safetensors layout (bf16 logits + uint32 indices) at the same k
+  (goal <= 0.25)
+
+Run: `make bench` or `.venv/bin/python bench/targets.py [--samples N] [--top-k K]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from rich.console import Console
+from rich.table import Table
+
+from stages.data import build_sequences
+from stages.models import load_model
+from stages.targets import TargetsConfig, compute_targets
+from store.inspect import store_info
+
+
+def bare_forward_seconds(model, tokens, batch_size: int) -> float:
+    mx.eval(model(mx.array(tokens[:1, :8])))
+    start = time.perf_counter()
+    for i in range(0, len(tokens), batch_size):
+        mx.eval(model(mx.array(tokens[i : i + batch_size, :-1])))
+    return time.perf_counter() - start
+
+
+def mlx_lm_layout_bytes(model, tokens, batch_size: int, top_k: int, folder: Path) -> int:
+    """Write targets exactly as mlx-lm's compute_dwq_targets does (bf16 teacher) and measure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, i in enumerate(range(0, len(tokens), batch_size)):
+        logits = model(mx.array(tokens[i : i + batch_size, :-1])).astype(mx.bfloat16)
+        idx = mx.argpartition(logits, kth=-top_k, axis=-1)[..., -top_k:]
+        values = mx.take_along_axis(logits, idx, axis=-1)
+        mx.save_safetensors(
+            str(folder / f"{n:010d}.safetensors"), {"logits": values, "indices": idx}
+        )
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TargetsConfig(
+            store=f"{tmp}/bench.zarr",
+            num_samples=args.samples,
+            num_valid_samples=4,
+            top_k=args.top_k,
+            max_seq_length=args.seq_len,
+        )
+        loaded = load_model(config.teacher)
+        train, valid = build_sequences(loaded.tokenizer, config.data_settings())
+        forward_s = bare_forward_seconds(loaded.model, valid.tokens, config.batch_size)
+        forward_s += bare_forward_seconds(loaded.model, train.tokens, config.batch_size)
+        start = time.perf_counter()
+        compute_targets(config)
+        with_setup = time.perf_counter() - start
+        start = time.perf_counter()
+        compute_targets(config)  # store complete: only loading, fingerprints, data, open
+        setup = time.perf_counter() - start
+        tokens = train.num_tokens + valid.num_tokens
+        info = store_info(Path(config.store))
+        ours = sum(s.stored_bytes for s in info.splits.values()) / tokens
+        theirs = (
+            mlx_lm_layout_bytes(
+                loaded.model, train.tokens, config.batch_size, args.top_k, Path(tmp) / "mlx"
+            )
+            / train.num_tokens
+        )
+    table = Table(title=f"targets, default teacher, {tokens:,} tokens, k={args.top_k} (one run)")
+    for column in ("measure", "baseline", "ours", "ratio", "goal"):
+        table.add_column(column, justify="right")
+    fwd, tgt = tokens / forward_s, tokens / (with_setup - setup)
+    table.add_row(
+        "tokens/s (bare forward)", f"{fwd:.1f}", f"{tgt:.1f}", f"{tgt / fwd:.2f}", ">= 0.9"
+    )
+    table.add_row(
+        "bytes/token (mlx-lm layout)",
+        f"{theirs:.0f}",
+        f"{ours:.0f}",
+        f"{ours / theirs:.3f}",
+        "<= 0.25",
+    )
+    table.caption = f"fixed cost per run (load, fingerprint, data): {setup:.1f}s"
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
