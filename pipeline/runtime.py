@@ -113,7 +113,9 @@ def distributed_rank_and_size() -> tuple[int, int]:
 
 def quiet_library_logs() -> None:
     """Tokenizing whole documents before packing them into windows makes transformers warn about
-    sequences longer than the model's context; that is expected here, so only errors are shown."""
+    sequences longer than the model's context; that is expected here, so only errors are shown.
+    (MLX needs no PyTorch either, which transformers also announces on import.)"""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging
 
     logging.set_verbosity_error()

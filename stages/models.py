@@ -248,7 +248,7 @@ def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
 
 def _looks_like_local_path(spec: str) -> bool:
     """A Hugging Face id is 'org/name'; anything else with a path shape is meant as a folder."""
-    return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or Path(spec).exists()
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or Path(spec).exists()
 
 
 def _digest_json(value: Any) -> str:

@@ -44,10 +44,7 @@ def store_info(path: Path) -> StoreInfo:
     for split, shape in manifest.splits.items():
         info.top_k = shape.top_k
         lengths = reader.root[split]["lengths"][...]
-        done_rows = sum(
-            min(shape.chunk_rows_range(c)[1], shape.num_sequences) - shape.chunk_rows_range(c)[0]
-            for c in records[split]
-        )
+        done_rows = sum(stop - start for start, stop in map(shape.chunk_rows_range, records[split]))
         specs = shape.array_specs()
         raw_bytes = sum(
             _itemsize(specs[name]["dtype"]) * done_rows * shape.positions * specs[name]["shape"][2]
