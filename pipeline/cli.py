@@ -120,6 +120,54 @@ def targets(
     ui.info(f"targets done for shard {which} -> {cfg.store} ({sizes}, top-k {cfg.top_k})")
 
 
+@app.command()
+@guarded
+def tune(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    student: Annotated[
+        str | None,
+        typer.Option(help="Quantized student (folder or HF id); default: quantize the teacher."),
+    ] = None,
+    run_dir: Annotated[
+        str | None, typer.Option(help="Checkpoints, metrics and model/ go here.")
+    ] = None,
+    loss: Annotated[str | None, typer.Option(help="kl_topk, kl_tail, reverse_kl or js.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak Adam learning rate.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (0 = by epochs).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Discard an earlier checkpoint in run-dir.")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Tune the student's quantization scales and biases on the store's targets (resumable)."""
+    from pipeline.config import load_config
+    from stages.tune import tune as run_tune
+
+    cfg = load_config(
+        config,
+        _overrides(
+            {
+                "store": store,
+                "tune.student": student,
+                "tune.run_dir": run_dir,
+                "tune.loss": loss,
+                "tune.learning_rate": learning_rate,
+                "tune.max_steps": max_steps,
+            },
+            set_,
+        ),
+    ).tune
+    with ui.tune_progress() as on_step:
+        result = run_tune(cfg, overwrite=overwrite, on_step=on_step)
+    ui.info(
+        f"tuned {result.steps} steps: validation loss {result.initial_val_loss:.4f} -> "
+        f"{result.best_val_loss:.4f} (best at step {result.best_step}); model in {result.model_dir}"
+    )
+    if result.warning:
+        ui.warn(result.warning)
+
+
 @store_app.command("info")
 @guarded
 def store_info(store: Annotated[Path, typer.Argument(help="Store path.")]) -> None:

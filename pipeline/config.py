@@ -18,14 +18,16 @@ import yaml
 from pipeline.errors import ConfigError
 from stages.errors import InvalidConfig
 from stages.targets import TargetsConfig
+from stages.tune import TuneConfig
 
-SECTIONS: dict[str, type] = {"targets": TargetsConfig}
+SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig}
 SHARED_KEYS = ("store",)
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     targets: TargetsConfig
+    tune: TuneConfig
 
 
 def read_yaml(path: Path) -> dict:

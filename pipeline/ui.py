@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from stages.targets import Progress as TargetsProgress
+from stages.tune import StepReport as TuneStep
 from store.inspect import StoreInfo
 
 console = Console(stderr=True)
@@ -56,6 +57,36 @@ def targets_progress() -> Iterator:
         elapsed = progress.tasks[task].elapsed or 0.0
         rate = f"{p.tokens_done / elapsed:,.0f} tok/s" if elapsed > 0 else ""
         progress.update(task, completed=p.tokens_done, total=p.tokens_total, rate=rate)
+
+    with progress:
+        yield update
+
+
+@contextmanager
+def tune_progress() -> Iterator:
+    """Loss, validation loss, tokens/s, ETA and memory; yields the stage's on_step callback."""
+    progress = Progress(
+        TextColumn("[bold]tune"),
+        BarColumn(),
+        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
+    )
+    task = progress.add_task("tune", total=None, stats="")
+    last_val: list[float] = []
+
+    def update(r: TuneStep) -> None:
+        if r.val_loss is not None:
+            last_val[:] = [r.val_loss]
+        parts = [f"loss {r.loss:.4f}" if r.loss is not None else ""]
+        parts += [f"val {last_val[0]:.4f}" if last_val else ""]
+        parts += [f"{r.tokens_per_s:,.0f} tok/s", f"{r.peak_memory_gb:.2f} GB"]
+        progress.update(
+            task, completed=r.step, total=r.total_steps, stats="  ".join(filter(None, parts))
+        )
 
     with progress:
         yield update

@@ -300,3 +300,78 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
 def output_vocab_size(loaded: LoadedModel) -> int:
     """Width of the model's logits (may exceed the tokenizer's vocabulary)."""
     return int(loaded.config.get("vocab_size") or loaded.config["text_config"]["vocab_size"])
+
+
+def is_trainable_quantized(module: Any) -> bool:
+    """Affine-quantized layers below 8 bits: their scales and biases are what DWQ tunes."""
+    return (
+        hasattr(module, "bits")
+        and hasattr(module, "group_size")
+        and getattr(module, "mode", "affine") == "affine"
+        and module.bits < 8
+    )
+
+
+def quantize_student(teacher: LoadedModel, bits: int, group_size: int) -> tuple[Any, dict]:
+    """Round-to-nearest quantization of the teacher (mlx-lm's quantize_model)."""
+    from mlx_lm.utils import quantize_model
+
+    try:
+        return quantize_model(teacher.model, teacher.config, group_size=group_size, bits=bits)
+    except ValueError as exc:
+        raise ModelError(
+            f"cannot quantize the teacher with bits={bits}, group_size={group_size}: {exc}"
+        ) from exc
+
+
+def unfreeze_scales_and_biases(model: Any) -> int:
+    """Freeze all but the scales/biases of trainable quantized layers; returns how many layers."""
+    model.freeze()
+    count = 0
+    for _, module in model.named_modules():
+        if is_trainable_quantized(module):
+            module.unfreeze(keys=["scales", "biases"], recurse=False)
+            count += 1
+    return count
+
+
+class _DequantizedMatmul:
+    """Mixin: compute with a dequantized weight and a BLAS matmul.
+
+    On CPU, MLX's quantized_matmul runs at ~3 GFLOPS while dequantize + float32 GEMM uses the fast
+    BLAS; mx.dequantize is differentiable in scales and biases, so gradients are the same."""
+
+    def _weight(self) -> mx.array:
+        return mx.dequantize(
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+
+def use_dequantized_matmul(model: Any) -> int:
+    """Switch every quantized Linear/Embedding to the dequantize + matmul path; returns count."""
+    import mlx.nn as nn
+
+    class DequantizedLinear(_DequantizedMatmul, nn.QuantizedLinear):
+        def __call__(self, x: mx.array) -> mx.array:
+            y = x @ self._weight().T
+            return y + self["bias"] if "bias" in self else y
+
+    class DequantizedEmbedding(_DequantizedMatmul, nn.QuantizedEmbedding):
+        def as_linear(self, x: mx.array) -> mx.array:
+            return x @ self._weight().T
+
+    swapped = 0
+    for _, module in model.named_modules():
+        # Swapping the class keeps parameters, freeze state and saving exactly as they were.
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = DequantizedLinear
+            swapped += 1
+        elif type(module) is nn.QuantizedEmbedding:
+            module.__class__ = DequantizedEmbedding
+            swapped += 1
+    return swapped

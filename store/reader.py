@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,76 @@ class StoreReader:
         if self.manifest.splits[split].logits_dtype == "bfloat16":
             return bfloat16_bits_to_float32(stored)
         return stored.astype(np.float32)
+
+
+class _ChunkCache:
+    """The few most recently decoded chunks: a batch's rows may span two of them."""
+
+    def __init__(self, reader: StoreReader, split: str, size: int = 2):
+        self.reader, self.split, self.size = reader, split, size
+        self.chunks: dict[int, dict[str, np.ndarray]] = {}
+
+    def rows(self, row_ids: list[int]) -> dict[str, np.ndarray]:
+        shape = self.reader.manifest.splits[self.split]
+        picked: dict[str, list[np.ndarray]] = {name: [] for name in TARGET_ARRAYS}
+        for row in row_ids:
+            chunk, offset = divmod(row, shape.chunk_rows)
+            values = self._get(chunk)
+            for name in TARGET_ARRAYS:
+                picked[name].append(values[name][offset])
+        return {name: np.stack(parts) for name, parts in picked.items()}
+
+    def _get(self, chunk: int) -> dict[str, np.ndarray]:
+        if chunk not in self.chunks:
+            values = self.reader.read_targets(self.split, chunk, verify=True)
+            values["topk_logits"] = self.reader.logits_as_float32(self.split, values["topk_logits"])
+            values["topk_indices"] = values["topk_indices"].astype(np.int32)
+            if len(self.chunks) >= self.size:
+                self.chunks.pop(next(iter(self.chunks)))
+            self.chunks[chunk] = values
+        return self.chunks[chunk]
+
+
+def stream_batches(
+    reader: StoreReader, split: str, batches: list[list[int]], prefetch: int = 2
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield each batch's target arrays (float32 logits, int32 indices), rows in the given order.
+
+    Chunks are read, checksum-verified and decoded on a background thread that stays at most
+    `prefetch` batches ahead, so memory is bounded whatever the store's size."""
+    out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        """Block until there is room, unless the consumer has gone away."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        cache = _ChunkCache(reader, split)
+        try:
+            for rows in batches:
+                if not put(cache.rows(rows)):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="store-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+_END = object()

@@ -1,0 +1,514 @@
+"""Stage two: tune a quantized student's scales and biases to match the stored teacher targets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from stages.errors import InvalidConfig, ModelError, StageError
+from stages.losses import LOSSES, NEEDS_TEACHER_LSE
+from stages.models import (
+    load_model,
+    quantize_student,
+    tokenizer_fingerprint,
+    unfreeze_scales_and_biases,
+    use_dequantized_matmul,
+)
+from stages.settings import setting
+from store.errors import StoreCorruptError
+from store.manifest import write_json_atomic
+from store.reader import StoreReader, stream_batches
+
+SCHEDULES = ("cosine", "constant")
+FAST_MATMUL = ("auto", "on", "off")
+
+
+@dataclass
+class TuneConfig:
+    store: str = setting("artifacts/store/default.zarr", "target store written by `targets`")
+    run_dir: str = setting("artifacts/runs/default", "checkpoints, metrics.jsonl and the model/")
+    student: str | None = setting(
+        None, "an already quantized mlx-lm model (folder or HF id); unset = quantize the teacher"
+    )
+    bits: int = setting(4, "bits per weight when quantizing the teacher into a student")
+    group_size: int = setting(64, "quantization group size when quantizing the teacher")
+    loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}")
+    temperature: float = setting(2.0, "softmax temperature of the loss")
+    learning_rate: float = setting(1e-4, "peak Adam learning rate")
+    warmup_steps: int = setting(5, "linear warm-up steps from 0 to the peak learning rate")
+    schedule: str = setting("cosine", "after warm-up: cosine (decay to 10%) or constant")
+    batch_size: int = setting(4, "sequences per global batch (split across ranks)")
+    grad_accumulation: int = setting(1, "batches whose gradients are summed per optimizer step")
+    epochs: int = setting(1, "passes over the training split (ignored when max_steps > 0)")
+    max_steps: int = setting(0, "optimizer steps (0 = as many as the epochs give)")
+    val_every: int = setting(20, "validate every N steps (also at start and end)")
+    checkpoint_every: int = setting(20, "checkpoint every N steps (also on SIGINT/SIGTERM)")
+    prefetch: int = setting(2, "batches decoded ahead of the training loop")
+    seed: int = setting(123, "seed for the order of chunks in each epoch")
+    fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
+    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+
+    def __post_init__(self) -> None:
+        problems = []
+        positive = ("bits", "group_size", "batch_size", "grad_accumulation", "epochs")
+        positive += ("val_every", "checkpoint_every", "prefetch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"tune.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "max_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"tune.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.bits >= 8:
+            problems.append(f"tune.bits must be below 8 to have scales to tune (got {self.bits})")
+        if self.loss not in LOSSES:
+            problems.append(f"tune.loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
+        if self.temperature <= 0 or self.learning_rate <= 0:
+            problems.append("tune.temperature and tune.learning_rate must be > 0")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"tune.schedule must be one of {', '.join(SCHEDULES)}")
+        if self.fast_matmul not in FAST_MATMUL:
+            problems.append(f"tune.fast_matmul must be one of {', '.join(FAST_MATMUL)}")
+        if problems:
+            raise InvalidConfig(problems)
+
+    def resume_key(self) -> str:
+        """Settings that must match for a checkpoint to be resumed (not where things live)."""
+        skip = {"store", "run_dir", "prefetch", "val_every", "checkpoint_every", "fast_matmul"}
+        kept = {k: v for k, v in asdict(self).items() if k not in skip}
+        return hashlib.blake2b(
+            json.dumps(kept, sort_keys=True).encode(), digest_size=16
+        ).hexdigest()
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    total_steps: int
+    loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    model_dir: Path
+    steps: int
+    initial_val_loss: float
+    best_val_loss: float
+    best_step: int
+    warning: str | None = None
+
+
+class TuneInterrupted(StageError):
+    pass
+
+
+@dataclass
+class _Student:
+    model: Any
+    tokenizer: Any
+    config: dict
+    source: Path | str
+
+
+def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
+    if config.student:
+        loaded = load_model(config.student, trust_remote_code=config.trust_remote_code)
+        if "quantization" not in loaded.config:
+            raise ModelError(
+                f"student {config.student!r} is not quantized; give a quantized mlx-lm model "
+                "or leave tune.student unset to quantize the teacher"
+            )
+        student = _Student(loaded.model, loaded.tokenizer, loaded.config, loaded.path)
+    else:
+        teacher = str(reader.manifest.teacher.get("name", ""))
+        loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
+        model, quantized_config = quantize_student(loaded, config.bits, config.group_size)
+        student = _Student(model, loaded.tokenizer, quantized_config, loaded.path)
+    if tokenizer_fingerprint(student.tokenizer) != reader.manifest.tokenizer:
+        raise ModelError(
+            "the student's tokenizer differs from the one the targets were made with; "
+            "use a student of the same model family as the store's teacher"
+        )
+    return student
+
+
+def _check_store(reader: StoreReader, config: TuneConfig) -> None:
+    records = reader.records()
+    for split, shape in reader.manifest.splits.items():
+        missing = shape.num_chunks - len(records[split])
+        if missing:
+            raise StoreCorruptError(
+                f"store {reader.path} is incomplete: {missing} of {shape.num_chunks} {split} "
+                "chunks missing; run `dwq-pipeline targets` with the same config to finish it"
+            )
+    temperatures = reader.manifest.settings.get("lse_temperatures", [])
+    if config.loss in NEEDS_TEACHER_LSE and config.temperature not in temperatures:
+        raise StageError(
+            f"loss {config.loss} at temperature {config.temperature} needs the teacher's "
+            f"logsumexp at that temperature; the store has {temperatures}: use one of those or "
+            "re-run targets with it in lse_temperatures"
+        )
+
+
+def _want_fast_matmul(setting_value: str) -> bool:
+    return setting_value == "on" or (setting_value == "auto" and mx.default_device() == mx.cpu)
+
+
+def _batch_plan(num_rows: int, chunk_rows: int, config: TuneConfig, epoch: int) -> list[list[int]]:
+    """Global batches of one epoch: chunks in a seeded order, rows of a chunk kept together."""
+    num_chunks = -(-num_rows // chunk_rows)
+    order = np.random.default_rng([config.seed, epoch]).permutation(num_chunks)
+    rows = [r for c in order for r in range(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))]
+    whole = len(rows) // config.batch_size * config.batch_size
+    return [rows[i : i + config.batch_size] for i in range(0, whole, config.batch_size)]
+
+
+def _loss_mask(lengths: np.ndarray, offsets: np.ndarray, positions: int) -> np.ndarray:
+    """Position p predicts token p+1: it counts when prompt_offset <= p+1 < length."""
+    target = np.arange(1, positions + 1)[None, :]
+    return (target >= offsets[:, None]) & (target < lengths[:, None])
+
+
+def _schedule(config: TuneConfig, total_steps: int):
+    peak = config.learning_rate
+    after = max(1, total_steps - config.warmup_steps)
+    decay = (
+        optim.cosine_decay(peak, after, end=peak * 0.1)
+        if config.schedule == "cosine"
+        else (lambda _: mx.array(peak))
+    )
+    if config.warmup_steps == 0:
+        return decay
+    # Starts at peak / warmup_steps, so that the first step already moves the parameters.
+    warmup = optim.linear_schedule(peak / config.warmup_steps, peak, config.warmup_steps)
+    return optim.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+class _Distributed:
+    def __init__(self) -> None:
+        self.group = mx.distributed.init()
+        self.rank, self.size = self.group.rank(), self.group.size()
+
+    def my_rows(self, rows: list[int]) -> list[int]:
+        return rows[self.rank :: self.size]
+
+    def sum(self, value: Any) -> Any:
+        if self.size == 1:
+            return value
+        return tree_map(lambda x: mx.distributed.all_sum(x, stream=mx.cpu), value)
+
+
+class _Trainer:
+    """The loop's state and the pieces it is made of; `tune` below reads top to bottom."""
+
+    def __init__(self, config: TuneConfig, reader: StoreReader, student: _Student):
+        self.config, self.reader, self.student = config, reader, student
+        self.dist = _Distributed()
+        self.model = student.model
+        self.shape = reader.manifest.splits["train"]
+        self.t_index = _temperature_index(reader, config)
+        self.sequences = {split: reader.sequences(split) for split in reader.manifest.splits}
+        self.loss_fn = LOSSES[config.loss]
+
+    def batch_inputs(self, split: str, rows: list[int], targets: dict[str, np.ndarray]):
+        seqs = self.sequences[split]
+        tokens = seqs["tokens"][rows]
+        mask = _loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], tokens.shape[1] - 1)
+        lse = targets["logsumexp"][..., self.t_index] if self.t_index is not None else None
+        return (
+            mx.array(tokens[:, :-1]),
+            mx.array(targets["topk_logits"]),
+            mx.array(targets["topk_indices"]),
+            None if lse is None else mx.array(lse),
+            mx.array(mask.astype(np.float32)),
+        )
+
+    def summed_loss(self, params, tokens, teacher_topk, indices, teacher_lse, mask):
+        self.model.update(params)
+        logits = self.model(tokens).astype(mx.float32)
+        t = self.config.temperature
+        student_lse = mx.logsumexp(logits / t, axis=-1)
+        student_topk = mx.take_along_axis(logits, indices, axis=-1)
+        per_position = self.loss_fn(student_topk, student_lse, teacher_topk, teacher_lse, t)
+        return (per_position * mask).sum()
+
+    def global_tokens(self, split: str, batches: list[list[int]]) -> float:
+        seqs = self.sequences[split]
+        rows = [r for batch in batches for r in batch]
+        positions = seqs["tokens"].shape[1] - 1
+        return float(
+            _loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], positions).sum()
+        )
+
+
+def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
+    if config.loss not in NEEDS_TEACHER_LSE:
+        return None
+    return list(reader.manifest.settings["lse_temperatures"]).index(config.temperature)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+MODEL_DIR = "model"
+
+
+def _save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) -> None:
+    """Write into checkpoint.partial, then swap: a crash leaves the previous checkpoint whole."""
+    final = run_dir / CHECKPOINT_DIR
+    partial = run_dir / f"{CHECKPOINT_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    mx.save_safetensors(str(partial / "params.safetensors"), dict(tree_flatten(params)))
+    mx.save_safetensors(str(partial / "best.safetensors"), dict(tree_flatten(best_params)))
+    mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    write_json_atomic(partial / "state.json", state)
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run_dir: Path, optimizer, resume_key: str):
+    folder = run_dir / CHECKPOINT_DIR
+    if not (folder / "state.json").is_file():
+        return None
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("resume_key") != resume_key:
+        raise StageError(
+            f"{run_dir} holds a checkpoint of a run with other settings or another store; "
+            "pass --overwrite to start over or choose another --run-dir"
+        )
+    params = tree_unflatten(list(mx.load(str(folder / "params.safetensors")).items()))
+    best = tree_unflatten(list(mx.load(str(folder / "best.safetensors")).items()))
+    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    return params, best, state
+
+
+def _append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(run_dir: Path, last_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint so the log reads as one run."""
+    path = run_dir / METRICS_FILE
+    if path.exists():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+@contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set a flag instead of killing: the loop checkpoints, then stops."""
+    requested: list[int] = []
+    handler = lambda signum, frame: requested.append(signum)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _save_model(run_dir: Path, student: _Student, params) -> Path:
+    from mlx_lm.utils import save
+
+    student.model.update(params)
+    final = run_dir / MODEL_DIR
+    partial = run_dir / f"{MODEL_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    save(
+        partial,
+        student.source,
+        student.model,
+        student.tokenizer,
+        student.config,
+        donate_model=False,
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return final
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+
+def tune(
+    config: TuneConfig,
+    overwrite: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> TuneResult:
+    """Tune the student's scales and biases on the store's targets; save an mlx-lm model."""
+    reader = StoreReader(Path(config.store))
+    _check_store(reader, config)
+    student = _load_student(config, reader)
+    if unfreeze_scales_and_biases(student.model) == 0:
+        raise ModelError("the student has no affine-quantized layers below 8 bits: nothing to tune")
+    if _want_fast_matmul(config.fast_matmul):
+        use_dequantized_matmul(student.model)
+    trainer = _Trainer(config, reader, student)
+    dist = trainer.dist
+    if config.batch_size % dist.size:
+        raise StageError(
+            f"tune.batch_size={config.batch_size} must divide by the {dist.size} ranks"
+        )
+
+    run_dir = Path(config.run_dir)
+    if overwrite and dist.rank == 0:
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    num_train, chunk_rows = trainer.shape.num_sequences, trainer.shape.chunk_rows
+    per_epoch = len(_batch_plan(num_train, chunk_rows, config, 0))
+    if per_epoch < config.grad_accumulation:
+        raise StageError(
+            f"the store's {num_train} training sequences make {per_epoch} batches of "
+            f"{config.batch_size}, fewer than grad_accumulation={config.grad_accumulation}"
+        )
+    steps_per_epoch = per_epoch // config.grad_accumulation
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+
+    optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
+    params = tree_map(lambda x: x.astype(mx.float32), student.model.trainable_parameters())
+    optimizer.init(params)
+    model_dtype = {k: v.dtype for k, v in tree_flatten(student.model.trainable_parameters())}
+
+    def as_model_params(p):
+        return tree_unflatten([(k, v.astype(model_dtype[k])) for k, v in tree_flatten(p)])
+
+    def loss_and_grad(p, *inputs):
+        return trainer.summed_loss(as_model_params(p), *inputs)
+
+    value_and_grad = mx.value_and_grad(loss_and_grad)
+
+    def validate(p) -> float:
+        rows = list(range(reader.manifest.splits["valid"].num_sequences))
+        batches = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+        mine = [rows for rows in map(dist.my_rows, batches) if rows]
+        total = 0.0
+        for my_rows, targets in zip(
+            mine, stream_batches(reader, "valid", mine, config.prefetch), strict=True
+        ):
+            inputs = trainer.batch_inputs("valid", my_rows, targets)
+            total += trainer.summed_loss(as_model_params(p), *inputs).item()
+        return float(dist.sum(mx.array(total)).item()) / trainer.global_tokens("valid", batches)
+
+    def batches_of_step(step: int) -> list[list[int]]:
+        first = (step - 1) * config.grad_accumulation
+        return [
+            _batch_plan(num_train, chunk_rows, config, (first + i) // per_epoch)[
+                (first + i) % per_epoch
+            ]
+            for i in range(config.grad_accumulation)
+        ]
+
+    state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
+    best_params = params
+    resumed = _load_checkpoint(run_dir, optimizer, config.resume_key())
+    if resumed:
+        params, best_params, state = resumed
+        if dist.rank == 0:
+            _trim_metrics(run_dir, state["step"])
+    if state["initial_val_loss"] is None:
+        state["initial_val_loss"] = state["best_val_loss"] = validate(params)
+        _report(
+            dist, run_dir, on_step, StepReport(0, total_steps, val_loss=state["initial_val_loss"])
+        )
+
+    def save_checkpoint() -> None:
+        if dist.rank == 0:
+            saved = {**state, "resume_key": config.resume_key()}
+            _save_checkpoint(run_dir, params, best_params, optimizer, saved)
+
+    with _stop_requests() as stop_requested:
+        step = state["step"]
+        tic, tokens_since = time.perf_counter(), 0.0
+        for step in range(state["step"] + 1, total_steps + 1):
+            global_batches = batches_of_step(step)
+            ntoks = trainer.global_tokens("train", global_batches)
+            mine = [dist.my_rows(b) for b in global_batches]
+            grads, loss_sum = None, 0.0
+            for rows, targets in zip(
+                mine, stream_batches(reader, "train", mine, config.prefetch), strict=True
+            ):
+                loss, g = value_and_grad(params, *trainer.batch_inputs("train", rows, targets))
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss, grads)
+                loss_sum += loss.item()
+            # Sums over ranks of (each rank's summed loss / global tokens) = the global mean.
+            grads = dist.sum(tree_map(lambda x, n=ntoks: x / n, grads))
+            params = optimizer.apply_gradients(grads, params)
+            mx.eval(params, optimizer.state)
+            learning_rate = float(optimizer.learning_rate.item())  # the rate this step used
+            loss_value = float(dist.sum(mx.array(loss_sum)).item()) / ntoks
+            tokens_since += ntoks
+            state["step"] = step
+            report = StepReport(
+                step,
+                total_steps,
+                loss=loss_value,
+                learning_rate=learning_rate,
+                tokens_per_s=tokens_since / max(1e-9, time.perf_counter() - tic),
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+            )
+            if step % config.val_every == 0 or step == total_steps:
+                val = validate(params)
+                report = StepReport(**{**asdict(report), "val_loss": val})
+                if val < state["best_val_loss"]:
+                    state["best_val_loss"], state["best_step"], best_params = val, step, params
+            _report(dist, run_dir, on_step, report)
+            if step % config.checkpoint_every == 0 or step == total_steps or stop_requested:
+                save_checkpoint()
+            if stop_requested:
+                raise TuneInterrupted(
+                    f"stopped at step {step}/{total_steps}; checkpoint saved in {run_dir}, "
+                    "re-run the same command to resume"
+                )
+    model_dir = run_dir / MODEL_DIR
+    if dist.rank == 0:
+        model_dir = _save_model(run_dir, student, as_model_params(best_params))
+    warning = None
+    if state["best_val_loss"] >= state["initial_val_loss"]:
+        warning = (
+            f"validation loss never improved on the start ({state['initial_val_loss']:.4f}); "
+            "try a lower tune.learning_rate, more data or more steps"
+        )
+    return TuneResult(
+        model_dir=model_dir,
+        steps=state["step"],
+        initial_val_loss=state["initial_val_loss"],
+        best_val_loss=state["best_val_loss"],
+        best_step=state["best_step"],
+        warning=warning,
+    )
+
+
+def _report(dist: _Distributed, run_dir: Path, on_step, report: StepReport) -> None:
+    if dist.rank != 0:
+        return
+    _append_metrics(run_dir, {k: v for k, v in asdict(report).items() if v is not None})
+    if on_step:
+        on_step(report)

@@ -1,0 +1,268 @@
+"""Stage two on a tiny teacher: it learns, resumes exactly, refuses bad input, saves for mlx-lm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+from stages.errors import ModelError, StageError
+from stages.models import load_model, quantize_student, use_dequantized_matmul
+from stages.targets import compute_targets
+from stages.tune import tune
+from store.errors import StoreCorruptError
+from store.manifest import record_path
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
+    from tests.conftest import SENTENCES, write_jsonl
+
+    folder = tmp_path_factory.mktemp("tune-data")
+    records = [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 4
+    write_jsonl(folder / "train.jsonl", records)
+    write_jsonl(folder / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 2)
+    store = folder / "store.zarr"
+    overrides = {
+        "targets.teacher": str(tiny_teacher),
+        "targets.data": str(folder),
+        "store": str(store),
+        "targets.top_k": 32,
+        "targets.max_seq_length": 17,
+        "targets.num_samples": 24,
+        "targets.num_valid_samples": 4,
+        "targets.chunk_size": 3,
+    }
+    compute_targets(load_config(None, overrides).targets)
+    return store
+
+
+def tune_config(store: Path, run_dir: Path, **extra):
+    overrides = {
+        "store": str(store),
+        "tune.run_dir": str(run_dir),
+        "tune.group_size": 32,
+        "tune.learning_rate": 1e-4,
+        "tune.warmup_steps": 1,
+        "tune.batch_size": 4,
+        "tune.epochs": 2,
+        "tune.val_every": 3,
+        "tune.checkpoint_every": 2,
+    }
+    overrides.update({f"tune.{k}": v for k, v in extra.items()})
+    return load_config(None, overrides).tune
+
+
+def saved_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
+
+
+@pytest.mark.parametrize("loss", ["kl_tail", "kl_topk", "reverse_kl", "js"])
+def test_tuning_lowers_validation_loss_for_every_loss(tiny_store, tmp_path, loss):
+    result = tune(tune_config(tiny_store, tmp_path / "run", loss=loss))
+    assert result.steps == 12  # 24 sequences / 4 per batch x 2 epochs
+    assert result.best_val_loss < result.initial_val_loss
+    assert result.warning is None
+
+
+def test_output_is_an_mlx_lm_model_with_tuned_scales(tiny_store, tiny_teacher, tmp_path):
+    from mlx_lm import generate
+    from mlx_lm import load as mlx_load
+
+    result = tune(tune_config(tiny_store, tmp_path / "run"))
+    model, tokenizer = mlx_load(str(result.model_dir))
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+    assert isinstance(generate(model, tokenizer, "The quick", max_tokens=5), str)
+    rtn, _ = quantize_student(load_model(str(tiny_teacher)), bits=4, group_size=32)
+    tuned = saved_weights(result.model_dir)
+    rtn_weights = dict(tree_flatten(rtn.parameters()))
+    changed = [
+        k
+        for k in tuned
+        if k.endswith("scales") and not np.array_equal(tuned[k], np.array(rtn_weights[k]))
+    ]
+    assert changed, "no scales moved"
+    packed = [k for k in tuned if k.endswith(".weight") and tuned[k].dtype == np.uint32]
+    assert all(np.array_equal(tuned[k], np.array(rtn_weights[k])) for k in packed)
+    log = (result.model_dir.parent / "metrics.jsonl").read_text().splitlines()
+    lines = [json.loads(line) for line in log]
+    assert [line["step"] for line in lines] == list(range(13))
+    assert {"loss", "learning_rate", "tokens_per_s", "peak_memory_gb"} <= set(lines[-1])
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_store, tmp_path):
+    whole = tune(tune_config(tiny_store, tmp_path / "whole"))
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_5(report):
+        if report.step == 5:
+            raise Killed()  # like SIGKILL: no checkpoint beyond the one at step 4
+
+    with pytest.raises(Killed):
+        tune(tune_config(tiny_store, tmp_path / "resumed"), on_step=die_at_step_5)
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4
+    seen = []
+    resumed = tune(tune_config(tiny_store, tmp_path / "resumed"), on_step=seen.append)
+    assert seen[0].step == 5  # nothing done twice
+    assert resumed.best_val_loss == whole.best_val_loss
+    a, b = saved_weights(whole.model_dir), saved_weights(resumed.model_dir)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
+    def loss_and_grads(fast: bool):
+        model, _ = quantize_student(load_model(str(tiny_teacher)), bits=4, group_size=32)
+        if fast:
+            assert use_dequantized_matmul(model) > 0
+        model.freeze()
+        model.apply_to_modules(
+            lambda _, m: (
+                m.unfreeze(keys=["scales", "biases"], recurse=False) if hasattr(m, "bits") else None
+            )
+        )
+        tokens = mx.array(np.arange(40).reshape(2, 20) % 300)
+
+        def loss(params):
+            model.update(params)
+            return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+        value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
+        return value.item(), dict(tree_flatten(grads))
+
+    slow_loss, slow = loss_and_grads(False)
+    fast_loss, fast = loss_and_grads(True)
+    assert abs(fast_loss - slow_loss) / abs(slow_loss) < 1e-4
+    for name in slow:
+        diff = np.abs(np.array(fast[name]) - np.array(slow[name])).max()
+        assert diff <= 1e-3 * (np.abs(np.array(slow[name])).max() + 1e-6), name
+
+
+def test_unquantized_student_is_refused(tiny_store, tiny_teacher, tmp_path):
+    with pytest.raises(ModelError, match="not quantized"):
+        tune(tune_config(tiny_store, tmp_path / "run", student=str(tiny_teacher)))
+
+
+def test_student_with_another_tokenizer_is_refused(tiny_store, tmp_path):
+    from tests.conftest import make_tiny_model_folder
+
+    other = make_tiny_model_folder(tmp_path / "other", hidden_size=64)
+    (other / "tokenizer_config.json").write_text(
+        (other / "tokenizer_config.json").read_text().replace("<|im_end|>", "<|endoftext|>")
+    )
+    model = load_model(str(other))
+    quantized, config = quantize_student(model, bits=4, group_size=32)
+    from mlx_lm.utils import save
+
+    save(tmp_path / "q", other, quantized, model.tokenizer, config)
+    with pytest.raises(ModelError, match="tokenizer differs"):
+        tune(tune_config(tiny_store, tmp_path / "run", student=str(tmp_path / "q")))
+
+
+def test_incomplete_or_corrupt_store_is_refused(tiny_store, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    record_path(copy, "train", 2).unlink()
+    with pytest.raises(StoreCorruptError, match="incomplete"):
+        tune(tune_config(copy, tmp_path / "run"))
+    shutil.rmtree(copy)
+    shutil.copytree(tiny_store, copy)
+    chunk = copy / "train" / "topk_logits" / "c" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreCorruptError, match="train/0"):
+        tune(tune_config(copy, tmp_path / "run2"))
+
+
+def test_loss_needing_a_temperature_the_store_lacks_is_refused(tiny_store, tmp_path):
+    with pytest.raises(StageError, match="logsumexp at that temperature"):
+        tune(tune_config(tiny_store, tmp_path / "run", temperature=3.0))
+    assert (
+        tune(
+            tune_config(tiny_store, tmp_path / "ok", temperature=3.0, loss="kl_topk", max_steps=1)
+        ).steps
+        == 1
+    )
+
+
+def test_checkpoint_from_other_settings_is_refused_then_overwritten(tiny_store, tmp_path):
+    tune(tune_config(tiny_store, tmp_path / "run", max_steps=2))
+    with pytest.raises(StageError, match="other settings"):
+        tune(tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4))
+    assert (
+        tune(
+            tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4),
+            overwrite=True,
+        ).steps
+        == 2
+    )
+
+
+def test_cli_tune_bad_input_is_one_line(tiny_store, tmp_path):
+    result = runner.invoke(
+        app, ["tune", "--store", str(tmp_path / "missing.zarr"), "--run-dir", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["tune", "--store", str(tiny_store), "--set", "tune.loss=l2"])
+    assert result.exit_code == 2 and "tune.loss must be one of" in result.output
+
+
+def test_two_ranks_match_one_process(tiny_store, tmp_path):
+    single = tune(tune_config(tiny_store, tmp_path / "single", max_steps=4))
+    bin_dir = Path(sys.executable).parent
+    sets = {
+        "tune.group_size": 32,
+        "tune.learning_rate": 1e-4,
+        "tune.warmup_steps": 1,
+        "tune.batch_size": 4,
+        "tune.max_steps": 4,
+        "tune.val_every": 3,
+        "tune.checkpoint_every": 2,
+    }
+    done = subprocess.run(
+        [
+            str(bin_dir / "mlx.launch"),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--starting-port",
+            "46011",
+            "--",
+            str(bin_dir / "dwq-pipeline"),
+            "tune",
+            "--store",
+            str(tiny_store),
+            "--run-dir",
+            str(tmp_path / "ranks"),
+            *[f"--set={k}={v}" for k, v in sets.items()],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    a, b = saved_weights(single.model_dir), saved_weights(tmp_path / "ranks" / "model")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
