@@ -21,6 +21,7 @@ store_app = typer.Typer(help="Inspect, verify and merge target stores.", no_args
 app.add_typer(store_app, name="store")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (see configs/).")
@@ -35,18 +36,22 @@ StoreOption = Annotated[str | None, typer.Option(help="Target store path (overri
 def guarded(command):
     """Every user-facing error becomes one red line and exit code 2; bugs keep their traceback."""
     from stages.errors import StageError
+    from stages.tune import TuneInterrupted
     from store.errors import StoreError
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except TuneInterrupted as exc:
+            ui.error(str(exc))
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except (PipelineError, StageError, StoreError) as exc:
             ui.error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             ui.error("interrupted; finished chunks are kept, re-run the same command to resume")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
 

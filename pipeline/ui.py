@@ -37,19 +37,27 @@ def info(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
 
 
-@contextmanager
-def targets_progress() -> Iterator:
-    """A progress bar in tokens with tokens/s and ETA; yields the stage's on_progress callback."""
-    progress = Progress(
-        TextColumn("[bold]targets"),
+def _progress(label: str, *columns) -> Progress:
+    """A bar with elapsed time and ETA; drawn only on a terminal."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
-        TextColumn("{task.fields[rate]}"),
+        *columns,
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
         disable=not sys.stderr.isatty(),
+    )
+
+
+@contextmanager
+def targets_progress() -> Iterator:
+    """A progress bar in tokens with tokens/s and ETA; yields the stage's on_progress callback."""
+    progress = _progress(
+        "targets",
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
+        TextColumn("{task.fields[rate]}"),
     )
     task = progress.add_task("targets", total=None, rate="")
 
@@ -65,15 +73,10 @@ def targets_progress() -> Iterator:
 @contextmanager
 def tune_progress() -> Iterator:
     """Loss, validation loss, tokens/s, ETA and memory; yields the stage's on_step callback."""
-    progress = Progress(
-        TextColumn("[bold]tune"),
-        BarColumn(),
+    progress = _progress(
+        "tune",
         TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
         TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not sys.stderr.isatty(),
     )
     task = progress.add_task("tune", total=None, stats="")
     last_val: list[float] = []

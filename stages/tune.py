@@ -9,7 +9,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -443,17 +443,19 @@ def tune(
             saved = {**state, "resume_key": config.resume_key()}
             _save_checkpoint(run_dir, params, best_params, optimizer, saved)
 
-    with _stop_requests() as stop_requested:
-        step = state["step"]
-        tic, tokens_since = time.perf_counter(), 0.0
-        for step in range(state["step"] + 1, total_steps + 1):
-            global_batches = batches_of_step(step)
-            ntoks = trainer.global_tokens("train", global_batches)
-            mine = [dist.my_rows(b) for b in global_batches]
+    steps = range(state["step"] + 1, total_steps + 1)
+    # One stream for the whole run, so decoding runs ahead across step boundaries too.
+    my_batches = [dist.my_rows(b) for step in steps for b in batches_of_step(step)]
+    prefetched = closing(stream_batches(reader, "train", my_batches, config.prefetch))
+    with _stop_requests() as stop_requested, prefetched as batches:
+        stream = zip(my_batches, batches, strict=True)
+        train_seconds, tokens_done = 0.0, 0.0
+        for step in steps:
+            tic = time.perf_counter()
+            ntoks = trainer.global_tokens("train", batches_of_step(step))
             grads, loss_sum = None, 0.0
-            for rows, targets in zip(
-                mine, stream_batches(reader, "train", mine, config.prefetch), strict=True
-            ):
+            for _ in range(config.grad_accumulation):
+                rows, targets = next(stream)
                 loss, g = value_and_grad(params, *trainer.batch_inputs("train", rows, targets))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(loss, grads)
@@ -462,16 +464,15 @@ def tune(
             grads = dist.sum(tree_map(lambda x, n=ntoks: x / n, grads))
             params = optimizer.apply_gradients(grads, params)
             mx.eval(params, optimizer.state)
-            learning_rate = float(optimizer.learning_rate.item())  # the rate this step used
-            loss_value = float(dist.sum(mx.array(loss_sum)).item()) / ntoks
-            tokens_since += ntoks
+            train_seconds += time.perf_counter() - tic
+            tokens_done += ntoks
             state["step"] = step
             report = StepReport(
                 step,
                 total_steps,
-                loss=loss_value,
-                learning_rate=learning_rate,
-                tokens_per_s=tokens_since / max(1e-9, time.perf_counter() - tic),
+                loss=float(dist.sum(mx.array(loss_sum)).item()) / ntoks,
+                learning_rate=float(optimizer.learning_rate.item()),  # the rate this step used
+                tokens_per_s=tokens_done / train_seconds,
                 peak_memory_gb=mx.get_peak_memory() / 1e9,
             )
             if step % config.val_every == 0 or step == total_steps:

@@ -112,3 +112,31 @@ def tiny_targets_overrides(tiny_teacher, text_data, tmp_path) -> dict:
         "targets.chunk_size": 3,
         "targets.logits_dtype": "float32",
     }
+
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(__import__("sys").executable).parent
+
+
+def cli_args(overrides: dict) -> list[str]:
+    return [f"--set={key}={value}" for key, value in overrides.items()]
+
+
+def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600):
+    """The real console script in a subprocess; with ranks > 1 under `mlx.launch` (ring)."""
+    import subprocess
+
+    command = [str(BIN / "dwq-pipeline"), *args]
+    if ranks > 1:
+        launch = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(ranks)]
+        command = [*launch, "--starting-port", str(port), "--", *command]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(*args: str):
+    import subprocess
+
+    command = [str(BIN / "dwq-pipeline"), *args]
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )

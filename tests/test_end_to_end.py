@@ -1,27 +1,17 @@
 """The real default teacher through the real console script (marked slow; CI runs it)."""
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from store.inspect import store_info, verify_store
-
-ROOT = Path(__file__).parent.parent
+from tests.conftest import run_cli
 
 
 @pytest.mark.slow
-def test_targets_on_the_default_teacher_via_the_console_script(tmp_path):
-    store = tmp_path / "tiny.zarr"
-    script = Path(__import__("sys").executable).parent / "dwq-pipeline"
-    done = subprocess.run(
-        [str(script), "targets", "--config", "configs/tiny.yaml", "--store", str(store)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def test_targets_then_tune_on_the_default_teacher_via_the_console_script(tmp_path):
+    store, run_dir = tmp_path / "tiny.zarr", tmp_path / "run"
+    done = run_cli("targets", "--config", "configs/tiny.yaml", "--store", str(store))
     assert done.returncode == 0, done.stderr
     info = store_info(store)
     assert info.complete and info.top_k == 64
@@ -29,3 +19,16 @@ def test_targets_on_the_default_teacher_via_the_console_script(tmp_path):
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["teacher"]["name"] == "default"
     assert manifest["tokenizer"]["vocab_size"] == 49152
+
+    done = run_cli(
+        "tune", "-c", "configs/tiny.yaml", "--store", str(store), "--run-dir", str(run_dir)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tuned 2 steps" in done.stderr
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(str(run_dir / "model"))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
+    assert "Paris" in generate(model, tokenizer, prompt, max_tokens=20)

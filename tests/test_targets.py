@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,8 +19,8 @@ from store.inspect import store_info, verify_store
 from store.layout import TARGET_ARRAYS
 from store.reader import StoreReader, bfloat16_bits_to_float32
 from store.writer import merge_stores
+from tests.conftest import cli_args, run_cli, start_cli
 
-ROOT = Path(__file__).parent.parent
 runner = CliRunner()
 
 
@@ -130,26 +128,9 @@ def test_two_shard_processes_equal_one_process(tiny_targets_overrides, tmp_path)
     single = config_for(tiny_targets_overrides, store=str(tmp_path / "single.zarr"))
     compute_targets(single)
     shared = tmp_path / "shared.zarr"
-    args = [f"--set={k}={v}" for k, v in tiny_targets_overrides.items() if k != "store"]
+    args = cli_args({k: v for k, v in tiny_targets_overrides.items() if k != "store"})
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "targets",
-                "--store",
-                str(shared),
-                "--shard",
-                f"{i}/2",
-                *args,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
+        start_cli("targets", "--store", str(shared), "--shard", f"{i}/2", *args) for i in range(2)
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
@@ -263,29 +244,8 @@ def test_mlx_launch_ranks_become_shards(tiny_targets_overrides, tmp_path):
     single = config_for(tiny_targets_overrides, store=str(tmp_path / "single.zarr"))
     compute_targets(single)
     shared = tmp_path / "launched.zarr"
-    bin_dir = Path(sys.executable).parent
-    args = [f"--set={k}={v}" for k, v in tiny_targets_overrides.items() if k != "store"]
-    done = subprocess.run(
-        [
-            str(bin_dir / "mlx.launch"),
-            "--backend",
-            "ring",
-            "-n",
-            "2",
-            "--starting-port",
-            "45931",
-            "--",
-            str(bin_dir / "dwq-pipeline"),
-            "targets",
-            "--store",
-            str(shared),
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = cli_args({k: v for k, v in tiny_targets_overrides.items() if k != "store"})
+    done = run_cli("targets", "--store", str(shared), *args, ranks=2, port=45931)
     assert done.returncode == 0, done.stderr
     shards = {
         r.shard for records in StoreReader(shared).records().values() for r in records.values()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,8 +21,8 @@ from stages.targets import compute_targets
 from stages.tune import tune
 from store.errors import StoreCorruptError
 from store.manifest import record_path
+from tests.conftest import cli_args, run_cli, start_cli
 
-ROOT = Path(__file__).parent.parent
 runner = CliRunner()
 
 
@@ -227,42 +225,52 @@ def test_cli_tune_bad_input_is_one_line(tiny_store, tmp_path):
     assert result.exit_code == 2 and "tune.loss must be one of" in result.output
 
 
+TUNE_SETTINGS = {
+    "tune.group_size": 32,
+    "tune.learning_rate": 1e-4,
+    "tune.warmup_steps": 1,
+    "tune.batch_size": 4,
+    "tune.val_every": 3,
+    "tune.checkpoint_every": 2,
+}
+
+
 def test_two_ranks_match_one_process(tiny_store, tmp_path):
     single = tune(tune_config(tiny_store, tmp_path / "single", max_steps=4))
-    bin_dir = Path(sys.executable).parent
-    sets = {
-        "tune.group_size": 32,
-        "tune.learning_rate": 1e-4,
-        "tune.warmup_steps": 1,
-        "tune.batch_size": 4,
-        "tune.max_steps": 4,
-        "tune.val_every": 3,
-        "tune.checkpoint_every": 2,
-    }
-    done = subprocess.run(
-        [
-            str(bin_dir / "mlx.launch"),
-            "--backend",
-            "ring",
-            "-n",
-            "2",
-            "--starting-port",
-            "46011",
-            "--",
-            str(bin_dir / "dwq-pipeline"),
-            "tune",
-            "--store",
-            str(tiny_store),
-            "--run-dir",
-            str(tmp_path / "ranks"),
-            *[f"--set={k}={v}" for k, v in sets.items()],
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    args = cli_args({**TUNE_SETTINGS, "tune.max_steps": 4})
+    run_dir = tmp_path / "ranks"
+    done = run_cli(
+        "tune", "--store", str(tiny_store), "--run-dir", str(run_dir), *args, ranks=2, port=46011
     )
     assert done.returncode == 0, done.stderr
-    a, b = saved_weights(single.model_dir), saved_weights(tmp_path / "ranks" / "model")
+    a, b = saved_weights(single.model_dir), saved_weights(run_dir / "model")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_checkpoints_and_the_rerun_finishes_identically(tiny_store, tmp_path):
+    import signal
+    import time
+
+    long_run = {"epochs": 30, "val_every": 1000, "checkpoint_every": 1000}
+    whole = tune(tune_config(tiny_store, tmp_path / "whole", **long_run))
+    run_dir = tmp_path / "signalled"
+    args = ["tune", "--store", str(tiny_store), "--run-dir", str(run_dir)]
+    args += cli_args({**TUNE_SETTINGS, **{f"tune.{k}": v for k, v in long_run.items()}})
+    proc = start_cli(*args)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 4
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err
+    stopped_at = json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
+    assert 3 <= stopped_at < 180
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    a, b = saved_weights(whole.model_dir), saved_weights(run_dir / "model")
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,0 +1,183 @@
+"""Stage two on the default teacher, as ratios from one run (each side measured here, now):
+
+- tune tokens/s streamed from the store / with every target already decoded in memory (goal >= 0.95)
+- tune tokens/s / mlx-lm's own `dwq_quantize` on the same sequences, targets and settings
+  (goal >= 10 on a CPU)
+- peak memory of a tune over a store 4x as large / over 1x (goal <= 1.1)
+
+Run: `make bench` or `.venv/bin/python bench/tune.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import stages.tune as tune_stage
+from stages.targets import TargetsConfig, compute_targets
+from stages.tune import TuneConfig, tune
+from store.reader import StoreReader, stream_batches
+
+SEQ_LEN, STEPS = 128, 4
+
+
+def make_store(path: Path, samples: int, seq_len: int = SEQ_LEN) -> Path:
+    compute_targets(
+        TargetsConfig(
+            store=str(path), num_samples=samples, num_valid_samples=4, max_seq_length=seq_len
+        )
+    )
+    return path
+
+
+def tokens_per_s(run_dir: Path) -> float:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return lines[-1]["tokens_per_s"]
+
+
+def tune_run(store: Path, run_dir: Path, **extra) -> float:
+    settings = dict(store=str(store), run_dir=str(run_dir), max_steps=STEPS, val_every=10**6)
+    tune(TuneConfig(**{**settings, **extra}))
+    return tokens_per_s(run_dir)
+
+
+def in_memory_stream(reader, split, batches, prefetch=2):
+    """Every batch decoded before the loop starts: the 'all targets in memory' baseline."""
+    decoded = list(stream_batches(reader, split, batches, prefetch))
+    yield from decoded
+
+
+def decoded_targets(reader: StoreReader, split: str) -> dict[tuple, tuple]:
+    """token row (inputs) -> (float32 top-k logits, int32 indices), for a lookup by content."""
+    shape = reader.manifest.splits[split]
+    tokens = reader.sequences(split)["tokens"][:, :-1]
+    out = {}
+    for chunk in range(shape.num_chunks):
+        values = reader.read_targets(split, chunk)
+        start, stop = shape.chunk_rows_range(chunk)
+        logits = reader.logits_as_float32(split, values["topk_logits"])
+        for i, row in enumerate(range(start, stop)):
+            out[tuple(tokens[row].tolist())] = (
+                logits[i],
+                values["topk_indices"][i].astype(np.int32),
+            )
+    return out
+
+
+def setup_seconds() -> float:
+    """What tune() does before its loop and mlx-lm's function does not: load and quantize."""
+    from stages.models import load_model, quantize_student
+
+    start = time.perf_counter()
+    quantize_student(load_model("default"), bits=4, group_size=64)
+    return time.perf_counter() - start
+
+
+def whole_tune_tokens_per_s(store: Path, run_dir: Path) -> float:
+    """Like mlx-lm's timing: validation at start and end included, setup excluded."""
+    start = time.perf_counter()
+    tune(TuneConfig(store=str(store), run_dir=str(run_dir), max_steps=STEPS, val_every=10**6))
+    elapsed = time.perf_counter() - start - setup_seconds()
+    return 4 * STEPS * (SEQ_LEN - 1) / elapsed
+
+
+def mlx_lm_tokens_per_s(store: Path) -> float:
+    """mlx-lm's dwq_quantize over the same rows and stored targets, validation included."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm.quant.dwq import dwq_quantize
+
+    from stages.models import load_model, quantize_student
+
+    reader = StoreReader(store)
+    targets = {split: decoded_targets(reader, split) for split in ("train", "valid")}
+
+    def target_fn(batch, _, split):
+        pairs = [targets[split][tuple(row)] for row in np.array(batch).tolist()]
+        return mx.array(np.stack([p[0] for p in pairs])), mx.array(np.stack([p[1] for p in pairs]))
+
+    def data(split, n):
+        return [(row.tolist(), 0) for row in reader.sequences(split)["tokens"][:n]]
+
+    model, _ = quantize_student(load_model("default"), bits=4, group_size=64)
+    train = data("train", 4 * STEPS)
+    start = time.perf_counter()
+    dwq_quantize(
+        model,
+        target_fn,
+        optim.Adam(1e-4),
+        train,
+        data("valid", 4),
+        4,
+        SEQ_LEN,
+        123,
+        dtype=mx.float32,
+    )
+    return len(train) * (SEQ_LEN - 1) / (time.perf_counter() - start)
+
+
+def peak_rss_mb(store: Path, run_dir: Path) -> float:
+    """Peak resident memory of a whole tune over the store, in a fresh process."""
+    code = (
+        "import resource; from stages.tune import TuneConfig, tune; "
+        f"tune(TuneConfig(store={str(store)!r}, run_dir={str(run_dir)!r}, val_every=10**6)); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    table = Table(title=f"tune, default teacher, {STEPS} steps of 4x{SEQ_LEN} tokens (one run)")
+    for column in ("measure", "baseline", "ours", "ratio", "goal"):
+        table.add_column(column, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = make_store(tmp / "s.zarr", 4 * STEPS)
+        streamed = tune_run(store, tmp / "streamed")
+        original = tune_stage.stream_batches
+        tune_stage.stream_batches = in_memory_stream
+        try:
+            in_memory = tune_run(store, tmp / "memory")
+        finally:
+            tune_stage.stream_batches = original
+        table.add_row(
+            "tokens/s streamed vs in memory",
+            f"{in_memory:.1f}",
+            f"{streamed:.1f}",
+            f"{streamed / in_memory:.2f}",
+            ">= 0.95",
+        )
+        ours = whole_tune_tokens_per_s(store, tmp / "whole")
+        theirs = mlx_lm_tokens_per_s(store)
+        table.add_row(
+            "tokens/s vs mlx-lm dwq_quantize (both with 2 validations)",
+            f"{theirs:.1f}",
+            f"{ours:.1f}",
+            f"{ours / theirs:.1f}",
+            ">= 10",
+        )
+        small = make_store(tmp / "m1.zarr", 8, seq_len=64)
+        large = make_store(tmp / "m4.zarr", 32, seq_len=64)
+        one = peak_rss_mb(small, tmp / "r1")
+        four = peak_rss_mb(large, tmp / "r4")
+        table.add_row(
+            "peak RSS MB, 4x store vs 1x (64-token rows)",
+            f"{one:.0f}",
+            f"{four:.0f}",
+            f"{four / one:.2f}",
+            "<= 1.1",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
