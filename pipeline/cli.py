@@ -210,6 +210,15 @@ def store_merge(
     ui.info(f"merged into {out}: " + ", ".join(f"{k} +{v} chunks" for k, v in copied.items()))
 
 
+@app.command("config")
+@guarded
+def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Every config key with its resolved value (file and --set applied) and its help."""
+    from pipeline.config import load_config
+
+    ui.out.print(ui.config_table(load_config(config, _overrides({}, set_))))
+
+
 @app.command()
 @guarded
 def doctor() -> None:

@@ -95,6 +95,20 @@ def tune_progress() -> Iterator:
         yield update
 
 
+def config_table(config) -> Table:
+    from dataclasses import fields
+
+    table = Table(title="configuration (CLI > file > default)")
+    for column in ("key", "value", "meaning"):
+        table.add_column(column)
+    for section in fields(config):
+        stage_config = getattr(config, section.name)
+        for f in fields(stage_config):
+            value = getattr(stage_config, f.name)
+            table.add_row(f"{section.name}.{f.name}", repr(value), f.metadata.get("help", ""))
+    return table
+
+
 def store_info_table(info: StoreInfo) -> Table:
     table = Table(title=f"store {info.path}", show_header=True)
     for column in (

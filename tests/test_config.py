@@ -73,3 +73,18 @@ def test_missing_and_malformed_files_are_config_errors(tmp_path):
     bad.write_text("targets: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_config_command_shows_resolved_values_with_help():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(
+        app, ["config", "-c", "configs/tiny.yaml", "--set", "tune.loss=js"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "tune.loss" in line)
+    assert "'js'" in row and "distillation loss" in row
+    bad = CliRunner().invoke(app, ["config", "--set", "tune.wat=1"])
+    assert bad.exit_code == 2 and "unknown key tune.wat" in bad.output
