@@ -46,6 +46,7 @@ test-fast: setup
 bench: setup
 	$(BLAS_ENV) $(PY) bench/blas.py
 	$(BLAS_ENV) $(PY) bench/targets.py
+	$(BLAS_ENV) $(PY) bench/tune.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
