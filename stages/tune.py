@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -219,7 +220,7 @@ class _Trainer:
     """The loop's state and the pieces it is made of; `tune` below reads top to bottom."""
 
     def __init__(self, config: TuneConfig, reader: StoreReader, student: _Student):
-        self.config, self.reader, self.student = config, reader, student
+        self.config = config
         self.dist = _Distributed()
         self.model = student.model
         self.shape = reader.manifest.splits["train"]
@@ -244,7 +245,8 @@ class _Trainer:
         self.model.update(params)
         logits = self.model(tokens).astype(mx.float32)
         t = self.config.temperature
-        student_lse = mx.logsumexp(logits / t, axis=-1)
+        needs_lse = teacher_lse is not None  # kl_topk renormalises over the top-k alone
+        student_lse = mx.logsumexp(logits / t, axis=-1) if needs_lse else None
         student_topk = mx.take_along_axis(logits, indices, axis=-1)
         per_position = self.loss_fn(student_topk, student_lse, teacher_topk, teacher_lse, t)
         return (per_position * mask).sum()
@@ -416,14 +418,14 @@ def tune(
             total += trainer.summed_loss(as_model_params(p), *inputs).item()
         return float(dist.sum(mx.array(total)).item()) / trainer.global_tokens("valid", batches)
 
+    @functools.lru_cache(maxsize=2)
+    def plan_of_epoch(epoch: int) -> list[list[int]]:
+        return _batch_plan(num_train, chunk_rows, config, epoch)
+
     def batches_of_step(step: int) -> list[list[int]]:
         first = (step - 1) * config.grad_accumulation
-        return [
-            _batch_plan(num_train, chunk_rows, config, (first + i) // per_epoch)[
-                (first + i) % per_epoch
-            ]
-            for i in range(config.grad_accumulation)
-        ]
+        batches = range(first, first + config.grad_accumulation)
+        return [plan_of_epoch(b // per_epoch)[b % per_epoch] for b in batches]
 
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
     best_params = params
