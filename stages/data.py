@@ -118,7 +118,8 @@ def _load_hub_records(data_id: str) -> tuple[Any, Any | None]:
         raise DataError(f"cannot load Hugging Face dataset {data_id!r}: {exc}") from exc
     if "train" not in dataset:
         raise DataError(f"Hugging Face dataset {data_id!r} has no train split")
-    return dataset["train"], dataset["valid"] if "valid" in dataset else None
+    valid = next((dataset[name] for name in ("valid", "validation") if name in dataset), None)
+    return dataset["train"], valid
 
 
 def _mlx_dataset(records: Any, tokenizer: Any, mask_prompt: bool) -> Any:

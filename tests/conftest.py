@@ -4,10 +4,15 @@ llama saved as a real mlx-lm folder, so tests go through the same loading path a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+
+# Tests never reach a model or dataset hub: fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -87,3 +87,20 @@ def test_too_little_data_says_how_much_there_is(tokenizer, text_data):
 def test_missing_path_is_a_data_error(tokenizer, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_sequences(tokenizer, settings(tmp_path / "missing.jsonl"))
+
+
+def test_hugging_face_dataset_path_on_local_files(tokenizer, text_data):
+    """The hub loader (`datasets.load_dataset`) given a local folder, as it is offline here."""
+    pytest.importorskip("datasets")
+    from stages.data import _load_hub_records, load_records
+
+    hub_train, hub_valid = _load_hub_records(str(text_data))
+    local_train, local_valid = load_records(str(text_data))
+    assert [r["text"] for r in hub_train] == [r["text"] for r in local_train]
+    assert [r["text"] for r in hub_valid] == [r["text"] for r in local_valid]
+
+
+def test_unknown_hub_id_is_one_clear_data_error(tokenizer):
+    pytest.importorskip("datasets")
+    with pytest.raises(DataError, match="cannot load Hugging Face dataset"):
+        build_sequences(tokenizer, settings("no-such-org/no-such-dataset"))
