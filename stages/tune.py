@@ -217,16 +217,37 @@ class _Distributed:
 
 
 class _Trainer:
-    """The loop's state and the pieces it is made of; `tune` below reads top to bottom."""
+    """What the loop is made of: batches, loss, one optimizer step, validation."""
 
     def __init__(self, config: TuneConfig, reader: StoreReader, student: _Student):
         self.config = config
+        self.reader = reader
         self.dist = _Distributed()
         self.model = student.model
         self.shape = reader.manifest.splits["train"]
         self.t_index = _temperature_index(reader, config)
         self.sequences = {split: reader.sequences(split) for split in reader.manifest.splits}
         self.loss_fn = LOSSES[config.loss]
+        self.batches_per_epoch = len(self.plan_of_epoch(0))
+        self.model_dtypes = {k: v.dtype for k, v in tree_flatten(self.model.trainable_parameters())}
+        self.value_and_grad = mx.value_and_grad(
+            lambda params, *inputs: self.summed_loss(self.as_model_params(params), *inputs)
+        )
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one trainer per run, two epochs at most live
+    def plan_of_epoch(self, epoch: int) -> list[list[int]]:
+        return _batch_plan(self.shape.num_sequences, self.shape.chunk_rows, self.config, epoch)
+
+    def batches_of_step(self, step: int) -> list[list[int]]:
+        first = (step - 1) * self.config.grad_accumulation
+        batches = range(first, first + self.config.grad_accumulation)
+        per_epoch = self.batches_per_epoch
+        return [self.plan_of_epoch(b // per_epoch)[b % per_epoch] for b in batches]
+
+    def as_model_params(self, params):
+        """The float32 master copy, cast to the dtypes the model computes in."""
+        flat = [(k, v.astype(self.model_dtypes[k])) for k, v in tree_flatten(params)]
+        return tree_unflatten(flat)
 
     def batch_inputs(self, split: str, rows: list[int], targets: dict[str, np.ndarray]):
         seqs = self.sequences[split]
@@ -255,9 +276,37 @@ class _Trainer:
         seqs = self.sequences[split]
         rows = [r for batch in batches for r in batch]
         positions = seqs["tokens"].shape[1] - 1
-        return float(
-            _loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], positions).sum()
-        )
+        mask = _loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], positions)
+        return float(mask.sum())
+
+    def step(self, params, optimizer, stream: Iterator, step: int) -> tuple[Any, float, float]:
+        """One optimizer step over grad_accumulation batches: (params, mean loss, tokens)."""
+        ntoks = self.global_tokens("train", self.batches_of_step(step))
+        grads, loss_sum = None, 0.0
+        for _ in range(self.config.grad_accumulation):
+            rows, targets = next(stream)
+            loss, g = self.value_and_grad(params, *self.batch_inputs("train", rows, targets))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, grads)
+            loss_sum += loss.item()
+        # Sums over ranks of (each rank's summed loss / global tokens) = the global mean.
+        grads = self.dist.sum(tree_map(lambda x: x / ntoks, grads))
+        params = optimizer.apply_gradients(grads, params)
+        mx.eval(params, optimizer.state)
+        return params, float(self.dist.sum(mx.array(loss_sum)).item()) / ntoks, ntoks
+
+    def validate(self, params) -> float:
+        """Mean loss per token over the whole valid split, summed over ranks."""
+        size = self.config.batch_size
+        rows = list(range(self.reader.manifest.splits["valid"].num_sequences))
+        batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+        mine = [rows for rows in map(self.dist.my_rows, batches) if rows]
+        stream = stream_batches(self.reader, "valid", mine, self.config.prefetch)
+        total = 0.0
+        for my_rows, targets in zip(mine, stream, strict=True):
+            inputs = self.batch_inputs("valid", my_rows, targets)
+            total += self.summed_loss(self.as_model_params(params), *inputs).item()
+        return float(self.dist.sum(mx.array(total)).item()) / self.global_tokens("valid", batches)
 
 
 def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
@@ -383,49 +432,18 @@ def tune(
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    num_train, chunk_rows = trainer.shape.num_sequences, trainer.shape.chunk_rows
-    per_epoch = len(_batch_plan(num_train, chunk_rows, config, 0))
+    per_epoch = trainer.batches_per_epoch
     if per_epoch < config.grad_accumulation:
         raise StageError(
-            f"the store's {num_train} training sequences make {per_epoch} batches of "
-            f"{config.batch_size}, fewer than grad_accumulation={config.grad_accumulation}"
+            f"the store's {trainer.shape.num_sequences} training sequences make {per_epoch} "
+            f"batches of {config.batch_size}, fewer than "
+            f"grad_accumulation={config.grad_accumulation}"
         )
-    steps_per_epoch = per_epoch // config.grad_accumulation
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    total_steps = config.max_steps or config.epochs * (per_epoch // config.grad_accumulation)
 
     optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
     params = tree_map(lambda x: x.astype(mx.float32), student.model.trainable_parameters())
     optimizer.init(params)
-    model_dtype = {k: v.dtype for k, v in tree_flatten(student.model.trainable_parameters())}
-
-    def as_model_params(p):
-        return tree_unflatten([(k, v.astype(model_dtype[k])) for k, v in tree_flatten(p)])
-
-    def loss_and_grad(p, *inputs):
-        return trainer.summed_loss(as_model_params(p), *inputs)
-
-    value_and_grad = mx.value_and_grad(loss_and_grad)
-
-    def validate(p) -> float:
-        rows = list(range(reader.manifest.splits["valid"].num_sequences))
-        batches = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
-        mine = [rows for rows in map(dist.my_rows, batches) if rows]
-        total = 0.0
-        for my_rows, targets in zip(
-            mine, stream_batches(reader, "valid", mine, config.prefetch), strict=True
-        ):
-            inputs = trainer.batch_inputs("valid", my_rows, targets)
-            total += trainer.summed_loss(as_model_params(p), *inputs).item()
-        return float(dist.sum(mx.array(total)).item()) / trainer.global_tokens("valid", batches)
-
-    @functools.lru_cache(maxsize=2)
-    def plan_of_epoch(epoch: int) -> list[list[int]]:
-        return _batch_plan(num_train, chunk_rows, config, epoch)
-
-    def batches_of_step(step: int) -> list[list[int]]:
-        first = (step - 1) * config.grad_accumulation
-        batches = range(first, first + config.grad_accumulation)
-        return [plan_of_epoch(b // per_epoch)[b % per_epoch] for b in batches]
 
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
     best_params = params
@@ -435,7 +453,7 @@ def tune(
         if dist.rank == 0:
             _trim_metrics(run_dir, state["step"])
     if state["initial_val_loss"] is None:
-        state["initial_val_loss"] = state["best_val_loss"] = validate(params)
+        state["initial_val_loss"] = state["best_val_loss"] = trainer.validate(params)
         _report(
             dist, run_dir, on_step, StepReport(0, total_steps, val_loss=state["initial_val_loss"])
         )
@@ -447,38 +465,27 @@ def tune(
 
     steps = range(state["step"] + 1, total_steps + 1)
     # One stream for the whole run, so decoding runs ahead across step boundaries too.
-    my_batches = [dist.my_rows(b) for step in steps for b in batches_of_step(step)]
+    my_batches = [dist.my_rows(b) for step in steps for b in trainer.batches_of_step(step)]
     prefetched = closing(stream_batches(reader, "train", my_batches, config.prefetch))
     with _stop_requests() as stop_requested, prefetched as batches:
         stream = zip(my_batches, batches, strict=True)
         train_seconds, tokens_done = 0.0, 0.0
         for step in steps:
             tic = time.perf_counter()
-            ntoks = trainer.global_tokens("train", batches_of_step(step))
-            grads, loss_sum = None, 0.0
-            for _ in range(config.grad_accumulation):
-                rows, targets = next(stream)
-                loss, g = value_and_grad(params, *trainer.batch_inputs("train", rows, targets))
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, grads)
-                loss_sum += loss.item()
-            # Sums over ranks of (each rank's summed loss / global tokens) = the global mean.
-            grads = dist.sum(tree_map(lambda x, n=ntoks: x / n, grads))
-            params = optimizer.apply_gradients(grads, params)
-            mx.eval(params, optimizer.state)
+            params, loss, ntoks = trainer.step(params, optimizer, stream, step)
             train_seconds += time.perf_counter() - tic
             tokens_done += ntoks
             state["step"] = step
             report = StepReport(
                 step,
                 total_steps,
-                loss=float(dist.sum(mx.array(loss_sum)).item()) / ntoks,
+                loss=loss,
                 learning_rate=float(optimizer.learning_rate.item()),  # the rate this step used
                 tokens_per_s=tokens_done / train_seconds,
                 peak_memory_gb=mx.get_peak_memory() / 1e9,
             )
             if step % config.val_every == 0 or step == total_steps:
-                val = validate(params)
+                val = trainer.validate(params)
                 report = StepReport(**{**asdict(report), "val_loss": val})
                 if val < state["best_val_loss"]:
                     state["best_val_loss"], state["best_step"], best_params = val, step, params
@@ -492,7 +499,7 @@ def tune(
                 )
     model_dir = run_dir / MODEL_DIR
     if dist.rank == 0:
-        model_dir = _save_model(run_dir, student, as_model_params(best_params))
+        model_dir = _save_model(run_dir, student, trainer.as_model_params(best_params))
     warning = None
     if state["best_val_loss"] >= state["initial_val_loss"]:
         warning = (
