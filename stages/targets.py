@@ -19,7 +19,7 @@ from stages.models import (
     tokenizer_fingerprint,
 )
 from stages.settings import setting
-from store.layout import LOGIT_DTYPES, SplitShape
+from store.layout import LOGIT_DTYPES, SplitShape, float32_to_bfloat16_bits
 from store.manifest import Manifest
 from store.writer import BackgroundWriter, open_store_for_writing
 
@@ -119,13 +119,6 @@ def _digest_sequences(seqs: TokenSequences) -> str:
     for values in (seqs.tokens, seqs.lengths, seqs.prompt_offsets):
         digest.update(np.ascontiguousarray(values).tobytes())
     return digest.hexdigest()
-
-
-def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """Round to nearest even, as MLX's astype(bfloat16) does, and keep the 16-bit pattern."""
-    bits = values.astype(np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    return ((bits + rounding) >> 16).astype(np.uint16)
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:

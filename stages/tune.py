@@ -302,10 +302,10 @@ class _Trainer:
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         mine = [rows for rows in map(self.dist.my_rows, batches) if rows]
         stream = stream_batches(self.reader, "valid", mine, self.config.prefetch)
-        total = 0.0
+        model_params, total = self.as_model_params(params), 0.0
         for my_rows, targets in zip(mine, stream, strict=True):
             inputs = self.batch_inputs("valid", my_rows, targets)
-            total += self.summed_loss(self.as_model_params(params), *inputs).item()
+            total += self.summed_loss(model_params, *inputs).item()
         return float(self.dist.sum(mx.array(total)).item()) / self.global_tokens("valid", batches)
 
 

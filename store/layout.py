@@ -22,6 +22,17 @@ TARGET_ARRAYS = ("topk_logits", "topk_indices", "logsumexp")
 LOGIT_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 
 
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as MLX's astype(bfloat16) does, and keep the 16-bit pattern."""
+    bits = values.astype(np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 @dataclass(frozen=True)
 class SplitShape:
     num_sequences: int

@@ -11,12 +11,8 @@ import numpy as np
 import zarr
 
 from store.errors import StoreCorruptError, StoreError
-from store.layout import SEQUENCE_ARRAYS, TARGET_ARRAYS
+from store.layout import SEQUENCE_ARRAYS, TARGET_ARRAYS, bfloat16_bits_to_float32
 from store.manifest import ChunkRecord, Manifest, read_manifest, read_records
-
-
-def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 class StoreReader:

@@ -16,8 +16,8 @@ from pipeline.config import load_config
 from stages.models import load_model
 from stages.targets import Progress, Shard, compute_targets
 from store.inspect import store_info, verify_store
-from store.layout import TARGET_ARRAYS
-from store.reader import StoreReader, bfloat16_bits_to_float32
+from store.layout import TARGET_ARRAYS, bfloat16_bits_to_float32
+from store.reader import StoreReader
 from store.writer import merge_stores
 from tests.conftest import cli_args, run_cli, start_cli
 
