@@ -3,11 +3,12 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 CONFIG    ?= configs/default.yaml
 DWQ       := $(VENV)/bin/dwq-pipeline
+RUN       ?= artifacts/runs/default
 # Debian's OpenBLAS; the CLI preloads it by itself, tests and benches get it here.
 BLAS_LIB  := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 BLAS_ENV  := $(if $(wildcard $(BLAS_LIB)),LD_PRELOAD=$(BLAS_LIB),)
 
-.PHONY: setup blas targets tune all test test-fast bench lint clean
+.PHONY: setup blas targets tune eval report all test test-fast bench lint clean
 
 all: tune
 
@@ -37,6 +38,13 @@ targets: setup
 tune: targets
 	$(DWQ) tune --config $(CONFIG)
 
+# Teacher vs plain RTN vs tuned student on held-out text; the report plots the run.
+eval: setup
+	$(DWQ) eval --config $(CONFIG) --save $(RUN)/eval.json
+
+report: setup
+	$(DWQ) report $(RUN)
+
 test: setup
 	$(BLAS_ENV) $(VENV)/bin/pytest
 
@@ -44,9 +52,7 @@ test-fast: setup
 	$(BLAS_ENV) $(VENV)/bin/pytest -m "not slow"
 
 bench: setup
-	$(BLAS_ENV) $(PY) bench/blas.py
-	$(BLAS_ENV) $(PY) bench/targets.py
-	$(BLAS_ENV) $(PY) bench/tune.py
+	$(BLAS_ENV) $(PY) -m bench.all
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

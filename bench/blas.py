@@ -12,8 +12,7 @@ import subprocess
 import sys
 import time
 
-from rich.console import Console
-from rich.table import Table
+from bench.common import Ratio, report
 
 CHILD = r"""
 import json, time, sys
@@ -50,23 +49,22 @@ def main() -> None:
     start = time.time()
     fast = measure(openblas, 3)
     slow = measure(None, 1)
-    table = Table(title="BLAS: OpenBLAS preload vs MLX's bundled BLAS (one run)")
-    for column in ("measure", "bundled", "OpenBLAS", "ratio"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        "float32 GEMM 1024^3 GFLOPS",
-        f"{slow['gflops']:.1f}",
-        f"{fast['gflops']:.1f}",
-        f"{fast['gflops'] / slow['gflops']:.1f}x",
-    )
-    table.add_row(
-        "SmolLM2 forward 4x256 tok/s",
-        f"{slow['forward_tok_s']:.1f}",
-        f"{fast['forward_tok_s']:.1f}",
-        f"{fast['forward_tok_s'] / slow['forward_tok_s']:.1f}x",
-    )
-    table.caption = f"{fast['blas']}; {os.cpu_count()} CPUs; {time.time() - start:.0f}s"
-    Console().print(table)
+    rows = [
+        Ratio(
+            "blas",
+            "float32 GEMM 1024^3 GFLOPS, bundled BLAS -> OpenBLAS",
+            slow["gflops"],
+            fast["gflops"],
+        ),
+        Ratio(
+            "blas",
+            "SmolLM2 forward 4x256 tok/s, bundled BLAS -> OpenBLAS",
+            slow["forward_tok_s"],
+            fast["forward_tok_s"],
+        ),
+    ]
+    caption = f"{fast['blas']}; {os.cpu_count()} CPUs; {time.time() - start:.0f}s"
+    report("BLAS: OpenBLAS preload vs MLX's bundled BLAS (one run)", rows, caption)
 
 
 if __name__ == "__main__":

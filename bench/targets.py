@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from rich.console import Console
-from rich.table import Table
 
+from bench.common import Ratio, report
 from stages.data import build_sequences
 from stages.models import load_model
 from stages.targets import TargetsConfig, compute_targets
@@ -78,22 +77,13 @@ def main() -> None:
             )
             / train.num_tokens
         )
-    table = Table(title=f"targets, default teacher, {tokens:,} tokens, k={args.top_k} (one run)")
-    for column in ("measure", "baseline", "ours", "ratio", "goal"):
-        table.add_column(column, justify="right")
     fwd, tgt = tokens / forward_s, tokens / (with_setup - setup)
-    table.add_row(
-        "tokens/s (bare forward)", f"{fwd:.1f}", f"{tgt:.1f}", f"{tgt / fwd:.2f}", ">= 0.9"
-    )
-    table.add_row(
-        "bytes/token (mlx-lm layout)",
-        f"{theirs:.0f}",
-        f"{ours:.0f}",
-        f"{ours / theirs:.3f}",
-        "<= 0.25",
-    )
-    table.caption = f"fixed cost per run (load, fingerprint, data): {setup:.1f}s"
-    Console().print(table)
+    rows = [
+        Ratio("targets", "targets tokens/s vs bare teacher forward", fwd, tgt, ">= 0.9"),
+        Ratio("targets", "store bytes/token vs mlx-lm safetensors layout", theirs, ours, "<= 0.25"),
+    ]
+    title = f"targets, default teacher, {tokens:,} tokens, k={args.top_k} (one run)"
+    report(title, rows, f"fixed cost per run (load, fingerprint, data): {setup:.1f}s")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,17 @@
 - tune tokens/s / mlx-lm's own `dwq_quantize` on the same sequences, targets and settings
   (goal >= 10 on a CPU)
 - peak memory of a tune over a store 4x as large / over 1x (goal <= 1.1)
+- quality on the same rows and step budget: held-out full-vocabulary KL of our tuned student /
+  of the student mlx-lm's `dwq_quantize` makes with its defaults (lr 1e-6, top-k KL), both through
+  the dequantize + BLAS path so the budget is affordable on a CPU; and with mlx-lm at our lr
 
-Run: `make bench` or `.venv/bin/python bench/tune.py`.
+Run: `make bench` or `.venv/bin/python -m bench.tune`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -18,15 +23,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 import stages.tune as tune_stage
+from bench.common import Ratio, report
 from stages.targets import TargetsConfig, compute_targets
 from stages.tune import TuneConfig, tune
 from store.reader import StoreReader, stream_batches
 
 SEQ_LEN, STEPS = 128, 4
+QUALITY_STEPS = 6  # of 4x256 tokens, for the KL comparison with mlx-lm's DWQ
 
 
 def make_store(path: Path, samples: int, seq_len: int = SEQ_LEN) -> Path:
@@ -89,16 +94,19 @@ def whole_tune_tokens_per_s(store: Path, run_dir: Path) -> float:
     return 4 * STEPS * (SEQ_LEN - 1) / elapsed
 
 
-def mlx_lm_tokens_per_s(store: Path) -> float:
-    """mlx-lm's dwq_quantize over the same rows and stored targets, validation included."""
+def mlx_lm_dwq(store: Path, steps: int, learning_rate: float = 1e-4, fast: bool = False):
+    """mlx-lm's dwq_quantize over the same rows and stored targets, validation included.
+
+    Returns (the tuned model, train tokens/s including its two validations)."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.quant.dwq import dwq_quantize
 
-    from stages.models import load_model, quantize_student
+    from stages.models import load_model, quantize_student, use_dequantized_matmul
 
     reader = StoreReader(store)
     targets = {split: decoded_targets(reader, split) for split in ("train", "valid")}
+    seq_len = reader.manifest.splits["train"].seq_len
 
     def target_fn(batch, _, split):
         pairs = [targets[split][tuple(row)] for row in np.array(batch).tolist()]
@@ -108,20 +116,23 @@ def mlx_lm_tokens_per_s(store: Path) -> float:
         return [(row.tolist(), 0) for row in reader.sequences(split)["tokens"][:n]]
 
     model, _ = quantize_student(load_model("default"), bits=4, group_size=64)
-    train = data("train", 4 * STEPS)
+    if fast:
+        use_dequantized_matmul(model)
+    train = data("train", 4 * steps)
     start = time.perf_counter()
-    dwq_quantize(
-        model,
-        target_fn,
-        optim.Adam(1e-4),
-        train,
-        data("valid", 4),
-        4,
-        SEQ_LEN,
-        123,
-        dtype=mx.float32,
-    )
-    return len(train) * (SEQ_LEN - 1) / (time.perf_counter() - start)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        dwq_quantize(
+            model,
+            target_fn,
+            optim.Adam(learning_rate),
+            train,
+            data("valid", 4),
+            4,
+            seq_len,
+            123,
+            dtype=mx.float32,
+        )
+    return model, len(train) * (seq_len - 1) / (time.perf_counter() - start)
 
 
 def decoded_mb(store: Path) -> float:
@@ -142,52 +153,71 @@ def peak_rss_mb(store: Path, run_dir: Path) -> float:
     return int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
+def speed_and_memory(tmp: Path) -> list[Ratio]:
+    store = make_store(tmp / "s.zarr", 4 * STEPS)
+    streamed = tune_run(store, tmp / "streamed")
+    original = tune_stage.stream_batches
+    tune_stage.stream_batches = in_memory_stream
+    try:
+        in_memory = tune_run(store, tmp / "memory")
+    finally:
+        tune_stage.stream_batches = original
+    ours = whole_tune_tokens_per_s(store, tmp / "whole")
+    _, theirs = mlx_lm_dwq(store, STEPS)
+    small = make_store(tmp / "m1.zarr", 16, seq_len=64)
+    large = make_store(tmp / "m4.zarr", 64, seq_len=64)
+    one, four = peak_rss_mb(small, tmp / "r1"), peak_rss_mb(large, tmp / "r4")
+    mb = f"{decoded_mb(small):.0f} and {decoded_mb(large):.0f} MB of decoded targets"
+    return [
+        Ratio("tune", "tokens/s streamed vs all targets in memory", in_memory, streamed, ">= 0.95"),
+        Ratio(
+            "tune", "tokens/s vs mlx-lm dwq_quantize (2 validations each)", theirs, ours, ">= 10"
+        ),
+        Ratio("tune", f"peak RSS MB, 4x store vs 1x ({mb})", one, four, "<= 1.1"),
+    ]
+
+
+def quality(tmp: Path, steps: int) -> list[Ratio]:
+    """Same rows, same steps: held-out KL of our student vs mlx-lm's DWQ students."""
+    from stages.data import build_held_out_sequences
+    from stages.evaluate import score_models
+    from stages.models import load_model, use_dequantized_matmul
+
+    store = make_store(tmp / "q.zarr", 4 * steps, seq_len=256)
+    tune(TuneConfig(store=str(store), run_dir=str(tmp / "ours"), max_steps=steps, val_every=10**6))
+    ours = load_model(str(tmp / "ours" / "model")).model
+    mlx_default, _ = mlx_lm_dwq(store, steps, learning_rate=1e-6, fast=True)
+    mlx_our_lr, _ = mlx_lm_dwq(store, steps, learning_rate=1e-4, fast=True)
+    teacher = load_model("default")
+    settings = TargetsConfig(max_seq_length=256).data_settings()
+    held_out, _ = build_held_out_sequences(teacher.tokenizer, settings, count=8)
+    students = {"ours": ours, "mlx1e-6": mlx_default, "mlx1e-4": mlx_our_lr}
+    for model in students.values():
+        use_dequantized_matmul(model)
+    scores = score_models(teacher.model, students, held_out, batch_size=4)
+    label = f"held-out KL after {steps} steps of 4x256"
+    return [
+        Ratio(
+            "quality",
+            f"{label}: ours vs mlx-lm DWQ defaults (lr 1e-6)",
+            scores["mlx1e-6"].kl,
+            scores["ours"].kl,
+            "<= 1",
+        ),
+        Ratio(
+            "quality",
+            f"{label}: ours vs mlx-lm DWQ at our lr 1e-4",
+            scores["mlx1e-4"].kl,
+            scores["ours"].kl,
+            "<= 1",
+        ),
+    ]
+
+
 def main() -> None:
-    table = Table(title=f"tune, default teacher, {STEPS} steps of 4x{SEQ_LEN} tokens (one run)")
-    for column in ("measure", "baseline", "ours", "ratio", "goal"):
-        table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        store = make_store(tmp / "s.zarr", 4 * STEPS)
-        streamed = tune_run(store, tmp / "streamed")
-        original = tune_stage.stream_batches
-        tune_stage.stream_batches = in_memory_stream
-        try:
-            in_memory = tune_run(store, tmp / "memory")
-        finally:
-            tune_stage.stream_batches = original
-        table.add_row(
-            "tokens/s streamed vs in memory",
-            f"{in_memory:.1f}",
-            f"{streamed:.1f}",
-            f"{streamed / in_memory:.2f}",
-            ">= 0.95",
-        )
-        ours = whole_tune_tokens_per_s(store, tmp / "whole")
-        theirs = mlx_lm_tokens_per_s(store)
-        table.add_row(
-            "tokens/s vs mlx-lm dwq_quantize (both with 2 validations)",
-            f"{theirs:.1f}",
-            f"{ours:.1f}",
-            f"{ours / theirs:.1f}",
-            ">= 10",
-        )
-        small = make_store(tmp / "m1.zarr", 16, seq_len=64)
-        large = make_store(tmp / "m4.zarr", 64, seq_len=64)
-        one = peak_rss_mb(small, tmp / "r1")
-        four = peak_rss_mb(large, tmp / "r4")
-        table.add_row(
-            "peak RSS MB, 4x store vs 1x (64-token rows)",
-            f"{one:.0f}",
-            f"{four:.0f}",
-            f"{four / one:.2f}",
-            "<= 1.1",
-        )
-        table.caption = (
-            f"decoded targets: 1x store {decoded_mb(small):.0f} MB, 4x {decoded_mb(large):.0f} MB"
-            " (what holding them in memory would add)"
-        )
-    Console().print(table)
+        rows = speed_and_memory(Path(tmp)) + quality(Path(tmp), steps=QUALITY_STEPS)
+    report(f"tune, default teacher (one run; speed: {STEPS} steps of 4x{SEQ_LEN})", rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ SetOption = Annotated[
     typer.Option("--set", help="Override any config key: section.key=value (repeatable)."),
 ]
 StoreOption = Annotated[str | None, typer.Option(help="Target store path (overrides config).")]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Allow Python code shipped in a model folder to run (off by default).",
+    ),
+]
 
 
 def guarded(command):
@@ -59,8 +66,9 @@ def guarded(command):
 def _overrides(pairs: dict[str, object], sets: list[str] | None) -> dict[str, object]:
     from pipeline.config import parse_override
 
-    merged = dict(pairs)
-    merged.update(parse_override(text) for text in sets or [])
+    # Precedence: a named flag beats --set, which beats the file.
+    merged = dict(parse_override(text) for text in sets or [])
+    merged.update({key: value for key, value in pairs.items() if value is not None})
     return merged
 
 
@@ -98,6 +106,7 @@ def targets(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a store made with other settings.")
     ] = False,
+    trust_remote_code: TrustOption = False,
     set_: SetOption = None,
 ) -> None:
     """Run the teacher over the data and write its top-k logits into the store (resumable)."""
@@ -114,13 +123,20 @@ def targets(
                 "targets.top_k": top_k,
                 "targets.num_samples": num_samples,
                 "targets.max_seq_length": max_seq_length,
+                "targets.trust_remote_code": trust_remote_code or None,
             },
             set_,
         ),
     ).targets
     which = _parse_shard(shard)
     with ui.targets_progress() as on_progress:
-        manifest = compute_targets(cfg, shard=which, overwrite=overwrite, on_progress=on_progress)
+        manifest = compute_targets(
+            cfg,
+            shard=which,
+            overwrite=overwrite,
+            on_progress=on_progress,
+            on_repair=lambda what: ui.warn(f"repairing: {what}"),
+        )
     sizes = ", ".join(f"{n}: {s.num_sequences} seq" for n, s in manifest.splits.items())
     ui.info(f"targets done for shard {which} -> {cfg.store} ({sizes}, top-k {cfg.top_k})")
 
@@ -143,6 +159,7 @@ def tune(
     overwrite: Annotated[
         bool, typer.Option(help="Discard an earlier checkpoint in run-dir.")
     ] = False,
+    trust_remote_code: TrustOption = False,
     set_: SetOption = None,
 ) -> None:
     """Tune the student's quantization scales and biases on the store's targets (resumable)."""
@@ -159,6 +176,7 @@ def tune(
                 "tune.loss": loss,
                 "tune.learning_rate": learning_rate,
                 "tune.max_steps": max_steps,
+                "tune.trust_remote_code": trust_remote_code or None,
             },
             set_,
         ),
@@ -171,6 +189,77 @@ def tune(
     )
     if result.warning:
         ui.warn(result.warning)
+
+
+@app.command("eval")
+@guarded
+def evaluate(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    student: Annotated[
+        str | None, typer.Option(help="Tuned student folder (default: tune.run_dir/model).")
+    ] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher (default: the one that made the store).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data (default: the store's); its test split is used.")
+    ] = None,
+    num_sequences: Annotated[int | None, typer.Option(help="Held-out sequences (0 = all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    save: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    trust_remote_code: TrustOption = False,
+    set_: SetOption = None,
+) -> None:
+    """Teacher vs plain RTN vs tuned student on held-out text: KL, perplexity, top-1 agreement."""
+    import json
+
+    from pipeline.config import load_config
+    from stages.evaluate import evaluate as run_eval
+    from store.manifest import write_json_atomic
+
+    cfg = load_config(
+        config,
+        _overrides(
+            {
+                "store": store,
+                "eval.student": student,
+                "eval.teacher": teacher,
+                "eval.data": data,
+                "eval.num_sequences": num_sequences,
+                "eval.trust_remote_code": trust_remote_code or None,
+            },
+            set_,
+        ),
+    ).eval
+    with ui.batch_progress("eval", enabled=not as_json) as on_batch:
+        result = run_eval(cfg, on_batch=on_batch)
+    if save:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(save, result.to_dict())
+    if as_json:
+        ui.out.print_json(json.dumps(result.to_dict()))
+    else:
+        ui.out.print(ui.eval_table(result))
+
+
+@app.command()
+@guarded
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A tune run_dir (holds metrics.jsonl).")],
+) -> None:
+    """Summary of a tune run and a PNG plot of its losses (report.md, report.png in RUN_DIR)."""
+    from pipeline.report import write_report
+
+    summary, plot = write_report(run_dir)
+    for line in summary.lines():
+        ui.info(line)
+    if plot is None:
+        raise PipelineError(
+            "the plot needs matplotlib: pip install 'dwq-pipeline[plot]' (summary written to "
+            f"{run_dir / 'report.md'})"
+        )
+    ui.info(f"plot: {plot}")
 
 
 @store_app.command("info")

@@ -1,7 +1,7 @@
 """YAML config + CLI overrides -> the stages' typed configs. Precedence: CLI > file > defaults.
 
-A config file has one section per stage (`targets:`, `tune:`) and an optional top-level `store:`
-that every stage uses unless its section names its own.
+A config file has one section per stage (`targets:`, `tune:`, `eval:`) and an optional top-level
+`store:` that every stage uses unless its section names its own.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import yaml
 
 from pipeline.errors import ConfigError
 from stages.errors import InvalidConfig
+from stages.evaluate import EvalConfig
 from stages.targets import TargetsConfig
-from stages.tune import TuneConfig
+from stages.tune import MODEL_DIR, TuneConfig
 
-SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig}
+SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig, "eval": EvalConfig}
 SHARED_KEYS = ("store",)
 
 
@@ -28,6 +29,7 @@ SHARED_KEYS = ("store",)
 class PipelineConfig:
     targets: TargetsConfig
     tune: TuneConfig
+    eval: EvalConfig
 
 
 def read_yaml(path: Path) -> dict:
@@ -129,4 +131,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> P
         built[name] = build_section(name, cls, section, problems)
     if problems:
         raise ConfigError(problems)
+    if built["eval"].student is None:  # evaluate what this config's tune run saved
+        tuned = str(Path(built["tune"].run_dir) / MODEL_DIR)
+        built["eval"] = dataclasses.replace(built["eval"], student=tuned)
     return PipelineConfig(**built)

@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from stages.evaluate import EvalResult
 from stages.targets import Progress as TargetsProgress
 from stages.tune import StepReport as TuneStep
 from store.inspect import StoreInfo
@@ -93,6 +94,39 @@ def tune_progress() -> Iterator:
 
     with progress:
         yield update
+
+
+@contextmanager
+def batch_progress(label: str, enabled: bool = True) -> Iterator:
+    """A bar over batches; yields an on_batch(done, total) callback."""
+    progress = _progress(label, TextColumn("batch {task.completed:.0f}/{task.total:.0f}"))
+    progress.disable = progress.disable or not enabled
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def eval_table(result: EvalResult) -> Table:
+    table = Table(
+        title=f"held-out {result.split} text: {result.num_sequences} sequences, "
+        f"{result.num_tokens:,} tokens"
+    )
+    for column in ("model", "KL(teacher||model)/token", "perplexity", "top-1 = teacher"):
+        table.add_column(column, justify="right")
+    for score in result.scores.values():
+        table.add_row(
+            score.name,
+            f"{score.kl:.4f}",
+            f"{score.perplexity:.3f}",
+            f"{score.top1_agreement:.1%}",
+        )
+    if result.gap_closed is not None:
+        table.caption = f"tuning closed {result.gap_closed:.1%} of the RTN student's KL gap"
+    return table
 
 
 def config_table(config) -> Table:

@@ -22,7 +22,12 @@ from stages.errors import DataError
 
 DEFAULT_DATA = "default"
 DEFAULT_DATA_DIR = Path("artifacts/data/pydoc")
-DEFAULT_VALID_EVERY = 10  # every 10th pydoc topic (sorted by name) is held out for validation
+# Of the distinct pydoc topic texts (by name), every 10th is held out for validation and every
+# 10th from the 6th on for testing (`eval`): evaluation text is seen neither by tuning nor its
+# validation.
+HELD_OUT_EVERY = 10
+VALID_AT, TEST_AT = 0, 5
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,14 @@ class TokenSequences:
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    def rows(self, rows: Any) -> TokenSequences:
+        return TokenSequences(self.tokens[rows], self.lengths[rows], self.prompt_offsets[rows])
+
+    def loss_mask(self) -> np.ndarray:
+        """(n, max_seq_length - 1) bool: position p predicts token p+1 and counts when
+        prompt_offset <= p+1 < length."""
+        return loss_mask(self.lengths, self.prompt_offsets, self.tokens.shape[1] - 1)
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +65,12 @@ class DataSettings:
     mask_prompt: bool = False
 
 
+def loss_mask(lengths: np.ndarray, offsets: np.ndarray, positions: int) -> np.ndarray:
+    """Position p predicts token p+1: it counts when prompt_offset <= p+1 < length."""
+    target = np.arange(1, positions + 1)[None, :]
+    return (target >= offsets[:, None]) & (target < lengths[:, None])
+
+
 def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w") as f:
@@ -61,15 +80,18 @@ def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
 
 
 def ensure_default_data(out_dir: Path = DEFAULT_DATA_DIR) -> Path:
-    """Write the pydoc topics as mlx-lm text jsonl (train/valid); deterministic, so idempotent."""
+    """Write the pydoc topics as mlx-lm text jsonl (train/valid/test); deterministic."""
     from pydoc_data.topics import topics
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = [{"text": topics[name]} for name in sorted(topics)]
-    valid = records[::DEFAULT_VALID_EVERY]
-    train = [r for i, r in enumerate(records) if i % DEFAULT_VALID_EVERY]
-    write_jsonl_atomic(out_dir / "train.jsonl", train)
-    write_jsonl_atomic(out_dir / "valid.jsonl", valid)
+    split_of = {VALID_AT: "valid", TEST_AT: "test"}
+    records: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    # Several topic names share one text: each text goes to exactly one split.
+    texts = list(dict.fromkeys(topics[name] for name in sorted(topics)))
+    for i, text in enumerate(texts):
+        records[split_of.get(i % HELD_OUT_EVERY, "train")].append({"text": text})
+    for split, rows in records.items():
+        write_jsonl_atomic(out_dir / f"{split}.jsonl", rows)
     return out_dir
 
 
@@ -86,25 +108,25 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def load_records(source: str) -> tuple[list[Any] | Any, list[Any] | Any | None]:
-    """(train, valid) raw records; valid is None when the source has no validation split."""
+def load_records(source: str) -> dict[str, list[Any] | Any]:
+    """Raw records by split: always 'train', 'valid' and 'test' when the source has them."""
     if source == DEFAULT_DATA:
         source = str(ensure_default_data())
     path = Path(source).expanduser()
     if path.is_file():
-        return _read_jsonl(path), None
+        return {"train": _read_jsonl(path)}
     if path.is_dir():
-        train_path, valid_path = path / "train.jsonl", path / "valid.jsonl"
-        if not train_path.is_file():
+        if not (path / "train.jsonl").is_file():
             raise DataError(f"data folder {path} has no train.jsonl")
-        valid = _read_jsonl(valid_path) if valid_path.is_file() else None
-        return _read_jsonl(train_path), valid or None
+        found = {split: path / f"{split}.jsonl" for split in SPLITS}
+        splits = {split: _read_jsonl(p) for split, p in found.items() if p.is_file()}
+        return {split: rows for split, rows in splits.items() if split == "train" or rows}
     if source.startswith((".", "/", "~")) or source.endswith(".jsonl") or source.count("/") > 1:
         raise DataError(f"data path {source!r} does not exist")
     return _load_hub_records(source)
 
 
-def _load_hub_records(data_id: str) -> tuple[Any, Any | None]:
+def _load_hub_records(data_id: str) -> dict[str, Any]:
     try:
         import datasets
     except ImportError as exc:
@@ -118,8 +140,13 @@ def _load_hub_records(data_id: str) -> tuple[Any, Any | None]:
         raise DataError(f"cannot load Hugging Face dataset {data_id!r}: {exc}") from exc
     if "train" not in dataset:
         raise DataError(f"Hugging Face dataset {data_id!r} has no train split")
+    splits = {"train": dataset["train"]}
     valid = next((dataset[name] for name in ("valid", "validation") if name in dataset), None)
-    return dataset["train"], valid
+    if valid is not None:
+        splits["valid"] = valid
+    if "test" in dataset:
+        splits["test"] = dataset["test"]
+    return splits
 
 
 def _mlx_dataset(records: Any, tokenizer: Any, mask_prompt: bool) -> Any:
@@ -170,32 +197,49 @@ def _to_arrays(
     return TokenSequences(tokens=tokens, lengths=lengths, prompt_offsets=offsets)
 
 
+def _as_sequences(
+    rows: list[tuple[list[int], int]], count: int, seed: int, length: int, tokenizer: Any
+) -> TokenSequences:
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    return _to_arrays(_select(rows, count, seed), length, pad_id)
+
+
+def _train_and_valid_records(splits: dict[str, Any], settings: DataSettings) -> tuple[Any, Any]:
+    if "valid" in splits:
+        return splits["train"], splits["valid"]
+    return _hold_out(splits["train"], settings)
+
+
 def build_sequences(
     tokenizer: Any, settings: DataSettings
 ) -> tuple[TokenSequences, TokenSequences]:
     """Deterministic (train, valid) sequences for the same source, tokenizer and settings."""
-    train_records, valid_records = load_records(settings.source)
-    if valid_records is None:
-        train_records, valid_records = _hold_out(train_records, settings)
+    train_records, valid_records = _train_and_valid_records(load_records(settings.source), settings)
     train_rows = _tokenize(train_records, tokenizer, settings)
     valid_rows = _tokenize(valid_records, tokenizer, settings)
     _check_enough("train", train_rows, settings.num_samples, settings)
     _check_enough("valid", valid_rows, settings.num_valid_samples, settings)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    length = settings.max_seq_length
     return (
-        _to_arrays(
-            _select(train_rows, settings.num_samples, settings.seed),
-            settings.max_seq_length,
-            pad_id,
-        ),
-        _to_arrays(
-            _select(valid_rows, settings.num_valid_samples, settings.seed + 1),
-            settings.max_seq_length,
-            pad_id,
-        ),
+        _as_sequences(train_rows, settings.num_samples, settings.seed, length, tokenizer),
+        _as_sequences(valid_rows, settings.num_valid_samples, settings.seed + 1, length, tokenizer),
     )
+
+
+def build_held_out_sequences(
+    tokenizer: Any, settings: DataSettings, count: int
+) -> tuple[TokenSequences, str]:
+    """Sequences tuning never trained on: the source's test split, else its validation split
+    (which tuning saw only to pick its best checkpoint). Returns them and the split's name."""
+    splits = load_records(settings.source)
+    split = "test" if "test" in splits else "valid"
+    records = splits["test"] if split == "test" else _train_and_valid_records(splits, settings)[1]
+    rows = _tokenize(records, tokenizer, settings)
+    _check_enough(split, rows, count, settings)
+    length = settings.max_seq_length
+    return _as_sequences(rows, count, settings.seed + 2, length, tokenizer), split
 
 
 def _hold_out(records: Any, settings: DataSettings) -> tuple[list, list]:

@@ -7,7 +7,9 @@ mlx-lm model folder with a tokenizer rebuilt from the GGUF metadata.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -236,14 +238,39 @@ def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
     path = resolve_model_path(spec)
     if _looks_like_local_path(path) and not Path(path).is_dir():
         raise ModelError(f"model folder {path!r} does not exist")
+    if Path(path).is_dir() and not trust_remote_code:
+        _refuse_shipped_code(Path(path))
     try:
         model, tokenizer, config = load(
-            path, return_config=True, trust_remote_code=trust_remote_code
+            path,
+            return_config=True,
+            trust_remote_code=trust_remote_code,
+            tokenizer_config={"trust_remote_code": trust_remote_code},
         )
     except Exception as exc:  # mlx-lm raises many types for missing/odd models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {spec!r}: {first_line}") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=Path(path))
+
+
+def _refuse_shipped_code(folder: Path) -> None:
+    """A model folder can name Python files for its architecture or tokenizer; they run only
+    when the user says so."""
+    hooks = []
+    for name, keys in (
+        ("config.json", ("model_file", "auto_map")),
+        ("tokenizer_config.json", ("auto_map",)),
+    ):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        hooks += [f"{name}:{key}" for key in keys if isinstance(config, dict) and key in config]
+    if hooks:
+        raise ModelError(
+            f"model folder {folder} ships its own code ({', '.join(hooks)}); it runs only "
+            "with --trust-remote-code (tune/targets/eval) if you trust its source"
+        )
 
 
 def _looks_like_local_path(spec: str) -> bool:
@@ -317,7 +344,9 @@ def quantize_student(teacher: LoadedModel, bits: int, group_size: int) -> tuple[
     from mlx_lm.utils import quantize_model
 
     try:
-        return quantize_model(teacher.model, teacher.config, group_size=group_size, bits=bits)
+        # mlx-lm prints a bits-per-weight line to stdout, which must stay clean for --json.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return quantize_model(teacher.model, teacher.config, group_size=group_size, bits=bits)
     except ValueError as exc:
         raise ModelError(
             f"cannot quantize the teacher with bits={bits}, group_size={group_size}: {exc}"
@@ -350,6 +379,14 @@ class _DequantizedMatmul:
             bits=self.bits,
             mode=self.mode,
         )
+
+
+FAST_MATMUL = ("auto", "on", "off")
+
+
+def want_fast_matmul(setting_value: str) -> bool:
+    """`auto` means on for CPU, where dequantize + BLAS beats MLX's quantized_matmul."""
+    return setting_value == "on" or (setting_value == "auto" and mx.default_device() == mx.cpu)
 
 
 def use_dequantized_matmul(model: Any) -> int:

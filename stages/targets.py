@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +18,9 @@ from stages.models import (
     tokenizer_fingerprint,
 )
 from stages.settings import setting
-from store.layout import LOGIT_DTYPES, SplitShape, float32_to_bfloat16_bits
+from store.layout import LOGIT_DTYPES, SplitShape, float32_to_bfloat16_bits, sequences_digest
 from store.manifest import Manifest
-from store.writer import BackgroundWriter, open_store_for_writing
+from store.writer import BackgroundWriter, chunks_for_shard, open_store_for_writing
 
 SPLIT_ORDER = ("valid", "train")  # valid first: a short run already gives tune its validation set
 
@@ -114,11 +113,8 @@ class Progress:
     chunks_total: int
 
 
-def _digest_sequences(seqs: TokenSequences) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for values in (seqs.tokens, seqs.lengths, seqs.prompt_offsets):
-        digest.update(np.ascontiguousarray(values).tobytes())
-    return digest.hexdigest()
+def _as_arrays(seqs: TokenSequences) -> dict[str, np.ndarray]:
+    return {"tokens": seqs.tokens, "lengths": seqs.lengths, "prompt_offsets": seqs.prompt_offsets}
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:
@@ -183,7 +179,7 @@ def build_manifest(
         )
         for name, seqs in splits.items()
     }
-    data = {f"{name}_digest": _digest_sequences(seqs) for name, seqs in splits.items()}
+    data = {f"{name}_digest": sequences_digest(_as_arrays(seqs)) for name, seqs in splits.items()}
     return Manifest(
         teacher=teacher,
         tokenizer=tokenizer,
@@ -198,8 +194,11 @@ def compute_targets(
     shard: Shard = Shard(),
     overwrite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
+    on_repair: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Fill the store with this shard's missing chunks; returns the store's manifest."""
+    """Fill the store with this shard's missing chunks; returns the store's manifest.
+
+    Chunks an earlier run finished are re-verified first: damaged ones are computed again."""
     loaded = load_model(config.teacher, trust_remote_code=config.trust_remote_code)
     train, valid = build_sequences(loaded.tokenizer, config.data_settings())
     vocab_size = output_vocab_size(loaded)
@@ -212,11 +211,21 @@ def compute_targets(
         vocab_size,
         splits,
     )
-    as_arrays = {
-        name: {"tokens": s.tokens, "lengths": s.lengths, "prompt_offsets": s.prompt_offsets}
-        for name, s in splits.items()
-    }
+    as_arrays = {name: _as_arrays(seqs) for name, seqs in splits.items()}
     writer = open_store_for_writing(Path(config.store), manifest, as_arrays, overwrite=overwrite)
+    with writer.lock_shard(shard.index, shard.count):
+        mine = {
+            split: chunks_for_shard(shape.num_chunks, shard.index, shard.count)
+            for split, shape in writer.manifest.splits.items()
+        }
+        for repaired in writer.repair(as_arrays, mine):
+            if on_repair:
+                on_repair(repaired)
+        _compute_missing(writer, loaded.model, splits, shard, config, on_progress)
+    return writer.manifest
+
+
+def _compute_missing(writer, model, splits, shard: Shard, config: TargetsConfig, on_progress):
     todo = [
         (split, c)
         for split in SPLIT_ORDER
@@ -224,17 +233,16 @@ def compute_targets(
     ]
     total_tokens = sum(_chunk_tokens(writer.manifest, splits, s, c) for s, c in todo)
     done_tokens = 0
-    loaded.model.eval()
+    model.eval()
     with BackgroundWriter(writer, str(shard)) as background:
         for number, (split, chunk) in enumerate(todo, 1):
             start, stop = writer.manifest.splits[split].chunk_rows_range(chunk)
             background.submit(
-                split, chunk, _chunk_targets(loaded.model, splits[split], start, stop, config)
+                split, chunk, _chunk_targets(model, splits[split], start, stop, config)
             )
             done_tokens += _chunk_tokens(writer.manifest, splits, split, chunk)
             if on_progress:
                 on_progress(Progress(done_tokens, total_tokens, number, len(todo)))
-    return writer.manifest
 
 
 def _chunk_tokens(

@@ -10,7 +10,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,22 +20,25 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from stages.data import loss_mask
 from stages.errors import InvalidConfig, ModelError, StageError
 from stages.losses import LOSSES, NEEDS_TEACHER_LSE
 from stages.models import (
+    FAST_MATMUL,
     load_model,
     quantize_student,
     tokenizer_fingerprint,
     unfreeze_scales_and_biases,
     use_dequantized_matmul,
+    want_fast_matmul,
 )
 from stages.settings import setting
 from store.errors import StoreCorruptError
+from store.lock import hold_lock
 from store.manifest import write_json_atomic
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
-FAST_MATMUL = ("auto", "on", "off")
 
 
 @dataclass
@@ -151,6 +154,7 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
 
 
 def _check_store(reader: StoreReader, config: TuneConfig) -> None:
+    """Cheap checks before any model is loaded; each chunk's checksum is verified as it streams."""
     records = reader.records()
     for split, shape in reader.manifest.splits.items():
         missing = shape.num_chunks - len(records[split])
@@ -158,6 +162,13 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
             raise StoreCorruptError(
                 f"store {reader.path} is incomplete: {missing} of {shape.num_chunks} {split} "
                 "chunks missing; run `dwq-pipeline targets` with the same config to finish it"
+            )
+        absent = [c for c in range(shape.num_chunks) if reader.missing_chunk_files(split, c)]
+        if absent:
+            raise StoreCorruptError(
+                f"store {reader.path} lacks the files of {len(absent)} {split} chunks "
+                f"(first: {split}/{absent[0]}; an interrupted copy?); copy the store again or "
+                "re-run `dwq-pipeline targets` with the same config to repair it"
             )
     temperatures = reader.manifest.settings.get("lse_temperatures", [])
     if config.loss in NEEDS_TEACHER_LSE and config.temperature not in temperatures:
@@ -168,10 +179,6 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
         )
 
 
-def _want_fast_matmul(setting_value: str) -> bool:
-    return setting_value == "on" or (setting_value == "auto" and mx.default_device() == mx.cpu)
-
-
 def _batch_plan(num_rows: int, chunk_rows: int, config: TuneConfig, epoch: int) -> list[list[int]]:
     """Global batches of one epoch: chunks in a seeded order, rows of a chunk kept together."""
     num_chunks = -(-num_rows // chunk_rows)
@@ -179,12 +186,6 @@ def _batch_plan(num_rows: int, chunk_rows: int, config: TuneConfig, epoch: int) 
     rows = [r for c in order for r in range(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))]
     whole = len(rows) // config.batch_size * config.batch_size
     return [rows[i : i + config.batch_size] for i in range(0, whole, config.batch_size)]
-
-
-def _loss_mask(lengths: np.ndarray, offsets: np.ndarray, positions: int) -> np.ndarray:
-    """Position p predicts token p+1: it counts when prompt_offset <= p+1 < length."""
-    target = np.arange(1, positions + 1)[None, :]
-    return (target >= offsets[:, None]) & (target < lengths[:, None])
 
 
 def _schedule(config: TuneConfig, total_steps: int):
@@ -252,7 +253,7 @@ class _Trainer:
     def batch_inputs(self, split: str, rows: list[int], targets: dict[str, np.ndarray]):
         seqs = self.sequences[split]
         tokens = seqs["tokens"][rows]
-        mask = _loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], tokens.shape[1] - 1)
+        mask = loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], tokens.shape[1] - 1)
         lse = targets["logsumexp"][..., self.t_index] if self.t_index is not None else None
         return (
             mx.array(tokens[:, :-1]),
@@ -276,7 +277,7 @@ class _Trainer:
         seqs = self.sequences[split]
         rows = [r for batch in batches for r in batch]
         positions = seqs["tokens"].shape[1] - 1
-        mask = _loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], positions)
+        mask = loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], positions)
         return float(mask.sum())
 
     def step(self, params, optimizer, stream: Iterator, step: int) -> tuple[Any, float, float]:
@@ -319,9 +320,39 @@ def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
+SETTINGS_FILE = "tune_config.json"  # the settings of the run, for reports
+LOCK_FILE = "tune.lock"
 MODEL_DIR = "model"
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics log: one record per step (step 0 = validation before tuning)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise StageError(f"{run_dir} has no {METRICS_FILE}; is it a tune run_dir?")
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path} is not a metrics log ({exc.msg} at line {exc.lineno})") from exc
+
+
+def _writes_run_dir(function):
+    """A failed write (disk full, read-only, permissions) becomes one clear StageError."""
+
+    @functools.wraps(function)
+    def wrapper(run_dir: Path, *args, **kwargs):
+        try:
+            return function(run_dir, *args, **kwargs)
+        except OSError as exc:
+            raise StageError(
+                f"cannot write to {run_dir}: {exc.strerror or exc}; the last checkpoint there is "
+                "kept: fix the disk or permissions and re-run the same command to resume"
+            ) from exc
+
+    return wrapper
+
+
+@_writes_run_dir
 def _save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) -> None:
     """Write into checkpoint.partial, then swap: a crash leaves the previous checkpoint whole."""
     final = run_dir / CHECKPOINT_DIR
@@ -342,6 +373,9 @@ def _save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict)
 
 def _load_checkpoint(run_dir: Path, optimizer, resume_key: str):
     folder = run_dir / CHECKPOINT_DIR
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    if not folder.exists() and (old / "state.json").is_file():
+        os.replace(old, folder)  # a crash between the two renames of _save_checkpoint
     if not (folder / "state.json").is_file():
         return None
     state = json.loads((folder / "state.json").read_text())
@@ -356,13 +390,15 @@ def _load_checkpoint(run_dir: Path, optimizer, resume_key: str):
     return params, best, state
 
 
+@_writes_run_dir
 def _append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / METRICS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
+@_writes_run_dir
 def _trim_metrics(run_dir: Path, last_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the log reads as one run."""
+    """Drop lines logged after the checkpoint resumed from, so the log reads as one run."""
     path = run_dir / METRICS_FILE
     if path.exists():
         lines = path.read_text().splitlines()
@@ -383,6 +419,7 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+@_writes_run_dir
 def _save_model(run_dir: Path, student: _Student, params) -> Path:
     from mlx_lm.utils import save
 
@@ -417,7 +454,7 @@ def tune(
     student = _load_student(config, reader)
     if unfreeze_scales_and_biases(student.model) == 0:
         raise ModelError("the student has no affine-quantized layers below 8 bits: nothing to tune")
-    if _want_fast_matmul(config.fast_matmul):
+    if want_fast_matmul(config.fast_matmul):
         use_dequantized_matmul(student.model)
     trainer = _Trainer(config, reader, student)
     dist = trainer.dist
@@ -427,10 +464,38 @@ def tune(
         )
 
     run_dir = Path(config.run_dir)
-    if overwrite and dist.rank == 0:
+    _make_run_dir(run_dir)
+    lock = (
+        hold_lock(run_dir / LOCK_FILE, f"tune run {run_dir}") if dist.rank == 0 else nullcontext()
+    )
+    with lock:
+        if dist.rank == 0:
+            _start_run_dir(run_dir, config, clear=overwrite)
+        return _train(config, run_dir, reader, student, trainer, on_step)
+
+
+@_writes_run_dir
+def _make_run_dir(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+@_writes_run_dir
+def _start_run_dir(run_dir: Path, config: TuneConfig, clear: bool) -> None:
+    if clear:
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / SETTINGS_FILE, asdict(config))
+
+
+def _train(
+    config: TuneConfig,
+    run_dir: Path,
+    reader: StoreReader,
+    student: _Student,
+    trainer: _Trainer,
+    on_step: Callable[[StepReport], None] | None,
+) -> TuneResult:
+    dist = trainer.dist
 
     per_epoch = trainer.batches_per_epoch
     if per_epoch < config.grad_accumulation:
@@ -450,8 +515,8 @@ def tune(
     resumed = _load_checkpoint(run_dir, optimizer, config.resume_key())
     if resumed:
         params, best_params, state = resumed
-        if dist.rank == 0:
-            _trim_metrics(run_dir, state["step"])
+    if dist.rank == 0:  # lines logged after the last checkpoint (or with none) are redone
+        _trim_metrics(run_dir, state["step"] if resumed else -1)
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = state["best_val_loss"] = trainer.validate(params)
         _report(

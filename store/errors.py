@@ -9,6 +9,10 @@ class ManifestError(StoreError):
     """The manifest is missing, unreadable, from a newer schema, or does not match the store."""
 
 
+class ManifestUnreadable(ManifestError):
+    """manifest.json is absent or not JSON: a store half-copied or broken mid-write."""
+
+
 class StoreMismatchError(StoreError):
     """An existing store was made with other inputs or settings than the ones asked for."""
 

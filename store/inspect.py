@@ -43,7 +43,7 @@ def store_info(path: Path) -> StoreInfo:
     info = StoreInfo(path=Path(path), teacher=str(manifest.teacher.get("name", "?")), top_k=0)
     for split, shape in manifest.splits.items():
         info.top_k = shape.top_k
-        lengths = reader.root[split]["lengths"][...]
+        lengths = reader.sequences(split, verify=False)["lengths"]
         done_rows = sum(stop - start for start, stop in map(shape.chunk_rows_range, records[split]))
         specs = shape.array_specs()
         raw_bytes = sum(
@@ -74,6 +74,10 @@ def verify_store(path: Path) -> list[str]:
     records = reader.records()
     problems = []
     for split, shape in reader.manifest.splits.items():
+        try:
+            reader.sequences(split, verify=True)
+        except StoreCorruptError as exc:
+            problems.append(f"{split} tokens: {str(exc).split('; ')[0]}")
         for chunk in range(shape.num_chunks):
             if chunk not in records[split]:
                 problems.append(f"{split}/{chunk}: not complete")

@@ -22,6 +22,16 @@ TARGET_ARRAYS = ("topk_logits", "topk_indices", "logsumexp")
 LOGIT_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 
 
+def sequences_digest(sequences: dict[str, np.ndarray]) -> str:
+    """Digest of a split's sequence arrays, as recorded in the manifest's `data` section."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name in SEQUENCE_ARRAYS:
+        digest.update(np.ascontiguousarray(sequences[name]).tobytes())
+    return digest.hexdigest()
+
+
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """Round to nearest even, as MLX's astype(bfloat16) does, and keep the 16-bit pattern."""
     bits = values.astype(np.float32).view(np.uint32)

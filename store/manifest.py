@@ -7,13 +7,14 @@ one file; together they are the manifest's chunk table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.errors import ManifestError
+from store.errors import ManifestError, ManifestUnreadable
 from store.layout import LOGIT_DTYPES, SPLITS, SplitShape
 
 SCHEMA_VERSION = 1
@@ -76,6 +77,11 @@ class Manifest:
             raise ManifestError("manifest's array table does not match its split sizes")
         return manifest
 
+    def digest(self) -> str:
+        """Identity of the store's content; every chunk record carries it."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
     def differences(self, other: Manifest) -> list[str]:
         """Human-readable list of what differs in the inputs and settings that made the stores."""
         mine, theirs = self.to_dict(), other.to_dict()
@@ -126,6 +132,7 @@ class ChunkRecord:
     split: str
     chunk: int
     shard: str
+    manifest: str  # Manifest.digest() of the store it was written for
     checksums: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +145,7 @@ class ChunkRecord:
                 split=str(raw["split"]),
                 chunk=int(raw["chunk"]),
                 shard=str(raw["shard"]),
+                manifest=str(raw["manifest"]),
                 checksums={str(k): str(v) for k, v in raw["checksums"].items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -145,15 +153,23 @@ class ChunkRecord:
         return record
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write, fsync, then rename: a reader sees the old file or the whole new one."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(partial, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
+    with open(partial, "wb") as f:
+        f.write(payload)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
 def fsync_dir(path: Path) -> None:
@@ -167,12 +183,16 @@ def fsync_dir(path: Path) -> None:
 def read_manifest(store_path: Path) -> Manifest:
     path = store_path / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestError(f"{store_path} is not a dwq-pipeline store (no {MANIFEST_FILE})")
+        raise ManifestUnreadable(
+            f"{store_path} has no {MANIFEST_FILE}: not a dwq-pipeline store, or a partial copy "
+            "(copy it again, or re-run `dwq-pipeline targets` with its config to repair it)"
+        )
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(
-            f"{path} is unreadable ({exc}); the store must be recreated with `targets --overwrite`"
+        raise ManifestUnreadable(
+            f"{path} is unreadable ({type(exc).__name__}); re-run `dwq-pipeline targets` with "
+            "the store's config to repair it"
         ) from exc
     return Manifest.from_dict(raw)
 
@@ -192,7 +212,11 @@ def write_record(store_path: Path, record: ChunkRecord) -> None:
 
 
 def read_records(store_path: Path, manifest: Manifest) -> dict[str, dict[int, ChunkRecord]]:
-    """split -> chunk -> record, for every readable record within the manifest's chunk range."""
+    """split -> chunk -> record, for every readable record of this manifest's chunks.
+
+    A torn record, or one written for another manifest (a store rebuilt or mixed up by a copy),
+    does not count: its chunk is not done."""
+    identity = manifest.digest()
     out: dict[str, dict[int, ChunkRecord]] = {}
     for split, shape in manifest.splits.items():
         found: dict[int, ChunkRecord] = {}
@@ -202,7 +226,8 @@ def read_records(store_path: Path, manifest: Manifest) -> dict[str, dict[int, Ch
                 record = ChunkRecord.from_dict(json.loads(path.read_text()))
             except (json.JSONDecodeError, UnicodeDecodeError, ManifestError):
                 continue  # a torn record means the chunk is not done
-            if record.split == split and 0 <= record.chunk < shape.num_chunks:
+            in_range = record.split == split and 0 <= record.chunk < shape.num_chunks
+            if in_range and record.manifest == identity:
                 found[record.chunk] = record
         out[split] = found
     return out

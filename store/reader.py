@@ -11,7 +11,13 @@ import numpy as np
 import zarr
 
 from store.errors import StoreCorruptError, StoreError
-from store.layout import SEQUENCE_ARRAYS, TARGET_ARRAYS, bfloat16_bits_to_float32
+from store.layout import (
+    SEQUENCE_ARRAYS,
+    TARGET_ARRAYS,
+    bfloat16_bits_to_float32,
+    chunk_key,
+    sequences_digest,
+)
 from store.manifest import ChunkRecord, Manifest, read_manifest, read_records
 
 
@@ -26,7 +32,10 @@ class StoreReader:
                 zarr.storage.LocalStore(self.path, read_only=True), mode="r"
             )
         except Exception as exc:  # zarr raises several kinds for a broken group
-            raise StoreCorruptError(f"store {self.path} cannot be opened by zarr: {exc}") from exc
+            raise StoreCorruptError(
+                f"store {self.path} cannot be opened by zarr ({type(exc).__name__}); copy it "
+                "again or re-run `dwq-pipeline targets` with its config to repair it"
+            ) from exc
         self._records: dict[str, dict[int, ChunkRecord]] | None = None
 
     def records(self, refresh: bool = False) -> dict[str, dict[int, ChunkRecord]]:
@@ -34,14 +43,40 @@ class StoreReader:
             self._records = read_records(self.path, self.manifest)
         return self._records
 
-    def sequences(self, split: str) -> dict[str, np.ndarray]:
-        return {name: self.root[split][name][...] for name in SEQUENCE_ARRAYS}
+    def sequences(self, split: str, verify: bool = True) -> dict[str, np.ndarray]:
+        """A split's token rows, lengths and prompt offsets, checked against the manifest."""
+        try:
+            values = {name: self.root[split][name][...] for name in SEQUENCE_ARRAYS}
+        except Exception as exc:  # a truncated or garbled chunk fails in the codec
+            raise StoreCorruptError(
+                f"the {split} token arrays of {self.path} cannot be decoded; "
+                "re-run `dwq-pipeline targets` with the same config to repair them"
+            ) from exc
+        if verify and sequences_digest(values) != self.manifest.data.get(f"{split}_digest"):
+            raise StoreCorruptError(
+                f"the {split} token arrays of {self.path} differ from the manifest's digest; "
+                "re-run `dwq-pipeline targets` with the same config to repair them"
+            )
+        return values
+
+    def missing_chunk_files(self, split: str, chunk: int) -> list[str]:
+        """Chunk files that are absent, as after an interrupted copy."""
+        keys = [
+            chunk_key(split, name, chunk, self.root[split][name].ndim) for name in TARGET_ARRAYS
+        ]
+        return [key for key in keys if not (self.path / key).is_file()]
 
     def read_targets(self, split: str, chunk: int, verify: bool = True) -> dict[str, np.ndarray]:
         """A chunk's stored target arrays (logits in their stored dtype), checksum-verified."""
         from store.writer import array_checksum
 
         start, stop = self.manifest.splits[split].chunk_rows_range(chunk)
+        missing = self.missing_chunk_files(split, chunk) if verify else []
+        if missing:
+            raise StoreCorruptError(
+                f"chunk {split}/{chunk} has no {missing[0]} file (an interrupted copy?); "
+                "copy it again or re-run `dwq-pipeline targets` to recompute it"
+            )
         try:
             values = {name: self.root[split][name][start:stop] for name in TARGET_ARRAYS}
         except Exception as exc:  # a truncated or garbled chunk fails in the codec

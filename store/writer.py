@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store.errors import StoreError, StoreMismatchError
+from store.errors import ManifestUnreadable, StoreCorruptError, StoreError, StoreMismatchError
 from store.layout import SEQUENCE_ARRAYS, TARGET_ARRAYS, chunk_key, zarr_codec_args
+from store.lock import hold_lock
 from store.manifest import (
     MANIFEST_FILE,
     ChunkRecord,
@@ -26,9 +27,13 @@ from store.manifest import (
     fsync_dir,
     read_manifest,
     read_records,
+    record_path,
     write_manifest,
     write_record,
 )
+
+SCHEMA_ATTR = "dwq_pipeline_schema"
+LOCKS_DIR = "locks"
 
 
 def array_checksum(values: np.ndarray) -> str:
@@ -58,11 +63,26 @@ def _check_writable(path: Path) -> None:
 
 
 def _build_skeleton(path: Path, manifest: Manifest, sequences: dict[str, dict[str, np.ndarray]]):
-    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
-    root.attrs["dwq_pipeline_schema"] = manifest.schema_version
+    _create_arrays(
+        zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3), manifest, sequences
+    )
+    write_manifest(path, manifest)
+
+
+def _restore_skeleton(path: Path, manifest: Manifest) -> None:
+    """Recreate array metadata lost in a partial copy; chunk files already there stay valid,
+    and sequence arrays are checked and rewritten by `StoreWriter.repair`."""
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="a", zarr_format=3)
+    _create_arrays(root, manifest, None)
+
+
+def _create_arrays(root, manifest: Manifest, sequences: dict | None) -> None:
+    root.attrs[SCHEMA_ATTR] = manifest.schema_version
     for split, shape in manifest.splits.items():
-        group = root.create_group(split)
+        group = root.require_group(split)
         for name, spec in shape.array_specs().items():
+            if name in group:
+                continue
             array = group.create_array(
                 name,
                 shape=tuple(spec["shape"]),
@@ -71,9 +91,42 @@ def _build_skeleton(path: Path, manifest: Manifest, sequences: dict[str, dict[st
                 fill_value=0,
                 **zarr_codec_args(spec),
             )
-            if name in SEQUENCE_ARRAYS:
+            if name in SEQUENCE_ARRAYS and sequences is not None:
                 array[...] = sequences[split][name]
-    write_manifest(path, manifest)
+
+
+def _layout_matches(path: Path, manifest: Manifest) -> bool:
+    """Is `path` a store group whose arrays have exactly the layout `manifest` describes?"""
+    try:
+        root = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+        if SCHEMA_ATTR not in root.attrs:
+            return False
+        for split, shape in manifest.splits.items():
+            for name, spec in shape.array_specs().items():
+                array = root[split][name]
+                if (list(array.shape), list(array.chunks)) != (spec["shape"], spec["chunks"]):
+                    return False
+                if str(array.dtype) != spec["dtype"]:
+                    return False
+    except Exception:  # zarr raises several kinds for missing or broken metadata
+        return False
+    return True
+
+
+def _read_or_restore_manifest(path: Path, manifest: Manifest, repaired: list[str]) -> Manifest:
+    """The store's manifest; one lost or torn (partial copy, crash of a copy tool) is rewritten
+    from the config's when the arrays have its layout. Records of another manifest stay void."""
+    try:
+        return read_manifest(path)
+    except ManifestUnreadable:
+        if not _layout_matches(path, manifest):
+            raise StoreError(
+                f"{path} has no readable manifest and its arrays do not match this config; "
+                "pass --overwrite to rebuild it or choose another --store"
+            ) from None
+        write_manifest(path, manifest)
+        repaired.append(f"{MANIFEST_FILE} was missing or torn: rewritten from the config")
+        return read_manifest(path)
 
 
 def open_store_for_writing(
@@ -85,21 +138,26 @@ def open_store_for_writing(
     """Create the store, or reopen a matching one to resume; refuse one made differently."""
     path = Path(path)
     _check_writable(path)
-    if path.exists() and not (path / MANIFEST_FILE).is_file():
-        if any(path.iterdir()):
-            raise StoreError(
-                f"{path} exists and is not a dwq-pipeline store; choose another --store path"
-            )
+    if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
+    looks_like_store = (path / MANIFEST_FILE).is_file() or (path / "zarr.json").is_file()
+    if path.exists() and not looks_like_store:  # never replaced, even with --overwrite
+        raise StoreError(
+            f"{path} exists and is not a dwq-pipeline store; choose another --store path"
+        )
+    repaired: list[str] = []
     if path.exists() and not overwrite:
-        existing = read_manifest(path)
+        existing = _read_or_restore_manifest(path, manifest, repaired)
         differences = existing.differences(manifest)
         if differences:
             raise StoreMismatchError(
                 f"store {path} was made differently ({'; '.join(differences[:4])}); "
                 "pass --overwrite to replace it or choose another --store"
             )
-        return StoreWriter(path, existing)
+        if not _layout_matches(path, existing):
+            _restore_skeleton(path, existing)
+            repaired.append("array metadata was missing (a partial copy?): recreated")
+        return StoreWriter(path, existing, repaired)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -131,10 +189,50 @@ def _swap_into_place(partial: Path, path: Path, overwrite: bool) -> None:
 class StoreWriter:
     """Writes target chunks into an existing store."""
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, manifest: Manifest, repaired: list[str] | None = None):
         self.path = Path(path)
         self.manifest = manifest
         self.root = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r+")
+        self.repaired: list[str] = list(repaired or [])
+
+    def lock_shard(self, index: int, count: int):
+        """Held while a process computes shard index/count: a second one is refused."""
+        lock = self.path / LOCKS_DIR / f"shard-{index}-of-{count}.lock"
+        return hold_lock(lock, f"shard {index}/{count} of store {self.path}")
+
+    def repair(
+        self, sequences: dict[str, dict[str, np.ndarray]], chunks: dict[str, list[int]]
+    ) -> list[str]:
+        """Re-check what earlier runs left: token arrays are rewritten if damaged, and each of
+        `chunks` that is recorded done but fails to decode or verify is marked not done, so
+        that it is computed again. Returns what was repaired (with the manifest, if it was)."""
+        from store.reader import StoreReader
+
+        reader = StoreReader(self.path)
+        records = reader.records()
+        for split in self.manifest.splits:
+            try:
+                reader.sequences(split, verify=True)
+            except StoreCorruptError:
+                self._write_sequences(split, sequences[split])
+                self.repaired.append(f"{split} token arrays were damaged: rewritten")
+            for chunk in chunks.get(split, []):
+                if chunk not in records[split]:
+                    continue
+                try:
+                    reader.read_targets(split, chunk, verify=True)
+                except StoreCorruptError as exc:
+                    record_path(self.path, split, chunk).unlink(missing_ok=True)
+                    reason = str(exc).split(";")[0]
+                    self.repaired.append(f"{reason}: will be recomputed")
+        return self.repaired
+
+    def _write_sequences(self, split: str, values: dict[str, np.ndarray]) -> None:
+        for name in SEQUENCE_ARRAYS:
+            self.root[split][name][...] = values[name]
+            for file in (self.path / split / name).rglob("*"):
+                if file.is_file():
+                    _fsync_file(file)
 
     def done_chunks(self, split: str) -> set[int]:
         return set(read_records(self.path, self.manifest)[split])
@@ -166,17 +264,19 @@ class StoreWriter:
             group[name][start:stop] = values[name]
             self._fsync_chunk(split, name, chunk, group[name].ndim)
         checksums = {name: array_checksum(values[name]) for name in TARGET_ARRAYS}
-        write_record(
-            self.path, ChunkRecord(split=split, chunk=chunk, shard=shard, checksums=checksums)
-        )
+        record = ChunkRecord(split, chunk, shard, self.manifest.digest(), checksums)
+        write_record(self.path, record)
 
     def _fsync_chunk(self, split: str, name: str, chunk: int, ndim: int) -> None:
-        file = self.path / chunk_key(split, name, chunk, ndim)
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(self.path / chunk_key(split, name, chunk, ndim))
+
+
+def _fsync_file(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class BackgroundWriter:
@@ -229,7 +329,10 @@ class BackgroundWriter:
         if self.error is not None:
             error, self.error = self.error, None
             if isinstance(error, OSError):
-                raise StoreError(f"writing the store failed: {error.strerror or error}") from error
+                raise StoreError(
+                    f"writing the store failed: {error.strerror or error}; every chunk finished "
+                    "before is kept: fix the disk or permissions and re-run to resume"
+                ) from error
             raise error
 
     def __enter__(self) -> BackgroundWriter:

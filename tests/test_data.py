@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from stages.data import DataSettings, build_sequences, ensure_default_data
+from stages.data import (
+    DataSettings,
+    build_held_out_sequences,
+    build_sequences,
+    ensure_default_data,
+)
 from stages.errors import DataError
 from stages.models import load_model
 from tests.conftest import SENTENCES, write_jsonl
@@ -21,9 +26,14 @@ def settings(source, **kw) -> DataSettings:
 def test_default_data_is_pydoc_text_and_deterministic(tmp_path):
     first = ensure_default_data(tmp_path / "a")
     second = ensure_default_data(tmp_path / "b")
-    for name in ("train.jsonl", "valid.jsonl"):
-        assert (first / name).read_bytes() == (second / name).read_bytes()
+    texts = {}
+    for split in ("train", "valid", "test"):
+        assert (first / f"{split}.jsonl").read_bytes() == (second / f"{split}.jsonl").read_bytes()
+        texts[split] = {line for line in (first / f"{split}.jsonl").read_text().splitlines()}
+        assert texts[split]
     assert "Python" in (first / "train.jsonl").read_text()
+    assert not (texts["train"] & texts["valid"] or texts["train"] & texts["test"])
+    assert not texts["valid"] & texts["test"]
 
 
 def test_text_is_packed_into_full_windows_deterministically(tokenizer, text_data):
@@ -94,13 +104,43 @@ def test_hugging_face_dataset_path_on_local_files(tokenizer, text_data):
     pytest.importorskip("datasets")
     from stages.data import _load_hub_records, load_records
 
-    hub_train, hub_valid = _load_hub_records(str(text_data))
-    local_train, local_valid = load_records(str(text_data))
-    assert [r["text"] for r in hub_train] == [r["text"] for r in local_train]
-    assert [r["text"] for r in hub_valid] == [r["text"] for r in local_valid]
+    hub, local = _load_hub_records(str(text_data)), load_records(str(text_data))
+    assert set(hub) == set(local) == {"train", "valid"}
+    for split in hub:
+        assert [r["text"] for r in hub[split]] == [r["text"] for r in local[split]]
 
 
 def test_unknown_hub_id_is_one_clear_data_error(tokenizer):
     pytest.importorskip("datasets")
     with pytest.raises(DataError, match="cannot load Hugging Face dataset"):
         build_sequences(tokenizer, settings("no-such-org/no-such-dataset"))
+
+
+def _row_set(seqs) -> set[tuple[int, ...]]:
+    return {tuple(row) for row in seqs.tokens.tolist()}
+
+
+def test_held_out_sequences_come_from_the_test_split_when_there_is_one(tokenizer, text_data):
+    train, valid = build_sequences(tokenizer, settings(text_data))
+    held_out, split = build_held_out_sequences(tokenizer, settings(text_data), count=1)
+    assert split == "valid"  # no test.jsonl: the validation split is all that was held out
+    assert _row_set(held_out) <= _row_set(
+        build_sequences(tokenizer, settings(text_data, num_valid_samples=0))[1]
+    )
+
+    write_jsonl(text_data / "test.jsonl", [{"text": " ".join(SENTENCES[::2] * 3)}])
+    held_out, split = build_held_out_sequences(tokenizer, settings(text_data), count=2)
+    assert split == "test" and len(held_out) == 2
+    assert not _row_set(held_out) & (_row_set(train) | _row_set(valid))
+
+
+def test_loss_mask_counts_completion_positions_only():
+    from stages.data import TokenSequences
+
+    seqs = TokenSequences(
+        tokens=np.zeros((2, 6), np.int32),
+        lengths=np.array([6, 4], np.int32),
+        prompt_offsets=np.array([0, 2], np.int32),
+    )
+    # position p predicts token p+1; row 1 counts targets 2 and 3 only
+    assert seqs.loss_mask().tolist() == [[True] * 5, [False, True, True, False, False]]

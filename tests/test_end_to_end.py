@@ -9,7 +9,7 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.slow
-def test_targets_then_tune_on_the_default_teacher_via_the_console_script(tmp_path):
+def test_targets_tune_eval_report_on_the_default_teacher_via_the_console_script(tmp_path):
     store, run_dir = tmp_path / "tiny.zarr", tmp_path / "run"
     done = run_cli("targets", "--config", "configs/tiny.yaml", "--store", str(store))
     assert done.returncode == 0, done.stderr
@@ -37,3 +37,23 @@ def test_targets_then_tune_on_the_default_teacher_via_the_console_script(tmp_pat
     assert len(tokenizer.encode(generate(model, tokenizer, prompt, max_tokens=8))) > 0
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [0, 1, 2] and all("val_loss" in s for s in steps)
+
+    evaluated = run_cli(
+        "eval",
+        "-c",
+        "configs/tiny.yaml",
+        "--store",
+        str(store),
+        "--set",
+        f"eval.student={run_dir / 'model'}",
+        "--json",
+        f"--save={run_dir / 'eval.json'}",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    scores = json.loads(evaluated.stdout)
+    assert scores["split"] == "test" and scores["num_sequences"] == 4
+    assert scores["models"]["teacher"]["kl"] < 1e-6 < scores["models"]["rtn"]["kl"]
+    reported = run_cli("report", str(run_dir))
+    assert reported.returncode == 0, reported.stderr
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    assert "held-out test" in (run_dir / "report.md").read_text()

@@ -1,0 +1,144 @@
+"""`dwq-pipeline report RUN`: a tune run's metrics log as a summary and a PNG plot.
+
+Levels on the plot are in the run's own loss: the student before tuning (step 0 validation, the
+RTN level when the student was quantized from the teacher) and the teacher, whose loss against
+itself is 0. If `eval --save RUN/eval.json` was run, its full-vocabulary figures join the summary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from stages.tune import SETTINGS_FILE, read_metrics
+
+PLOT_FILE = "report.png"
+SUMMARY_FILE = "report.md"
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_dir: Path
+    loss: str
+    steps: int
+    total_steps: int
+    start_val_loss: float
+    best_val_loss: float
+    best_step: int
+    final_val_loss: float
+    tokens_per_s: float
+    peak_memory_gb: float
+    train: list[tuple[int, float]]
+    validation: list[tuple[int, float]]
+    evaluation: dict[str, Any] | None
+
+    @property
+    def val_reduction(self) -> float:
+        return 1.0 - self.best_val_loss / self.start_val_loss if self.start_val_loss else 0.0
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"run {self.run_dir}: {self.steps}/{self.total_steps} steps, loss {self.loss}",
+            f"validation {self.start_val_loss:.4f} (before tuning) -> {self.best_val_loss:.4f} "
+            f"(best, step {self.best_step}): -{self.val_reduction:.1%}; "
+            f"last {self.final_val_loss:.4f}",
+            f"training speed {self.tokens_per_s:,.1f} tokens/s, peak memory "
+            f"{self.peak_memory_gb:.2f} GB",
+        ]
+        if self.evaluation:
+            order = {"teacher": 0, "rtn": 1, "tuned": 2}
+            found = self.evaluation["models"]
+            models = {name: found[name] for name in sorted(found, key=lambda n: order.get(n, 3))}
+            lines.append(
+                f"held-out {self.evaluation['split']} ({self.evaluation['num_tokens']:,} tokens), "
+                "full-vocabulary KL(teacher||model) per token: "
+                + ", ".join(f"{name} {m['kl']:.4f}" for name, m in models.items())
+            )
+            lines.append(
+                "perplexity: " + ", ".join(f"{n} {m['perplexity']:.2f}" for n, m in models.items())
+            )
+            if self.evaluation.get("gap_closed") is not None:
+                lines.append(f"tuning closed {self.evaluation['gap_closed']:.1%} of RTN's KL gap")
+        return lines
+
+
+def summarize(run_dir: Path) -> RunSummary:
+    records = read_metrics(run_dir)
+    validation = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if not validation:
+        raise PipelineError(f"{run_dir}: the metrics log has no validation yet; nothing to report")
+    best_step, best = min(validation, key=lambda sv: sv[1])
+    last = records[-1]
+    settings = _read_json(run_dir / SETTINGS_FILE) or {}
+    return RunSummary(
+        run_dir=run_dir,
+        loss=f"{settings.get('loss', '?')} (T={settings.get('temperature', '?')})",
+        steps=last["step"],
+        total_steps=last["total_steps"],
+        start_val_loss=validation[0][1],
+        best_val_loss=best,
+        best_step=best_step,
+        final_val_loss=validation[-1][1],
+        tokens_per_s=last.get("tokens_per_s", 0.0),
+        peak_memory_gb=max(r.get("peak_memory_gb", 0.0) for r in records),
+        train=train,
+        validation=validation,
+        evaluation=_read_json(run_dir / EVAL_FILE),
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc.msg})") from exc
+
+
+def build_figure(summary: RunSummary):
+    """Train and validation loss against step, with the before-tuning and teacher levels."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5), dpi=120)
+    ax = figure.add_subplot()
+    if summary.train:
+        steps, losses = zip(*summary.train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.6, lw=1, label="train (per step)")
+    steps, losses = zip(*summary.validation, strict=True)
+    ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="validation")
+    ax.axhline(
+        summary.start_val_loss, color="tab:red", ls="--", label="before tuning (RTN student)"
+    )
+    ax.axhline(0.0, color="tab:green", ls=":", lw=2, label="teacher (loss 0)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"{summary.loss} per token (nats)")
+    ax.set_title(
+        f"{summary.run_dir.name}: validation -{summary.val_reduction:.0%} in {summary.steps} steps"
+    )
+    ax.set_ylim(bottom=-0.02 * summary.start_val_loss)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    figure.tight_layout()
+    return figure
+
+
+def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:
+    """Summary (also written as report.md) and the plot; plot is None without matplotlib."""
+    import io
+
+    from store.manifest import write_bytes_atomic, write_text_atomic
+
+    summary = summarize(run_dir)
+    write_text_atomic(run_dir / SUMMARY_FILE, "".join(f"- {line}\n" for line in summary.lines()))
+    try:
+        figure = build_figure(summary)
+    except ImportError:
+        return summary, None
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    write_bytes_atomic(run_dir / PLOT_FILE, png.getvalue())
+    return summary, run_dir / PLOT_FILE

@@ -1,0 +1,228 @@
+"""Evaluation: teacher, plain round-to-nearest student and tuned student on held-out text.
+
+Every number is over the full vocabulary (no top-k): KL(teacher || model) per token, perplexity,
+and how often the model's top-1 token is the teacher's. `gap_closed` is the share of the RTN
+student's KL that tuning removed (the teacher's own KL is 0 by definition).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from stages.data import DataSettings, TokenSequences, build_held_out_sequences
+from stages.errors import InvalidConfig, ModelError
+from stages.models import (
+    FAST_MATMUL,
+    load_model,
+    quantize_student,
+    tokenizer_fingerprint,
+    use_dequantized_matmul,
+    want_fast_matmul,
+)
+from stages.settings import setting
+from store.errors import StoreError
+from store.reader import StoreReader
+
+TEACHER, RTN, TUNED = "teacher", "rtn", "tuned"
+
+
+@dataclass
+class EvalConfig:
+    store: str = setting(
+        "artifacts/store/default.zarr", "target store: supplies teacher and data when unset"
+    )
+    student: str | None = setting(None, "the tuned student; unset = tune.run_dir's model/")
+    teacher: str | None = setting(None, "teacher model; unset = the one that made the store")
+    data: str | None = setting(None, "data source; unset = the one that made the store")
+    num_sequences: int = setting(16, "held-out sequences evaluated (0 = all)")
+    max_seq_length: int | None = setting(None, "tokens per sequence; unset = the store's")
+    batch_size: int = setting(4, "sequences per forward pass")
+    seed: int = setting(123, "seed for choosing the held-out sequences")
+    fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
+    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"eval.batch_size must be >= 1 (got {self.batch_size})")
+        if self.num_sequences < 0:
+            problems.append(f"eval.num_sequences must be >= 0 (got {self.num_sequences})")
+        if self.max_seq_length is not None and self.max_seq_length < 2:
+            problems.append(f"eval.max_seq_length must be >= 2 (got {self.max_seq_length})")
+        if self.fast_matmul not in FAST_MATMUL:
+            problems.append(f"eval.fast_matmul must be one of {', '.join(FAST_MATMUL)}")
+        if problems:
+            raise InvalidConfig(problems)
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    name: str
+    kl: float  # mean full-vocabulary KL(teacher || model) per token, nats
+    perplexity: float
+    top1_agreement: float  # share of positions whose argmax equals the teacher's
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    scores: dict[str, ModelScore]
+    split: str
+    num_sequences: int
+    num_tokens: int
+    seconds: float
+
+    @property
+    def gap_closed(self) -> float | None:
+        """Share of the RTN student's KL removed by tuning (1 = as good as the teacher)."""
+        if RTN not in self.scores or TUNED not in self.scores or self.scores[RTN].kl <= 0:
+            return None
+        return 1.0 - self.scores[TUNED].kl / self.scores[RTN].kl
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "num_sequences": self.num_sequences,
+            "num_tokens": self.num_tokens,
+            "seconds": round(self.seconds, 2),
+            "gap_closed": self.gap_closed,
+            "models": {name: vars(score) for name, score in self.scores.items()},
+        }
+
+
+class _Totals:
+    """Running sums for one model over the evaluated positions."""
+
+    def __init__(self) -> None:
+        self.kl = self.nll = self.agree = 0.0
+
+    def add(self, teacher_logprobs, logprobs, targets, teacher_top1, mask) -> None:
+        kl = (mx.exp(teacher_logprobs) * (teacher_logprobs - logprobs)).sum(axis=-1)
+        nll = -mx.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+        agree = (mx.argmax(logprobs, axis=-1) == teacher_top1).astype(mx.float32)
+        sums = [(values * mask).sum() for values in (kl, nll, agree)]
+        mx.eval(sums)
+        self.kl += sums[0].item()
+        self.nll += sums[1].item()
+        self.agree += sums[2].item()
+
+    def score(self, name: str, tokens: float) -> ModelScore:
+        return ModelScore(
+            name=name,
+            kl=self.kl / tokens,
+            perplexity=math.exp(self.nll / tokens),
+            top1_agreement=self.agree / tokens,
+        )
+
+
+def _log_softmax(model, tokens: mx.array) -> mx.array:
+    logits = model(tokens).astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def score_models(
+    teacher: Any,
+    students: dict[str, Any],
+    sequences: TokenSequences,
+    batch_size: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, ModelScore]:
+    """Scores of the teacher and each student on the same sequences, batch by batch."""
+    models = {TEACHER: teacher, **students}
+    totals = {name: _Totals() for name in models}
+    mask_all = sequences.loss_mask()
+    num_batches = -(-len(sequences) // batch_size)
+    for number, start in enumerate(range(0, len(sequences), batch_size), 1):
+        rows = sequences.tokens[start : start + batch_size]
+        inputs, targets = mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
+        mask = mx.array(mask_all[start : start + batch_size].astype(np.float32))
+        teacher_logprobs = _log_softmax(teacher, inputs)
+        teacher_top1 = mx.argmax(teacher_logprobs, axis=-1)
+        mx.eval(teacher_logprobs, teacher_top1)
+        for name, model in models.items():
+            logprobs = teacher_logprobs if model is teacher else _log_softmax(model, inputs)
+            totals[name].add(teacher_logprobs, logprobs, targets, teacher_top1, mask)
+        if on_batch:
+            on_batch(number, num_batches)
+    tokens = float(mask_all.sum())
+    return {name: total.score(name, tokens) for name, total in totals.items()}
+
+
+def _store_settings(config: EvalConfig) -> dict[str, Any]:
+    """What made the store, for the settings the user left unset; {} when all are set."""
+    if config.teacher and config.data and config.max_seq_length:
+        return {}
+    try:
+        return dict(StoreReader(Path(config.store)).manifest.settings)
+    except StoreError as exc:
+        raise StoreError(
+            f"{exc}; or give eval.teacher, eval.data and eval.max_seq_length explicitly"
+        ) from exc
+
+
+def _eval_data_settings(config: EvalConfig, made_with: dict[str, Any]) -> DataSettings:
+    return DataSettings(
+        source=config.data or made_with["data"],
+        max_seq_length=config.max_seq_length or made_with["max_seq_length"],
+        num_samples=0,
+        num_valid_samples=0,
+        valid_share=made_with.get("valid_share", 0.1),
+        seed=made_with.get("seed", config.seed),
+        mask_prompt=made_with.get("mask_prompt", False),
+    )
+
+
+def _prepare(model: Any, fast_matmul: str) -> Any:
+    model.eval()
+    if want_fast_matmul(fast_matmul):
+        use_dequantized_matmul(model)
+    return model
+
+
+def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Teacher, RTN student (the tuned student's bits and group size) and tuned student."""
+    import time
+
+    if not config.student:
+        raise InvalidConfig(["eval.student must name the tuned model to evaluate"])
+    made_with = _store_settings(config)
+    teacher_spec = config.teacher or made_with["teacher"]
+    tuned = load_model(config.student, trust_remote_code=config.trust_remote_code)
+    quantization = tuned.config.get("quantization")
+    if not quantization:
+        raise ModelError(f"student {config.student!r} is not quantized: nothing to compare")
+    teacher = load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
+    if tokenizer_fingerprint(teacher.tokenizer) != tokenizer_fingerprint(tuned.tokenizer):
+        raise ModelError(
+            "the student's tokenizer differs from the teacher's; they cannot be compared"
+        )
+    rtn_source = load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
+    rtn, _ = quantize_student(rtn_source, quantization["bits"], quantization["group_size"])
+
+    settings = _eval_data_settings(config, made_with)
+    sequences, split = build_held_out_sequences(teacher.tokenizer, settings, config.num_sequences)
+    tic = time.perf_counter()
+    students = {
+        RTN: _prepare(rtn, config.fast_matmul),
+        TUNED: _prepare(tuned.model, config.fast_matmul),
+    }
+    scores = score_models(
+        _prepare(teacher.model, config.fast_matmul),
+        students,
+        sequences,
+        config.batch_size,
+        on_batch,
+    )
+    return EvalResult(
+        scores=scores,
+        split=split,
+        num_sequences=len(sequences),
+        num_tokens=int(sequences.loss_mask().sum()),
+        seconds=time.perf_counter() - tic,
+    )

@@ -1,0 +1,354 @@
+"""Nothing lost: SIGKILLs, corruption, failing disks and concurrent processes, for both stages.
+
+Every scenario ends by comparing against a store or model from an uninterrupted run: same
+decoded arrays, same checksums, same weights.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+from stages.targets import compute_targets
+from stages.tune import tune
+from store.inspect import verify_store
+from store.manifest import record_path
+from store.reader import StoreReader
+from tests.conftest import ROOT, SENTENCES, cli_args, run_cli, start_cli, write_jsonl
+from tests.test_targets import assert_same_store
+
+runner = CliRunner()
+KILL_SEED = 20261127
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_teacher, tmp_path_factory) -> dict:
+    """Settings for a tiny store of many small chunks, and that store made without interruption."""
+    folder = tmp_path_factory.mktemp("reliability")
+    records = [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 12
+    write_jsonl(folder / "data" / "train.jsonl", records)
+    write_jsonl(folder / "data" / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 4)
+    overrides = {
+        "targets.teacher": str(tiny_teacher),
+        "targets.data": str(folder / "data"),
+        "targets.top_k": 32,
+        "targets.max_seq_length": 17,
+        "targets.num_samples": 64,
+        "targets.num_valid_samples": 4,
+        "targets.batch_size": 2,
+        "targets.chunk_size": 2,
+        "tune.group_size": 32,
+        "tune.batch_size": 4,
+        "tune.warmup_steps": 1,
+        "tune.val_every": 4,
+        "tune.checkpoint_every": 1,
+    }
+    reference = folder / "reference.zarr"
+    compute_targets(load_config(None, {**overrides, "store": str(reference)}).targets)
+    return {"overrides": overrides, "reference": reference, "folder": folder}
+
+
+def fresh_copy(workload: dict, tmp_path: Path) -> Path:
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(workload["reference"], copy)
+    return copy
+
+
+def count_records(store: Path) -> int:
+    return len(list((store / "records").glob("*/*.json"))) if store.exists() else 0
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
+    """SIGKILL `proc` once ready() holds; False if it had already finished by then."""
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    finished = proc.poll() is not None
+    proc.kill()
+    proc.communicate()
+    return not finished
+
+
+# ---- crashes ------------------------------------------------------------------------------------
+
+
+def test_targets_survives_sigkill_at_random_moments(workload, tmp_path):
+    store = tmp_path / "killed.zarr"
+    args = ["targets", "--store", str(store), *cli_args(workload["overrides"])]
+    total = sum(s.num_chunks for s in StoreReader(workload["reference"]).manifest.splits.values())
+    rng = np.random.default_rng(KILL_SEED)
+    # One kill during start-up, then at growing random chunk counts (plus a random delay).
+    moments = sorted(rng.choice(np.arange(1, total - 1), size=6, replace=False).tolist())
+    kills = 0
+    proc = start_cli(*args)
+    delay = rng.uniform(0.2, 1.0)
+    kills += kill_when(proc, lambda: time.sleep(delay) or True)
+    for moment in moments:
+        proc = start_cli(*args)
+        pause = rng.uniform(0, 0.01)
+        if kill_when(
+            proc, lambda m=moment, p=pause: count_records(store) >= m and not time.sleep(p)
+        ):
+            kills += 1
+            assert count_records(store) < total or verify_store(store) == []
+    assert kills >= 5, f"only {kills} kills landed before the run finished"
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert_same_store(workload["reference"], store)
+    assert verify_store(store) == []
+
+
+def saved_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+
+    return {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
+
+
+def metric_lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_tune_survives_sigkill_and_ends_with_identical_weights(workload, tmp_path):
+    settings = {**workload["overrides"], "store": str(workload["reference"]), "tune.epochs": 2}
+    whole = tune(load_config(None, {**settings, "tune.run_dir": str(tmp_path / "whole")}).tune)
+    run_dir = tmp_path / "killed"
+    args = ["tune", *cli_args({**settings, "tune.run_dir": str(run_dir)})]
+    rng = np.random.default_rng(KILL_SEED + 1)
+    kills = 0
+    for moment in sorted(rng.choice(np.arange(2, whole.steps - 1), size=3, replace=False)):
+        proc = start_cli(*args)
+        kills += kill_when(proc, lambda m=moment: metric_lines(run_dir) > m)
+    assert kills == 3
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    log = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log]
+    assert steps == list(range(whole.steps + 1))  # each step logged once: nothing done twice
+    a, b = saved_weights(whole.model_dir), saved_weights(run_dir / "model")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ---- corruption ---------------------------------------------------------------------------------
+
+
+def chunk_file(store: Path, split: str, array: str, chunk: int) -> Path:
+    return store / split / array / "c" / str(chunk) / "0" / "0"
+
+
+def record_stamps(store: Path) -> dict[str, int]:
+    return {str(p.relative_to(store)): p.stat().st_mtime_ns for p in store.glob("records/*/*")}
+
+
+def damage(store: Path) -> dict[str, str]:
+    """Four kinds of damage in one store; returns chunk -> what was done to it."""
+    truncated = chunk_file(store, "train", "topk_logits", 2)
+    truncated.write_bytes(truncated.read_bytes()[:20])
+    flipped = chunk_file(store, "valid", "topk_indices", 1)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    flipped.write_bytes(bytes(data))
+    chunk_file(store, "train", "logsumexp", 5).unlink()
+    record_path(store, "train", 9).unlink()  # its data is whole, its record lost
+    return {"train/2": "truncated", "valid/1": "flipped", "train/5": "missing", "train/9": "record"}
+
+
+def test_corruption_is_named_refused_by_tune_and_repaired_exactly(workload, tmp_path):
+    store = fresh_copy(workload, tmp_path)
+    before = record_stamps(store)
+    damaged = damage(store)
+
+    result = run_cli("store", "verify", str(store))
+    assert result.returncode == 1
+    for chunk in damaged:
+        assert f"{chunk}:" in result.stderr, (chunk, result.stderr)
+    assert "Traceback" not in result.stderr
+
+    tuned = run_cli("tune", "--store", str(store), "--run-dir", str(tmp_path / "run"))
+    assert tuned.returncode == 2 and "dwq-pipeline targets" in tuned.stderr
+    assert len(tuned.stderr.strip().splitlines()) == 1
+
+    time.sleep(0.01)  # so that a rewritten record shows a newer mtime
+    repaired = run_cli("targets", "--store", str(store), *cli_args(workload["overrides"]))
+    assert repaired.returncode == 0, repaired.stderr
+    after = record_stamps(store)
+    rewritten = {
+        key.split("/")[1] + "/" + str(int(Path(key).stem))
+        for key in after
+        if before.get(key) != after[key]
+    }
+    assert rewritten == set(damaged)  # exactly the damaged chunks were computed again
+    assert_same_store(workload["reference"], store)
+
+
+def test_torn_manifest_is_restored_and_nothing_recomputed(workload, tmp_path):
+    store = fresh_copy(workload, tmp_path)
+    manifest = store / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    before = record_stamps(store)
+    result = run_cli("store", "verify", str(store))
+    assert result.returncode == 2 and "manifest.json is unreadable" in result.stderr
+    tuned = run_cli("tune", "--store", str(store), "--run-dir", str(tmp_path / "run"))
+    assert tuned.returncode == 2 and "dwq-pipeline targets" in tuned.stderr
+    repaired = run_cli("targets", "--store", str(store), *cli_args(workload["overrides"]))
+    assert repaired.returncode == 0, repaired.stderr
+    assert "rewritten from the config" in repaired.stderr
+    assert record_stamps(store) == before
+    assert_same_store(workload["reference"], store)
+
+
+def test_half_copied_store_is_refused_then_completed(workload, tmp_path):
+    """A copy that stopped halfway through the files (in the order a copy tool walks them)."""
+    store = tmp_path / "half.zarr"
+    files = sorted(p for p in workload["reference"].rglob("*") if p.is_file())
+    for source in files[: len(files) // 2]:
+        target = store / source.relative_to(workload["reference"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    verify = run_cli("store", "verify", str(store))
+    assert verify.returncode != 0 and "Traceback" not in verify.stderr
+    tuned = run_cli("tune", "--store", str(store), "--run-dir", str(tmp_path / "run"))
+    assert tuned.returncode == 2 and "Traceback" not in tuned.stderr
+    done = run_cli("targets", "--store", str(store), *cli_args(workload["overrides"]))
+    assert done.returncode == 0, done.stderr
+    assert_same_store(workload["reference"], store)
+
+
+def test_damaged_token_arrays_are_detected_and_rewritten(workload, tmp_path):
+    store = fresh_copy(workload, tmp_path)
+    tokens = store / "train" / "tokens" / "c" / "0" / "0"
+    data = bytearray(tokens.read_bytes())
+    data[-3] ^= 0x01
+    tokens.write_bytes(bytes(data))
+    assert any(p.startswith("train tokens") for p in verify_store(store))
+    overrides = {**workload["overrides"], "store": str(store)}
+    assert run_cli("targets", *cli_args(overrides)).returncode == 0
+    assert verify_store(store) == []
+    assert_same_store(workload["reference"], store)
+
+
+# ---- failing writes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_failed_store_write_stops_cleanly_and_resumes(workload, tmp_path, monkeypatch, code):
+    import store.writer
+
+    store_path = tmp_path / "store.zarr"
+    real_write_record = store.writer.write_record
+    written = []
+
+    def failing_write_record(path, record):
+        if len(written) == 5:
+            raise OSError(code, os.strerror(code))
+        real_write_record(path, record)
+        written.append(record.chunk)
+
+    monkeypatch.setattr(store.writer, "write_record", failing_write_record)
+    args = ["targets", "--store", str(store_path), *cli_args(workload["overrides"])]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert os.strerror(code) in result.output and "re-run" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert count_records(store_path) == 5
+    assert verify_store(store_path).count("train/0: not complete") == 0  # valid runs first
+    monkeypatch.setattr(store.writer, "write_record", real_write_record)
+    assert runner.invoke(app, args).exit_code == 0
+    assert_same_store(workload["reference"], store_path)
+
+
+def test_failed_checkpoint_write_keeps_the_last_checkpoint(workload, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    import stages.tune
+
+    settings = {**workload["overrides"], "store": str(workload["reference"]), "tune.max_steps": 6}
+    whole = tune(load_config(None, {**settings, "tune.run_dir": str(tmp_path / "whole")}).tune)
+    real_save = mx.save_safetensors
+    saves = []
+
+    def save_until_disk_full(path, arrays):
+        if len(saves) >= 3 * 3:  # three checkpoints of three files each, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saves.append(path)
+        real_save(path, arrays)
+
+    monkeypatch.setattr(stages.tune.mx, "save_safetensors", save_until_disk_full)
+    run_dir = tmp_path / "full"
+    args = ["tune", *cli_args({**settings, "tune.run_dir": str(run_dir)})]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "No space left on device" in result.output and "resume" in result.output
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3
+    monkeypatch.setattr(stages.tune.mx, "save_safetensors", real_save)
+    assert runner.invoke(app, args).exit_code == 0
+    a, b = saved_weights(whole.model_dir), saved_weights(run_dir / "model")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ---- concurrency --------------------------------------------------------------------------------
+
+HOLDER = """
+import sys, time
+from store.lock import hold_lock
+with hold_lock(sys.argv[1], "test"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_in_other_process(lock: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_of_a_shard_is_refused_and_a_dead_ones_lock_taken_over(workload, tmp_path):
+    store = tmp_path / "store.zarr"
+    overrides = {**workload["overrides"], "store": str(store), "targets.num_samples": 8}
+    assert run_cli("targets", "--shard", "1/2", *cli_args(overrides)).returncode == 0
+    holder = hold_in_other_process(store / "locks" / "shard-0-of-2.lock")
+    try:
+        refused = run_cli("targets", "--shard", "0/2", *cli_args(overrides))
+        assert refused.returncode == 2
+        assert f"in use by process {holder.pid}" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        holder.kill()  # dies holding the lock: its lock file stays behind
+        holder.communicate()
+    assert (store / "locks" / "shard-0-of-2.lock").exists()
+    done = run_cli("targets", "--shard", "0/2", *cli_args(overrides))
+    assert done.returncode == 0, done.stderr
+    assert verify_store(store) == []
+
+
+def test_second_tune_into_the_same_run_dir_is_refused(workload, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    settings = {**workload["overrides"], "store": str(workload["reference"]), "tune.max_steps": 2}
+    args = ["tune", *cli_args({**settings, "tune.run_dir": str(run_dir)})]
+    holder = hold_in_other_process(run_dir / "tune.lock")
+    try:
+        refused = run_cli(*args)
+        assert refused.returncode == 2 and "in use by process" in refused.stderr
+        assert not (run_dir / "checkpoint").exists()
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert run_cli(*args).returncode == 0
+    assert (run_dir / "model" / "model.safetensors").is_file()
