@@ -19,7 +19,7 @@ from rich.console import Console
 
 from bench.common import Ratio, ratio_table
 
-SCRIPTS = ("bench.blas", "bench.targets", "bench.tune")
+SCRIPTS = ("bench.blas", "bench.targets", "bench.tune", "bench.remote")
 REPORT = Path("artifacts/bench/report.json")
 
 

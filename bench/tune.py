@@ -54,9 +54,9 @@ def tune_run(store: Path, run_dir: Path, **extra) -> float:
     return tokens_per_s(run_dir)
 
 
-def in_memory_stream(reader, split, batches, prefetch=2):
+def in_memory_stream(reader, split, batches, prefetch=2, wait_s=None):
     """Every batch decoded before the loop starts: the 'all targets in memory' baseline."""
-    decoded = list(stream_batches(reader, split, batches, prefetch))
+    decoded = list(stream_batches(reader, split, batches, prefetch, wait_s))
     yield from decoded
 
 

@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-store_app = typer.Typer(help="Inspect, verify and merge target stores.", no_args_is_help=True)
+store_app = typer.Typer(help="Inspect, verify, pack and merge target stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
 EXIT_BAD_INPUT = 2
@@ -31,6 +31,16 @@ SetOption = Annotated[
     typer.Option("--set", help="Override any config key: section.key=value (repeatable)."),
 ]
 StoreOption = Annotated[str | None, typer.Option(help="Target store path (overrides config).")]
+StorageOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        help="fsspec option for a URL store, key=value (repeatable), e.g. endpoint_url=...",
+    ),
+]
+StoreArgument = Annotated[
+    str, typer.Argument(help="Store: folder, .zip from `store pack`, or URL.")
+]
 TrustOption = Annotated[
     bool,
     typer.Option(
@@ -70,6 +80,12 @@ def _overrides(pairs: dict[str, object], sets: list[str] | None) -> dict[str, ob
     merged = dict(parse_override(text) for text in sets or [])
     merged.update({key: value for key, value in pairs.items() if value is not None})
     return merged
+
+
+def _storage_options(pairs: list[str] | None) -> dict | None:
+    from store.location import parse_storage_options
+
+    return parse_storage_options(pairs) or None
 
 
 def _parse_shard(text: str | None):
@@ -160,6 +176,7 @@ def tune(
         bool, typer.Option(help="Discard an earlier checkpoint in run-dir.")
     ] = False,
     trust_remote_code: TrustOption = False,
+    storage_option: StorageOption = None,
     set_: SetOption = None,
 ) -> None:
     """Tune the student's quantization scales and biases on the store's targets (resumable)."""
@@ -177,6 +194,7 @@ def tune(
                 "tune.learning_rate": learning_rate,
                 "tune.max_steps": max_steps,
                 "tune.trust_remote_code": trust_remote_code or None,
+                "storage_options": _storage_options(storage_option),
             },
             set_,
         ),
@@ -209,6 +227,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     save: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
     trust_remote_code: TrustOption = False,
+    storage_option: StorageOption = None,
     set_: SetOption = None,
 ) -> None:
     """Teacher vs plain RTN vs tuned student on held-out text: KL, perplexity, top-1 agreement."""
@@ -228,6 +247,7 @@ def evaluate(
                 "eval.data": data,
                 "eval.num_sequences": num_sequences,
                 "eval.trust_remote_code": trust_remote_code or None,
+                "storage_options": _storage_options(storage_option),
             },
             set_,
         ),
@@ -264,20 +284,20 @@ def report(
 
 @store_app.command("info")
 @guarded
-def store_info(store: Annotated[Path, typer.Argument(help="Store path.")]) -> None:
+def store_info(store: StoreArgument, storage_option: StorageOption = None) -> None:
     """Teacher, k, sequences, tokens, chunks done, bytes/token and compression ratio."""
     from store.inspect import store_info as collect
 
-    ui.out.print(ui.store_info_table(collect(store)))
+    ui.out.print(ui.store_info_table(collect(store, _storage_options(storage_option))))
 
 
 @store_app.command("verify")
 @guarded
-def store_verify(store: Annotated[Path, typer.Argument(help="Store path.")]) -> None:
+def store_verify(store: StoreArgument, storage_option: StorageOption = None) -> None:
     """Re-check every chunk against its checksum; exit 1 on any problem."""
     from store.inspect import verify_store
 
-    problems = verify_store(store)
+    problems = verify_store(store, _storage_options(storage_option))
     for problem in problems:
         ui.error(problem)
     if problems:
@@ -286,11 +306,27 @@ def store_verify(store: Annotated[Path, typer.Argument(help="Store path.")]) -> 
     ui.info(f"{store}: every chunk verified")
 
 
+@store_app.command("pack")
+@guarded
+def store_pack(
+    store: StoreArgument,
+    out: Annotated[Path, typer.Argument(help="The .zip file to write.")],
+    storage_option: StorageOption = None,
+) -> None:
+    """Pack a store into one zip file that tune, eval, info and verify read directly."""
+    from store.pack import pack_store
+
+    result = pack_store(store, out, _storage_options(storage_option))
+    ui.info(f"packed {result.files} files, {result.bytes / 1e6:.1f} MB into {result.path}")
+    if result.chunks_missing:
+        ui.warn(f"the store is incomplete: {result.chunks_missing} chunks are not in the zip")
+
+
 @store_app.command("merge")
 @guarded
 def store_merge(
     out: Annotated[Path, typer.Argument(help="Store to merge into (created if missing).")],
-    inputs: Annotated[list[Path], typer.Argument(help="Stores made with the same settings.")],
+    inputs: Annotated[list[str], typer.Argument(help="Stores made with the same settings.")],
 ) -> None:
     """Join shard stores computed on several machines into one."""
     from store.writer import merge_stores

@@ -22,7 +22,7 @@ from stages.targets import TargetsConfig
 from stages.tune import MODEL_DIR, TuneConfig
 
 SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig, "eval": EvalConfig}
-SHARED_KEYS = ("store",)
+SHARED_KEYS = ("store", "storage_options")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ def _type_ok(hint: Any, value: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     if hint is type(None):
         return value is None
     if hint is float:
@@ -126,7 +128,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> P
     for name, cls in SECTIONS.items():
         section = dict(raw.get(name) or {})
         for shared in SHARED_KEYS:
-            if shared in raw and shared not in section:
+            if shared in raw and shared not in section and shared in cls.__dataclass_fields__:
                 section[shared] = raw[shared]
         built[name] = build_section(name, cls, section, problems)
     if problems:

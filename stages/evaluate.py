@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -38,6 +37,7 @@ class EvalConfig:
     store: str = setting(
         "artifacts/store/default.zarr", "target store: supplies teacher and data when unset"
     )
+    storage_options: dict[str, Any] = setting({}, "fsspec options for a URL store")
     student: str | None = setting(None, "the tuned student; unset = tune.run_dir's model/")
     teacher: str | None = setting(None, "teacher model; unset = the one that made the store")
     data: str | None = setting(None, "data source; unset = the one that made the store")
@@ -159,7 +159,7 @@ def _store_settings(config: EvalConfig) -> dict[str, Any]:
     if config.teacher and config.data and config.max_seq_length:
         return {}
     try:
-        return dict(StoreReader(Path(config.store)).manifest.settings)
+        return dict(StoreReader(config.store, config.storage_options).manifest.settings)
     except StoreError as exc:
         raise StoreError(
             f"{exc}; or give eval.teacher, eval.data and eval.max_seq_length explicitly"

@@ -39,11 +39,18 @@ from store.manifest import write_json_atomic
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
+INCOMPLETE = ("refuse", "use", "wait")
 
 
 @dataclass
 class TuneConfig:
-    store: str = setting("artifacts/store/default.zarr", "target store written by `targets`")
+    store: str = setting(
+        "artifacts/store/default.zarr",
+        "target store from `targets`: a folder, a zip from `store pack`, or a URL (s3://, ...)",
+    )
+    storage_options: dict[str, Any] = setting(
+        {}, "fsspec options for a URL store (endpoint_url, anon, ...); credentials from the env"
+    )
     run_dir: str = setting("artifacts/runs/default", "checkpoints, metrics.jsonl and the model/")
     student: str | None = setting(
         None, "an already quantized mlx-lm model (folder or HF id); unset = quantize the teacher"
@@ -63,6 +70,12 @@ class TuneConfig:
     checkpoint_every: int = setting(20, "checkpoint every N steps (also on SIGINT/SIGTERM)")
     prefetch: int = setting(2, "batches decoded ahead of the training loop")
     seed: int = setting(123, "seed for the order of chunks in each epoch")
+    incomplete_store: str = setting(
+        "refuse",
+        "a store still being filled or copied: refuse; use (the training chunks done when the "
+        "run starts); wait (for each chunk as the loop needs it)",
+    )
+    wait_timeout_s: float = setting(3600.0, "with incomplete_store=wait: give up after this long")
     fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
     trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
 
@@ -86,12 +99,22 @@ class TuneConfig:
             problems.append(f"tune.schedule must be one of {', '.join(SCHEDULES)}")
         if self.fast_matmul not in FAST_MATMUL:
             problems.append(f"tune.fast_matmul must be one of {', '.join(FAST_MATMUL)}")
+        if self.incomplete_store not in INCOMPLETE:
+            problems.append(f"tune.incomplete_store must be one of {', '.join(INCOMPLETE)}")
+        if self.wait_timeout_s <= 0:
+            problems.append("tune.wait_timeout_s must be > 0")
         if problems:
             raise InvalidConfig(problems)
 
+    @property
+    def wait_s(self) -> float | None:
+        """How long the stream may wait for a chunk that is not there yet (None: never)."""
+        return self.wait_timeout_s if self.incomplete_store == "wait" else None
+
     def resume_key(self) -> str:
         """Settings that must match for a checkpoint to be resumed (not where things live)."""
-        skip = {"store", "run_dir", "prefetch", "val_every", "checkpoint_every", "fast_matmul"}
+        skip = {"store", "storage_options", "run_dir", "prefetch", "val_every"}
+        skip |= {"checkpoint_every", "fast_matmul", "incomplete_store", "wait_timeout_s"}
         kept = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.blake2b(
             json.dumps(kept, sort_keys=True).encode(), digest_size=16
@@ -158,12 +181,16 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
     records = reader.records()
     for split, shape in reader.manifest.splits.items():
         missing = shape.num_chunks - len(records[split])
-        if missing:
+        allowed = config.incomplete_store == "wait" or (
+            config.incomplete_store == "use" and split == "train" and records[split]
+        )
+        if missing and not allowed:
             raise StoreCorruptError(
                 f"store {reader.path} is incomplete: {missing} of {shape.num_chunks} {split} "
                 "chunks missing; run `dwq-pipeline targets` with the same config to finish it"
+                + (", or set tune.incomplete_store=use or wait" if split == "train" else "")
             )
-        absent = [c for c in range(shape.num_chunks) if reader.missing_chunk_files(split, c)]
+        absent = [c for c in records[split] if reader.missing_chunk_files(split, c)]
         if absent:
             raise StoreCorruptError(
                 f"store {reader.path} lacks the files of {len(absent)} {split} chunks "
@@ -179,10 +206,24 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
         )
 
 
-def _batch_plan(num_rows: int, chunk_rows: int, config: TuneConfig, epoch: int) -> list[list[int]]:
+def _train_chunks(reader: StoreReader, config: TuneConfig, run_dir: Path) -> list[int]:
+    """The training chunks this run uses: all, or with incomplete_store=use those done when the
+    run started (kept in the checkpoint, so a resumed run uses the same ones)."""
+    if config.incomplete_store != "use":
+        return list(range(reader.manifest.splits["train"].num_chunks))
+    saved = _checkpoint_state(run_dir)
+    if saved and "train_chunks" in saved:
+        return list(saved["train_chunks"])
+    return sorted(reader.records()["train"])
+
+
+def _batch_plan(
+    chunks: list[int], num_rows: int, chunk_rows: int, config: TuneConfig, epoch: int
+) -> list[list[int]]:
     """Global batches of one epoch: chunks in a seeded order, rows of a chunk kept together."""
-    num_chunks = -(-num_rows // chunk_rows)
-    order = np.random.default_rng([config.seed, epoch]).permutation(num_chunks)
+    order = [
+        chunks[i] for i in np.random.default_rng([config.seed, epoch]).permutation(len(chunks))
+    ]
     rows = [r for c in order for r in range(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))]
     whole = len(rows) // config.batch_size * config.batch_size
     return [rows[i : i + config.batch_size] for i in range(0, whole, config.batch_size)]
@@ -211,6 +252,11 @@ class _Distributed:
     def my_rows(self, rows: list[int]) -> list[int]:
         return rows[self.rank :: self.size]
 
+    def barrier(self) -> None:
+        """Every rank waits here for the others (e.g. until rank 0 has saved the model)."""
+        if self.size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
+
     def sum(self, value: Any) -> Any:
         if self.size == 1:
             return value
@@ -220,12 +266,15 @@ class _Distributed:
 class _Trainer:
     """What the loop is made of: batches, loss, one optimizer step, validation."""
 
-    def __init__(self, config: TuneConfig, reader: StoreReader, student: _Student):
+    def __init__(
+        self, config: TuneConfig, reader: StoreReader, student: _Student, train_chunks: list[int]
+    ):
         self.config = config
         self.reader = reader
         self.dist = _Distributed()
         self.model = student.model
         self.shape = reader.manifest.splits["train"]
+        self.train_chunks = train_chunks
         self.t_index = _temperature_index(reader, config)
         self.sequences = {split: reader.sequences(split) for split in reader.manifest.splits}
         self.loss_fn = LOSSES[config.loss]
@@ -237,7 +286,10 @@ class _Trainer:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one trainer per run, two epochs at most live
     def plan_of_epoch(self, epoch: int) -> list[list[int]]:
-        return _batch_plan(self.shape.num_sequences, self.shape.chunk_rows, self.config, epoch)
+        shape = self.shape
+        return _batch_plan(
+            self.train_chunks, shape.num_sequences, shape.chunk_rows, self.config, epoch
+        )
 
     def batches_of_step(self, step: int) -> list[list[int]]:
         first = (step - 1) * self.config.grad_accumulation
@@ -302,7 +354,9 @@ class _Trainer:
         rows = list(range(self.reader.manifest.splits["valid"].num_sequences))
         batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         mine = [rows for rows in map(self.dist.my_rows, batches) if rows]
-        stream = stream_batches(self.reader, "valid", mine, self.config.prefetch)
+        stream = stream_batches(
+            self.reader, "valid", mine, self.config.prefetch, wait_s=self.config.wait_s
+        )
         model_params, total = self.as_model_params(params), 0.0
         for my_rows, targets in zip(mine, stream, strict=True):
             inputs = self.batch_inputs("valid", my_rows, targets)
@@ -369,6 +423,11 @@ def _save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict)
         os.replace(final, old)
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_state(run_dir: Path) -> dict | None:
+    path = run_dir / CHECKPOINT_DIR / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _load_checkpoint(run_dir: Path, optimizer, resume_key: str):
@@ -449,21 +508,21 @@ def tune(
     on_step: Callable[[StepReport], None] | None = None,
 ) -> TuneResult:
     """Tune the student's scales and biases on the store's targets; save an mlx-lm model."""
-    reader = StoreReader(Path(config.store))
+    reader = StoreReader(config.store, config.storage_options)
     _check_store(reader, config)
     student = _load_student(config, reader)
     if unfreeze_scales_and_biases(student.model) == 0:
         raise ModelError("the student has no affine-quantized layers below 8 bits: nothing to tune")
     if want_fast_matmul(config.fast_matmul):
         use_dequantized_matmul(student.model)
-    trainer = _Trainer(config, reader, student)
+    run_dir = Path(config.run_dir)
+    trainer = _Trainer(config, reader, student, _train_chunks(reader, config, run_dir))
     dist = trainer.dist
     if config.batch_size % dist.size:
         raise StageError(
             f"tune.batch_size={config.batch_size} must divide by the {dist.size} ranks"
         )
 
-    run_dir = Path(config.run_dir)
     _make_run_dir(run_dir)
     lock = (
         hold_lock(run_dir / LOCK_FILE, f"tune run {run_dir}") if dist.rank == 0 else nullcontext()
@@ -511,6 +570,7 @@ def _train(
     optimizer.init(params)
 
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
+    state["train_chunks"] = trainer.train_chunks
     best_params = params
     resumed = _load_checkpoint(run_dir, optimizer, config.resume_key())
     if resumed:
@@ -531,7 +591,9 @@ def _train(
     steps = range(state["step"] + 1, total_steps + 1)
     # One stream for the whole run, so decoding runs ahead across step boundaries too.
     my_batches = [dist.my_rows(b) for step in steps for b in trainer.batches_of_step(step)]
-    prefetched = closing(stream_batches(reader, "train", my_batches, config.prefetch))
+    prefetched = closing(
+        stream_batches(reader, "train", my_batches, config.prefetch, wait_s=config.wait_s)
+    )
     with _stop_requests() as stop_requested, prefetched as batches:
         stream = zip(my_batches, batches, strict=True)
         train_seconds, tokens_done = 0.0, 0.0
@@ -565,6 +627,7 @@ def _train(
     model_dir = run_dir / MODEL_DIR
     if dist.rank == 0:
         model_dir = _save_model(run_dir, student, trainer.as_model_params(best_params))
+    dist.barrier()  # no rank exits (ending the launch) before the model is on disk
     warning = None
     if state["best_val_loss"] >= state["initial_val_loss"]:
         warning = (

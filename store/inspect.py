@@ -22,7 +22,7 @@ class SplitInfo:
 
 @dataclass
 class StoreInfo:
-    path: Path
+    path: str
     teacher: str
     top_k: int
     splits: dict[str, SplitInfo] = field(default_factory=dict)
@@ -32,15 +32,11 @@ class StoreInfo:
         return all(s.chunks_done == s.chunks_total for s in self.splits.values())
 
 
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
-def store_info(path: Path) -> StoreInfo:
-    reader = StoreReader(path)
+def store_info(path: str | Path, storage_options: dict | None = None) -> StoreInfo:
+    reader = StoreReader(path, storage_options)
     manifest = reader.manifest
     records = reader.records()
-    info = StoreInfo(path=Path(path), teacher=str(manifest.teacher.get("name", "?")), top_k=0)
+    info = StoreInfo(path=reader.path, teacher=str(manifest.teacher.get("name", "?")), top_k=0)
     for split, shape in manifest.splits.items():
         info.top_k = shape.top_k
         lengths = reader.sequences(split, verify=False)["lengths"]
@@ -50,7 +46,9 @@ def store_info(path: Path) -> StoreInfo:
             _itemsize(specs[name]["dtype"]) * done_rows * shape.positions * specs[name]["shape"][2]
             for name in TARGET_ARRAYS
         )
-        stored = sum(_folder_bytes(Path(path) / split / name) for name in TARGET_ARRAYS)
+        stored = sum(
+            sum(reader.location.keys_under(f"{split}/{name}").values()) for name in TARGET_ARRAYS
+        )
         info.splits[split] = SplitInfo(
             sequences=shape.num_sequences,
             tokens=int(lengths.sum()),
@@ -68,9 +66,9 @@ def _itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
-def verify_store(path: Path) -> list[str]:
+def verify_store(path: str | Path, storage_options: dict | None = None) -> list[str]:
     """Every problem found: chunks missing, undecodable or failing their checksums."""
-    reader = StoreReader(path)
+    reader = StoreReader(path, storage_options)
     records = reader.records()
     problems = []
     for split, shape in reader.manifest.splits.items():

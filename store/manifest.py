@@ -16,6 +16,7 @@ from typing import Any
 
 from store.errors import ManifestError, ManifestUnreadable
 from store.layout import LOGIT_DTYPES, SPLITS, SplitShape
+from store.location import StoreLocation
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -180,19 +181,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_manifest(store_path: Path) -> Manifest:
-    path = store_path / MANIFEST_FILE
-    if not path.is_file():
+def as_location(store: StoreLocation | Path | str) -> StoreLocation:
+    return store if isinstance(store, StoreLocation) else StoreLocation(store)
+
+
+def read_manifest(store: StoreLocation | Path | str) -> Manifest:
+    location = as_location(store)
+    raw_bytes = location.read_bytes(MANIFEST_FILE)
+    if raw_bytes is None:
         raise ManifestUnreadable(
-            f"{store_path} has no {MANIFEST_FILE}: not a dwq-pipeline store, or a partial copy "
+            f"{location} has no {MANIFEST_FILE}: not a dwq-pipeline store, or a partial copy "
             "(copy it again, or re-run `dwq-pipeline targets` with its config to repair it)"
         )
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(raw_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestUnreadable(
-            f"{path} is unreadable ({type(exc).__name__}); re-run `dwq-pipeline targets` with "
-            "the store's config to repair it"
+            f"{location}/{MANIFEST_FILE} is unreadable ({type(exc).__name__}); re-run "
+            "`dwq-pipeline targets` with the store's config to repair it"
         ) from exc
     return Manifest.from_dict(raw)
 
@@ -201,8 +207,12 @@ def write_manifest(store_path: Path, manifest: Manifest) -> None:
     write_json_atomic(store_path / MANIFEST_FILE, manifest.to_dict())
 
 
+def record_key(split: str, chunk: int) -> str:
+    return f"{RECORDS_DIR}/{split}/{chunk:08d}.json"
+
+
 def record_path(store_path: Path, split: str, chunk: int) -> Path:
-    return store_path / RECORDS_DIR / split / f"{chunk:08d}.json"
+    return store_path / record_key(split, chunk)
 
 
 def write_record(store_path: Path, record: ChunkRecord) -> None:
@@ -211,21 +221,26 @@ def write_record(store_path: Path, record: ChunkRecord) -> None:
     write_json_atomic(path, record.to_dict())
 
 
-def read_records(store_path: Path, manifest: Manifest) -> dict[str, dict[int, ChunkRecord]]:
+def read_records(
+    store: StoreLocation | Path | str, manifest: Manifest
+) -> dict[str, dict[int, ChunkRecord]]:
     """split -> chunk -> record, for every readable record of this manifest's chunks.
 
     A torn record, or one written for another manifest (a store rebuilt or mixed up by a copy),
     does not count: its chunk is not done."""
+    location = as_location(store)
     identity = manifest.digest()
     out: dict[str, dict[int, ChunkRecord]] = {}
     for split, shape in manifest.splits.items():
+        keys = sorted(
+            k for k in location.keys_under(f"{RECORDS_DIR}/{split}") if k.endswith(".json")
+        )
         found: dict[int, ChunkRecord] = {}
-        folder = store_path / RECORDS_DIR / split
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        for raw in location.read_many(keys).values():
             try:
-                record = ChunkRecord.from_dict(json.loads(path.read_text()))
-            except (json.JSONDecodeError, UnicodeDecodeError, ManifestError):
-                continue  # a torn record means the chunk is not done
+                record = ChunkRecord.from_dict(json.loads(raw))
+            except (TypeError, json.JSONDecodeError, UnicodeDecodeError, ManifestError):
+                continue  # a torn or vanished record means the chunk is not done
             in_range = record.split == split and 0 <= record.chunk < shape.num_chunks
             if in_range and record.manifest == identity:
                 found[record.chunk] = record

@@ -18,19 +18,23 @@ from store.layout import (
     chunk_key,
     sequences_digest,
 )
+from store.location import StoreLocation
 from store.manifest import ChunkRecord, Manifest, read_manifest, read_records
 
 
 class StoreReader:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        if not self.path.exists():
+    """A store's manifest, records, sequences and chunks, from a folder, a zip or a URL."""
+
+    def __init__(self, store: str | Path | StoreLocation, storage_options: dict | None = None):
+        self.location = (
+            store if isinstance(store, StoreLocation) else StoreLocation(store, storage_options)
+        )
+        self.path = str(self.location)
+        if not self.location.exists():
             raise StoreError(f"store {self.path} does not exist; run `dwq-pipeline targets` first")
-        self.manifest: Manifest = read_manifest(self.path)
+        self.manifest: Manifest = read_manifest(self.location)
         try:
-            self.root = zarr.open_group(
-                zarr.storage.LocalStore(self.path, read_only=True), mode="r"
-            )
+            self.root = zarr.open_group(self.location.zarr_store(), mode="r")
         except Exception as exc:  # zarr raises several kinds for a broken group
             raise StoreCorruptError(
                 f"store {self.path} cannot be opened by zarr ({type(exc).__name__}); copy it "
@@ -38,9 +42,47 @@ class StoreReader:
             ) from exc
         self._records: dict[str, dict[int, ChunkRecord]] | None = None
 
+    def read_targets_when_ready(
+        self, split: str, chunk: int, timeout_s: float, poll_s: float = 1.0
+    ) -> dict[str, np.ndarray]:
+        """Like read_targets, but for a store still being filled or copied: wait until the chunk
+        is recorded done and its files read back whole (a copy may bring them in any order)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._pick_up_record(split, chunk)
+            try:
+                return self.read_targets(split, chunk, verify=True)
+            except StoreCorruptError as exc:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"waited {timeout_s:.0f}s for chunk {split}/{chunk} of {self.path} "
+                        f"({str(exc).split(';')[0]}); is targets or the copy still running? "
+                        "re-run to resume"
+                    ) from exc
+            time.sleep(poll_s)
+
+    def _pick_up_record(self, split: str, chunk: int) -> None:
+        """Read one chunk's record if it arrived since the records were listed."""
+        import json
+
+        from store.errors import ManifestError
+        from store.manifest import record_key
+
+        if chunk in self.records()[split]:
+            return
+        raw = self.location.read_bytes(record_key(split, chunk))
+        try:
+            record = ChunkRecord.from_dict(json.loads(raw)) if raw is not None else None
+        except (ValueError, ManifestError):
+            return  # still being written
+        if record and record.manifest == self.manifest.digest():
+            self.records()[split][chunk] = record
+
     def records(self, refresh: bool = False) -> dict[str, dict[int, ChunkRecord]]:
         if self._records is None or refresh:
-            self._records = read_records(self.path, self.manifest)
+            self._records = read_records(self.location, self.manifest)
         return self._records
 
     def sequences(self, split: str, verify: bool = True) -> dict[str, np.ndarray]:
@@ -64,7 +106,7 @@ class StoreReader:
         keys = [
             chunk_key(split, name, chunk, self.root[split][name].ndim) for name in TARGET_ARRAYS
         ]
-        return [key for key in keys if not (self.path / key).is_file()]
+        return [key for key in keys if not self.location.exists(key)]
 
     def read_targets(self, split: str, chunk: int, verify: bool = True) -> dict[str, np.ndarray]:
         """A chunk's stored target arrays (logits in their stored dtype), checksum-verified."""
@@ -105,8 +147,8 @@ class StoreReader:
 class _ChunkCache:
     """The few most recently decoded chunks: a batch's rows may span two of them."""
 
-    def __init__(self, reader: StoreReader, split: str, size: int = 2):
-        self.reader, self.split, self.size = reader, split, size
+    def __init__(self, reader: StoreReader, split: str, size: int = 2, wait_s: float | None = None):
+        self.reader, self.split, self.size, self.wait_s = reader, split, size, wait_s
         self.chunks: dict[int, dict[str, np.ndarray]] = {}
 
     def rows(self, row_ids: list[int]) -> dict[str, np.ndarray]:
@@ -121,7 +163,10 @@ class _ChunkCache:
 
     def _get(self, chunk: int) -> dict[str, np.ndarray]:
         if chunk not in self.chunks:
-            values = self.reader.read_targets(self.split, chunk, verify=True)
+            if self.wait_s is None:
+                values = self.reader.read_targets(self.split, chunk, verify=True)
+            else:
+                values = self.reader.read_targets_when_ready(self.split, chunk, self.wait_s)
             values["topk_logits"] = self.reader.logits_as_float32(self.split, values["topk_logits"])
             values["topk_indices"] = values["topk_indices"].astype(np.int32)
             if len(self.chunks) >= self.size:
@@ -131,12 +176,17 @@ class _ChunkCache:
 
 
 def stream_batches(
-    reader: StoreReader, split: str, batches: list[list[int]], prefetch: int = 2
+    reader: StoreReader,
+    split: str,
+    batches: list[list[int]],
+    prefetch: int = 2,
+    wait_s: float | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield each batch's target arrays (float32 logits, int32 indices), rows in the given order.
 
     Chunks are read, checksum-verified and decoded on a background thread that stays at most
-    `prefetch` batches ahead, so memory is bounded whatever the store's size."""
+    `prefetch` batches ahead, so memory is bounded whatever the store's size. With `wait_s`, a
+    chunk not yet recorded done is waited for (up to wait_s seconds) instead of refused."""
     out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
 
@@ -151,7 +201,7 @@ def stream_batches(
         return False
 
     def produce() -> None:
-        cache = _ChunkCache(reader, split)
+        cache = _ChunkCache(reader, split, wait_s=wait_s)
         try:
             for rows in batches:
                 if not put(cache.rows(rows)):

@@ -19,6 +19,7 @@ import zarr
 
 from store.errors import ManifestUnreadable, StoreCorruptError, StoreError, StoreMismatchError
 from store.layout import SEQUENCE_ARRAYS, TARGET_ARRAYS, chunk_key, zarr_codec_args
+from store.location import is_url
 from store.lock import hold_lock
 from store.manifest import (
     MANIFEST_FILE,
@@ -136,6 +137,11 @@ def open_store_for_writing(
     overwrite: bool = False,
 ) -> StoreWriter:
     """Create the store, or reopen a matching one to resume; refuse one made differently."""
+    if is_url(str(path)) or str(path).endswith(".zip"):
+        raise StoreError(
+            f"targets writes to a local folder, not {path}: compute into a folder, then "
+            "`dwq-pipeline store pack` it or upload the folder where tune will read it"
+        )
     path = Path(path)
     _check_writable(path)
     if path.is_dir() and not any(path.iterdir()):
@@ -346,11 +352,11 @@ class BackgroundWriter:
             self.thread.join()
 
 
-def merge_stores(out_path: Path, inputs: Iterable[Path]) -> dict[str, int]:
+def merge_stores(out_path: Path, inputs: Iterable[str | Path]) -> dict[str, int]:
     """Copy done chunks from stores made with the same manifest into `out_path`."""
     from store.reader import StoreReader
 
-    readers = [StoreReader(Path(p)) for p in inputs]
+    readers = [StoreReader(p) for p in inputs]
     if not readers:
         raise StoreError("store merge needs at least one input store")
     base = readers[0]
@@ -364,7 +370,10 @@ def merge_stores(out_path: Path, inputs: Iterable[Path]) -> dict[str, int]:
     writer = open_store_for_writing(Path(out_path), base.manifest, sequences)
     copied = {split: 0 for split in base.manifest.splits}
     for reader in readers:
-        if reader.path.resolve() == writer.path.resolve():
+        if (
+            reader.location.local_path
+            and reader.location.local_path.resolve() == writer.path.resolve()
+        ):
             continue
         for split, records in reader.records().items():
             for chunk in sorted(set(records) - writer.done_chunks(split)):

@@ -91,16 +91,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def make_text_data(folder: Path, repeat: int = 4, valid: int = 2) -> Path:
+    """A folder in mlx-lm text format: train.jsonl (rotations of SENTENCES) and valid.jsonl."""
+    rotations = [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)]
+    write_jsonl(folder / "train.jsonl", rotations * repeat)
+    write_jsonl(folder / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * valid)
+    return folder
+
+
 @pytest.fixture
 def text_data(tmp_path) -> Path:
-    """A folder in mlx-lm text format with train/valid splits."""
-    folder = tmp_path / "data"
-    write_jsonl(
-        folder / "train.jsonl",
-        [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 4,
-    )
-    write_jsonl(folder / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 2)
-    return folder
+    return make_text_data(tmp_path / "data")
 
 
 @pytest.fixture

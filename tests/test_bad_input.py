@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from stages.models import load_model, quantize_student
 from stages.targets import compute_targets
 from stages.tune import tune
-from tests.conftest import SENTENCES, cli_args, make_tiny_model_folder, write_jsonl
+from tests.conftest import cli_args, make_text_data, make_tiny_model_folder
 
 runner = CliRunner()
 
@@ -29,11 +29,7 @@ def world(tiny_teacher, tmp_path_factory) -> dict:
     """A finished store and tune run (the things a mistake must not harm), plus odd inputs."""
     root = tmp_path_factory.mktemp("bad-input")
     data = root / "data"
-    write_jsonl(
-        data / "train.jsonl",
-        [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 4,
-    )
-    write_jsonl(data / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 2)
+    make_text_data(data)
     overrides = {
         "store": str(root / "store.zarr"),
         "targets.teacher": str(tiny_teacher),

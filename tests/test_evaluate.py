@@ -15,7 +15,7 @@ from stages.evaluate import RTN, TEACHER, TUNED, evaluate, score_models
 from stages.models import load_model, quantize_student
 from stages.targets import compute_targets
 from stages.tune import tune
-from tests.conftest import SENTENCES, cli_args, run_cli, write_jsonl
+from tests.conftest import SENTENCES, cli_args, make_text_data, run_cli, write_jsonl
 
 
 def numpy_scores(teacher_logits: np.ndarray, logits: np.ndarray, seqs: TokenSequences):
@@ -36,11 +36,7 @@ def eval_run(tiny_teacher, tmp_path_factory) -> dict:
     """Data with train/valid/test splits, a target store and a tuned 3-bit student."""
     folder = tmp_path_factory.mktemp("eval")
     data = folder / "data"
-    write_jsonl(
-        data / "train.jsonl",
-        [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 4,
-    )
-    write_jsonl(data / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 2)
+    make_text_data(data)
     write_jsonl(data / "test.jsonl", [{"text": " ".join(SENTENCES[1::2] + SENTENCES[::2])}] * 2)
     overrides = {
         "store": str(folder / "store.zarr"),

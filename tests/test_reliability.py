@@ -26,7 +26,7 @@ from stages.tune import tune
 from store.inspect import verify_store
 from store.manifest import record_path
 from store.reader import StoreReader
-from tests.conftest import ROOT, SENTENCES, cli_args, run_cli, start_cli, write_jsonl
+from tests.conftest import ROOT, cli_args, make_text_data, run_cli, start_cli
 from tests.test_targets import assert_same_store
 
 runner = CliRunner()
@@ -37,9 +37,7 @@ KILL_SEED = 20261127
 def workload(tiny_teacher, tmp_path_factory) -> dict:
     """Settings for a tiny store of many small chunks, and that store made without interruption."""
     folder = tmp_path_factory.mktemp("reliability")
-    records = [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 12
-    write_jsonl(folder / "data" / "train.jsonl", records)
-    write_jsonl(folder / "data" / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 4)
+    make_text_data(folder / "data", repeat=12, valid=4)
     overrides = {
         "targets.teacher": str(tiny_teacher),
         "targets.data": str(folder / "data"),

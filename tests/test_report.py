@@ -11,18 +11,14 @@ from pipeline.config import load_config
 from pipeline.report import PLOT_FILE, SUMMARY_FILE, build_figure, summarize
 from stages.targets import compute_targets
 from stages.tune import METRICS_FILE, tune
-from tests.conftest import run_cli
+from tests.conftest import make_text_data, run_cli
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_teacher, tmp_path_factory) -> Path:
-    from tests.conftest import SENTENCES, write_jsonl
 
     folder = tmp_path_factory.mktemp("report")
-    write_jsonl(
-        folder / "data" / "train.jsonl",
-        [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 4,
-    )
+    make_text_data(folder / "data")
     overrides = {
         "store": str(folder / "store.zarr"),
         "targets.teacher": str(tiny_teacher),

@@ -28,12 +28,9 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
-    from tests.conftest import SENTENCES, write_jsonl
+    from tests.conftest import make_text_data
 
-    folder = tmp_path_factory.mktemp("tune-data")
-    records = [{"text": " ".join(SENTENCES[i:] + SENTENCES[:i])} for i in range(6)] * 4
-    write_jsonl(folder / "train.jsonl", records)
-    write_jsonl(folder / "valid.jsonl", [{"text": " ".join(reversed(SENTENCES))}] * 2)
+    folder = make_text_data(tmp_path_factory.mktemp("tune-data"))
     store = folder / "store.zarr"
     overrides = {
         "targets.teacher": str(tiny_teacher),

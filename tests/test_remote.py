@@ -1,0 +1,219 @@
+"""Stores read from a zip (`store pack`), over HTTP and from S3 (moto's real server on
+127.0.0.1): verify, info and tune work on each, and tuning gives the same weights as from the
+folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from stages.targets import compute_targets
+from stages.tune import tune
+from store.inspect import store_info, verify_store
+from tests.conftest import BIN, cli_args, make_text_data, run_cli
+
+
+@pytest.fixture(scope="module")
+def made(tiny_teacher, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("remote")
+    make_text_data(folder / "data")
+    overrides = {
+        "store": str(folder / "served" / "store.zarr"),
+        "targets.teacher": str(tiny_teacher),
+        "targets.data": str(folder / "data"),
+        "targets.top_k": 16,
+        "targets.max_seq_length": 17,
+        "targets.num_samples": 12,
+        "targets.num_valid_samples": 2,
+        "targets.chunk_size": 3,
+        "tune.group_size": 32,
+        "tune.max_steps": 3,
+    }
+    config = load_config(None, overrides)
+    compute_targets(config.targets)
+    local = tune(load_config(None, {**overrides, "tune.run_dir": str(folder / "local")}).tune)
+    return {
+        "folder": folder,
+        "store": Path(config.targets.store),
+        "overrides": overrides,
+        "local_weights": weights(local.model_dir),
+    }
+
+
+def weights(model_dir: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
+
+
+def tune_from(made: dict, store: str, run_dir: Path, **storage_options) -> dict[str, np.ndarray]:
+    overrides = {**made["overrides"], "store": store, "tune.run_dir": str(run_dir)}
+    if storage_options:
+        overrides["storage_options"] = storage_options
+    return weights(tune(load_config(None, overrides).tune).model_dir)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+# ---- zip -------------------------------------------------------------------------------------
+
+
+def test_packed_store_verifies_and_tunes_like_the_folder(made, tmp_path):
+    packed = tmp_path / "store.zip"
+    done = run_cli("store", "pack", str(made["store"]), str(packed))
+    assert done.returncode == 0, done.stderr
+    assert verify_store(packed) == []
+    info = store_info(packed)
+    assert info.complete and info.splits["train"].sequences == 12
+    assert run_cli("store", "verify", str(packed)).returncode == 0
+    assert_same_weights(made["local_weights"], tune_from(made, str(packed), tmp_path / "run"))
+
+
+def test_a_damaged_member_of_a_packed_store_is_named(made, tmp_path):
+    packed = tmp_path / "store.zip"
+    assert run_cli("store", "pack", str(made["store"]), str(packed)).returncode == 0
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(packed) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "train/topk_logits/c/1/0/0":
+                data = (
+                    data[: len(data) // 2]
+                    + bytes([data[len(data) // 2] ^ 0x20])
+                    + data[len(data) // 2 + 1 :]
+                )
+            target.writestr(item, data)
+    problems = verify_store(damaged)
+    assert len(problems) == 1 and problems[0].startswith("train/1:")
+
+
+def test_targets_refuses_to_write_into_a_zip_or_url(made, tmp_path):
+    done = run_cli("targets", *cli_args({**made["overrides"], "store": str(tmp_path / "s.zip")}))
+    assert done.returncode == 2 and "writes to a local folder" in done.stderr
+
+
+# ---- http ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_server(made):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(made["store"].parent),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_store_served_over_http_verifies_and_tunes_like_the_folder(made, http_server, tmp_path):
+    url = f"{http_server}/store.zarr"
+    assert verify_store(url) == []
+    assert store_info(url).complete
+    assert_same_weights(made["local_weights"], tune_from(made, url, tmp_path / "run"))
+
+
+# ---- s3 (moto's standalone server) -----------------------------------------------------------
+
+
+@pytest.fixture
+def s3_store(made, monkeypatch):
+    pytest.importorskip("s3fs")
+    if not (BIN / "moto_server").exists():
+        pytest.skip("moto[server] is not installed")
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **credentials},
+    )
+    try:
+        wait_for_port(port)
+        import s3fs
+
+        endpoint = f"http://127.0.0.1:{port}"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        fs.mkdir("stores")
+        fs.put(str(made["store"]), "stores/store.zarr", recursive=True)
+        yield {"url": "s3://stores/store.zarr", "endpoint": endpoint}
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_store_on_s3_verifies_and_tunes_like_the_folder(made, s3_store, tmp_path):
+    options = {"endpoint_url": s3_store["endpoint"]}
+    assert verify_store(s3_store["url"], options) == []
+    assert_same_weights(
+        made["local_weights"], tune_from(made, s3_store["url"], tmp_path / "run", **options)
+    )
+    done = run_cli(
+        "store",
+        "verify",
+        s3_store["url"],
+        "--storage-option",
+        f"endpoint_url={s3_store['endpoint']}",
+    )
+    assert done.returncode == 0, done.stderr
+    missing = run_cli(
+        "store",
+        "info",
+        "s3://stores/nothing.zarr",
+        "--storage-option",
+        f"endpoint_url={s3_store['endpoint']}",
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_unknown_url_scheme_is_one_clear_line(tmp_path):
+    done = run_cli("store", "verify", "nosuch://bucket/store.zarr")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
