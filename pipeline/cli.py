@@ -123,6 +123,7 @@ def targets(
         bool, typer.Option(help="Replace a store made with other settings.")
     ] = False,
     trust_remote_code: TrustOption = False,
+    storage_option: StorageOption = None,
     set_: SetOption = None,
 ) -> None:
     """Run the teacher over the data and write its top-k logits into the store (resumable)."""
@@ -140,6 +141,7 @@ def targets(
                 "targets.num_samples": num_samples,
                 "targets.max_seq_length": max_seq_length,
                 "targets.trust_remote_code": trust_remote_code or None,
+                "storage_options": _storage_options(storage_option),
             },
             set_,
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +20,9 @@ from stages.models import (
 )
 from stages.settings import setting
 from store.layout import LOGIT_DTYPES, SplitShape, float32_to_bfloat16_bits, sequences_digest
+from store.location import is_url
 from store.manifest import Manifest
+from store.publish import Publisher, staging_path
 from store.writer import BackgroundWriter, chunks_for_shard, open_store_for_writing
 
 SPLIT_ORDER = ("valid", "train")  # valid first: a short run already gives tune its validation set
@@ -31,7 +34,14 @@ class TargetsConfig:
         "default", "teacher model: 'default' (embedded SmolLM2), a folder or HF id"
     )
     data: str = setting("default", "data: 'default' (pydoc text), a jsonl file, a folder or HF id")
-    store: str = setting("artifacts/store/default.zarr", "where the target store is written")
+    store: str = setting(
+        "artifacts/store/default.zarr",
+        "where the target store is written: a folder, or a URL (s3://...) uploaded chunk by chunk",
+    )
+    storage_options: dict[str, Any] = setting({}, "fsspec options for a URL store")
+    staging_dir: str = setting(
+        "artifacts/staging", "for a URL store: local folder where chunks are made before upload"
+    )
     top_k: int = setting(1024, "teacher logits kept per position (1 <= top_k <= vocabulary)")
     max_seq_length: int = setting(256, "tokens per sequence")
     num_samples: int = setting(256, "training sequences (0 = all the data gives)")
@@ -86,7 +96,7 @@ class TargetsConfig:
 
     def stored_settings(self) -> dict:
         """Settings that decide the store's content (not where it lives or who computes it)."""
-        skip = {"store", "trust_remote_code", "batch_size"}
+        skip = {"store", "storage_options", "staging_dir", "trust_remote_code", "batch_size"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -212,7 +222,9 @@ def compute_targets(
         splits,
     )
     as_arrays = {name: _as_arrays(seqs) for name, seqs in splits.items()}
-    writer = open_store_for_writing(Path(config.store), manifest, as_arrays, overwrite=overwrite)
+    remote = is_url(config.store)
+    local = staging_path(config.store, config.staging_dir) if remote else Path(config.store)
+    writer = open_store_for_writing(local, manifest, as_arrays, overwrite=overwrite)
     with writer.lock_shard(shard.index, shard.count):
         mine = {
             split: chunks_for_shard(shape.num_chunks, shard.index, shard.count)
@@ -221,20 +233,44 @@ def compute_targets(
         for repaired in writer.repair(as_arrays, mine):
             if on_repair:
                 on_repair(repaired)
-        _compute_missing(writer, loaded.model, splits, shard, config, on_progress)
+        publisher = Publisher(config.store, config.storage_options, writer) if remote else None
+        skip = _publish_finished(publisher, writer, mine) if publisher else set()
+        on_written = publisher.publish_chunk if publisher else None
+        _compute_missing(writer, loaded.model, splits, shard, config, on_progress, skip, on_written)
     return writer.manifest
 
 
-def _compute_missing(writer, model, splits, shard: Shard, config: TargetsConfig, on_progress):
+def _publish_finished(publisher: Publisher, writer, mine: dict[str, list[int]]) -> set:
+    """Upload chunks finished locally but not yet remotely; returns the chunks done remotely."""
+    done_remote = publisher.start()
+    for split, chunks in mine.items():
+        for chunk in sorted(writer.done_chunks(split) & set(chunks)):
+            if (split, chunk) not in done_remote:
+                publisher.publish_chunk(split, chunk)
+                done_remote.add((split, chunk))
+    return done_remote
+
+
+def _compute_missing(
+    writer,
+    model,
+    splits,
+    shard: Shard,
+    config: TargetsConfig,
+    on_progress,
+    skip=(),
+    on_written=None,
+):
     todo = [
         (split, c)
         for split in SPLIT_ORDER
         for c in writer.missing_chunks(split, shard.index, shard.count)
+        if (split, c) not in skip
     ]
     total_tokens = sum(_chunk_tokens(writer.manifest, splits, s, c) for s, c in todo)
     done_tokens = 0
     model.eval()
-    with BackgroundWriter(writer, str(shard)) as background:
+    with BackgroundWriter(writer, str(shard), on_written=on_written) as background:
         for number, (split, chunk) in enumerate(todo, 1):
             start, stop = writer.manifest.splits[split].chunk_rows_range(chunk)
             background.submit(

@@ -139,8 +139,8 @@ def open_store_for_writing(
     """Create the store, or reopen a matching one to resume; refuse one made differently."""
     if is_url(str(path)) or str(path).endswith(".zip"):
         raise StoreError(
-            f"targets writes to a local folder, not {path}: compute into a folder, then "
-            "`dwq-pipeline store pack` it or upload the folder where tune will read it"
+            f"targets writes to a local folder or an object-store URL, not {path}: compute "
+            "into a folder, then `dwq-pipeline store pack` it"
         )
     path = Path(path)
     _check_writable(path)

@@ -128,12 +128,38 @@ def cli_args(overrides: dict) -> list[str]:
     return [f"--set={key}={value}" for key, value in overrides.items()]
 
 
+def free_ports(count: int) -> int:
+    """A port p such that p .. p+count-1 are free on 127.0.0.1 now (for mlx.launch's ring)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count >= 65536:
+            continue
+        try:
+            sockets = []
+            for offset in range(count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", first + offset))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
 def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600):
     """The real console script in a subprocess; with ranks > 1 under `mlx.launch` (ring)."""
     import subprocess
 
     command = [str(BIN / "dwq-pipeline"), *args]
     if ranks > 1:
+        port = port or free_ports(ranks)
         launch = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(ranks)]
         command = [*launch, "--starting-port", str(port), "--", *command]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -245,8 +245,9 @@ def test_mlx_launch_ranks_become_shards(tiny_targets_overrides, tmp_path):
     compute_targets(single)
     shared = tmp_path / "launched.zarr"
     args = cli_args({k: v for k, v in tiny_targets_overrides.items() if k != "store"})
-    done = run_cli("targets", "--store", str(shared), *args, ranks=2, port=45931)
+    done = run_cli("targets", "--store", str(shared), *args, ranks=2)
     assert done.returncode == 0, done.stderr
+    assert "shard 0/2" in done.stderr and "shard 1/2" in done.stderr, done.stderr + done.stdout
     shards = {
         r.shard for records in StoreReader(shared).records().values() for r in records.values()
     }

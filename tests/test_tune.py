@@ -236,10 +236,9 @@ def test_two_ranks_match_one_process(tiny_store, tmp_path):
     single = tune(tune_config(tiny_store, tmp_path / "single", max_steps=4))
     args = cli_args({**TUNE_SETTINGS, "tune.max_steps": 4})
     run_dir = tmp_path / "ranks"
-    done = run_cli(
-        "tune", "--store", str(tiny_store), "--run-dir", str(run_dir), *args, ranks=2, port=46011
-    )
+    done = run_cli("tune", "--store", str(tiny_store), "--run-dir", str(run_dir), *args, ranks=2)
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("tuned 4 steps") == 2, done.stderr + done.stdout
     a, b = saved_weights(single.model_dir), saved_weights(run_dir / "model")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)

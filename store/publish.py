@@ -1,0 +1,79 @@
+"""Writing a store to object storage: `targets --store s3://...`.
+
+Chunks are computed into a local staging store (where fsync and atomic renames work), and each
+one is uploaded as soon as it is done: its array files first, its record last, so a reader never
+sees a record before its data. The remote store is the truth on resume: chunks recorded there
+are not computed again, even from another machine or with the staging folder gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from store.errors import StoreError, StoreMismatchError
+from store.layout import TARGET_ARRAYS, chunk_key
+from store.location import StoreLocation
+from store.manifest import (
+    MANIFEST_FILE,
+    RECORDS_DIR,
+    Manifest,
+    read_manifest,
+    read_records,
+    record_key,
+)
+from store.writer import LOCKS_DIR, StoreWriter
+
+
+def staging_path(url: str, staging_dir: str | Path) -> Path:
+    """The local folder a remote store is computed in (one per URL)."""
+    return Path(staging_dir) / f"{hashlib.blake2b(url.encode(), digest_size=8).hexdigest()}.zarr"
+
+
+class Publisher:
+    def __init__(self, url: str, storage_options: dict, writer: StoreWriter):
+        self.remote = StoreLocation(url, storage_options)
+        self.fs, self.root = self.remote.fs, self.remote.root_path
+        self.writer = writer
+
+    def _put(self, key: str) -> None:
+        try:
+            self.fs.put_file(str(self.writer.path / key), f"{self.root}/{key}")
+        except OSError as exc:
+            raise StoreError(
+                f"uploading {key} to {self.remote} failed: {exc}; chunks uploaded before are "
+                "kept, re-run to resume"
+            ) from exc
+
+    def start(self) -> set[tuple[str, int]]:
+        """Create the remote store (or check it matches); returns the chunks done there."""
+        manifest: Manifest = self.writer.manifest
+        if self.remote.exists(MANIFEST_FILE):
+            differences = read_manifest(self.remote).differences(manifest)
+            if differences:
+                raise StoreMismatchError(
+                    f"store {self.remote} was made differently ({'; '.join(differences[:4])}); "
+                    "choose another --store"
+                )
+        else:
+            self._publish_skeleton()
+        done = read_records(self.remote, manifest)
+        return {(split, chunk) for split, records in done.items() for chunk in records}
+
+    def _publish_skeleton(self) -> None:
+        """Everything but target chunks, records and locks; the manifest last."""
+        chunk_dirs = tuple(
+            f"{split}/{name}/c/" for split in ("train", "valid") for name in TARGET_ARRAYS
+        )
+        for path in sorted(self.writer.path.rglob("*")):
+            key = str(path.relative_to(self.writer.path))
+            skip = key.startswith((f"{RECORDS_DIR}/", f"{LOCKS_DIR}/", *chunk_dirs))
+            if path.is_file() and not skip and key != MANIFEST_FILE:
+                self._put(key)
+        self._put(MANIFEST_FILE)
+
+    def publish_chunk(self, split: str, chunk: int) -> None:
+        for name in TARGET_ARRAYS:
+            ndim = self.writer.root[split][name].ndim
+            self._put(chunk_key(split, name, chunk, ndim))
+        self._put(record_key(split, chunk))
