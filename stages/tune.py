@@ -206,12 +206,14 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
         )
 
 
-def _train_chunks(reader: StoreReader, config: TuneConfig, run_dir: Path) -> list[int]:
+def _train_chunks(
+    reader: StoreReader, config: TuneConfig, run_dir: Path, overwrite: bool
+) -> list[int]:
     """The training chunks this run uses: all, or with incomplete_store=use those done when the
     run started (kept in the checkpoint, so a resumed run uses the same ones)."""
     if config.incomplete_store != "use":
         return list(range(reader.manifest.splits["train"].num_chunks))
-    saved = _checkpoint_state(run_dir)
+    saved = None if overwrite else _checkpoint_state(run_dir)
     if saved and "train_chunks" in saved:
         return list(saved["train_chunks"])
     return sorted(reader.records()["train"])
@@ -426,18 +428,23 @@ def _save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict)
 
 
 def _checkpoint_state(run_dir: Path) -> dict | None:
-    path = run_dir / CHECKPOINT_DIR / "state.json"
+    """The last checkpoint's state.json, or None when there is no checkpoint."""
+    folder = run_dir / CHECKPOINT_DIR
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    if not folder.exists() and (old / "state.json").is_file():
+        try:  # a crash between the two renames of _save_checkpoint left only the old one
+            os.replace(old, folder)
+        except FileNotFoundError:  # another rank moved it first
+            pass
+    path = folder / "state.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _load_checkpoint(run_dir: Path, optimizer, resume_key: str):
-    folder = run_dir / CHECKPOINT_DIR
-    old = run_dir / f"{CHECKPOINT_DIR}.old"
-    if not folder.exists() and (old / "state.json").is_file():
-        os.replace(old, folder)  # a crash between the two renames of _save_checkpoint
-    if not (folder / "state.json").is_file():
+    state = _checkpoint_state(run_dir)
+    if state is None:
         return None
-    state = json.loads((folder / "state.json").read_text())
+    folder = run_dir / CHECKPOINT_DIR
     if state.get("resume_key") != resume_key:
         raise StageError(
             f"{run_dir} holds a checkpoint of a run with other settings or another store; "
@@ -516,7 +523,7 @@ def tune(
     if want_fast_matmul(config.fast_matmul):
         use_dequantized_matmul(student.model)
     run_dir = Path(config.run_dir)
-    trainer = _Trainer(config, reader, student, _train_chunks(reader, config, run_dir))
+    trainer = _Trainer(config, reader, student, _train_chunks(reader, config, run_dir, overwrite))
     dist = trainer.dist
     if config.batch_size % dist.size:
         raise StageError(
