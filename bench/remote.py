@@ -25,7 +25,7 @@ CREDENTIALS = {
 
 
 def start_moto(port: int) -> subprocess.Popen:
-    from tests.test_remote import wait_for_port
+    from tests.conftest import wait_for_port
 
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -39,10 +39,10 @@ def start_moto(port: int) -> subprocess.Popen:
 def main() -> None:
     import s3fs
 
-    from tests.test_remote import free_port
+    from tests.conftest import free_ports
 
     os.environ.update(CREDENTIALS)
-    port = free_port()
+    port = free_ports(1)
     server = start_moto(port)
     endpoint = f"http://127.0.0.1:{port}"
     try:

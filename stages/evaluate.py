@@ -8,6 +8,7 @@ student's KL that tuning removed (the teacher's own KL is 0 by definition).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -187,8 +188,6 @@ def _prepare(model: Any, fast_matmul: str) -> Any:
 
 def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
     """Teacher, RTN student (the tuned student's bits and group size) and tuned student."""
-    import time
-
     if not config.student:
         raise InvalidConfig(["eval.student must name the tuned model to evaluate"])
     made_with = _store_settings(config)

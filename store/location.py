@@ -2,7 +2,8 @@
 that fsspec reads (s3://, gs://, http(s)://, ...). All three show the same keys
 ('manifest.json', 'records/train/00000000.json', 'train/topk_logits/c/0/0/0', ...).
 
-Writing (targets, repair, merge) needs a local folder: it relies on fsync and atomic renames.
+Writing happens in a local folder (fsync, atomic renames); `targets` to a URL computes in a local
+staging folder and uploads each finished chunk (store/publish.py).
 """
 
 from __future__ import annotations

@@ -7,12 +7,15 @@ one file; together they are the manifest's chunk table.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from store.errors import ManifestError, ManifestUnreadable
 from store.layout import LOGIT_DTYPES, SPLITS, SplitShape
@@ -78,6 +81,7 @@ class Manifest:
             raise ManifestError("manifest's array table does not match its split sizes")
         return manifest
 
+    @functools.cached_property
     def digest(self) -> str:
         """Identity of the store's content; every chunk record carries it."""
         text = json.dumps(self.to_dict(), sort_keys=True)
@@ -126,6 +130,14 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
     return SplitShape(**raw)
 
 
+def array_checksum(values: np.ndarray) -> str:
+    """What a chunk record keeps per array: a digest of dtype, shape and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{values.dtype.str}{values.shape}".encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ChunkRecord:
     """One completed chunk: written only after its data is durable."""
@@ -162,7 +174,7 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -173,7 +185,8 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (making the renames in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -221,6 +234,17 @@ def write_record(store_path: Path, record: ChunkRecord) -> None:
     write_json_atomic(path, record.to_dict())
 
 
+def parse_record(raw: bytes | None, split: str, manifest: Manifest) -> ChunkRecord | None:
+    """The record in `raw` if it is whole, of `split`, in range and of this manifest; else None
+    (a torn or vanished record, or one written for another manifest: the chunk is not done)."""
+    try:
+        record = ChunkRecord.from_dict(json.loads(raw))
+    except (TypeError, json.JSONDecodeError, UnicodeDecodeError, ManifestError):
+        return None
+    in_range = record.split == split and 0 <= record.chunk < manifest.splits[split].num_chunks
+    return record if in_range and record.manifest == manifest.digest else None
+
+
 def read_records(
     store: StoreLocation | Path | str, manifest: Manifest
 ) -> dict[str, dict[int, ChunkRecord]]:
@@ -229,20 +253,15 @@ def read_records(
     A torn record, or one written for another manifest (a store rebuilt or mixed up by a copy),
     does not count: its chunk is not done."""
     location = as_location(store)
-    identity = manifest.digest()
     out: dict[str, dict[int, ChunkRecord]] = {}
-    for split, shape in manifest.splits.items():
+    for split in manifest.splits:
         keys = sorted(
             k for k in location.keys_under(f"{RECORDS_DIR}/{split}") if k.endswith(".json")
         )
         found: dict[int, ChunkRecord] = {}
         for raw in location.read_many(keys).values():
-            try:
-                record = ChunkRecord.from_dict(json.loads(raw))
-            except (TypeError, json.JSONDecodeError, UnicodeDecodeError, ManifestError):
-                continue  # a torn or vanished record means the chunk is not done
-            in_range = record.split == split and 0 <= record.chunk < shape.num_chunks
-            if in_range and record.manifest == identity:
+            record = parse_record(raw, split, manifest)
+            if record is not None:
                 found[record.chunk] = record
         out[split] = found
     return out

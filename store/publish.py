@@ -62,9 +62,8 @@ class Publisher:
 
     def _publish_skeleton(self) -> None:
         """Everything but target chunks, records and locks; the manifest last."""
-        chunk_dirs = tuple(
-            f"{split}/{name}/c/" for split in ("train", "valid") for name in TARGET_ARRAYS
-        )
+        splits = self.writer.manifest.splits
+        chunk_dirs = tuple(f"{split}/{name}/c/" for split in splits for name in TARGET_ARRAYS)
         for path in sorted(self.writer.path.rglob("*")):
             key = str(path.relative_to(self.writer.path))
             skip = key.startswith((f"{RECORDS_DIR}/", f"{LOCKS_DIR}/", *chunk_dirs))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from store.layout import (
     sequences_digest,
 )
 from store.location import StoreLocation
-from store.manifest import ChunkRecord, Manifest, read_manifest, read_records
+from store.manifest import (
+    ChunkRecord,
+    Manifest,
+    array_checksum,
+    parse_record,
+    read_manifest,
+    read_records,
+    record_key,
+)
 
 
 class StoreReader:
@@ -47,8 +56,6 @@ class StoreReader:
     ) -> dict[str, np.ndarray]:
         """Like read_targets, but for a store still being filled or copied: wait until the chunk
         is recorded done and its files read back whole (a copy may bring them in any order)."""
-        import time
-
         deadline = time.monotonic() + timeout_s
         while True:
             self._pick_up_record(split, chunk)
@@ -65,19 +72,12 @@ class StoreReader:
 
     def _pick_up_record(self, split: str, chunk: int) -> None:
         """Read one chunk's record if it arrived since the records were listed."""
-        import json
-
-        from store.errors import ManifestError
-        from store.manifest import record_key
-
         if chunk in self.records()[split]:
             return
-        raw = self.location.read_bytes(record_key(split, chunk))
-        try:
-            record = ChunkRecord.from_dict(json.loads(raw)) if raw is not None else None
-        except (ValueError, ManifestError):
-            return  # still being written
-        if record and record.manifest == self.manifest.digest():
+        record = parse_record(
+            self.location.read_bytes(record_key(split, chunk)), split, self.manifest
+        )
+        if record is not None and record.chunk == chunk:
             self.records()[split][chunk] = record
 
     def records(self, refresh: bool = False) -> dict[str, dict[int, ChunkRecord]]:
@@ -110,18 +110,11 @@ class StoreReader:
 
     def read_targets(self, split: str, chunk: int, verify: bool = True) -> dict[str, np.ndarray]:
         """A chunk's stored target arrays (logits in their stored dtype), checksum-verified."""
-        from store.writer import array_checksum
-
         start, stop = self.manifest.splits[split].chunk_rows_range(chunk)
-        missing = self.missing_chunk_files(split, chunk) if verify else []
-        if missing:
-            raise StoreCorruptError(
-                f"chunk {split}/{chunk} has no {missing[0]} file (an interrupted copy?); "
-                "copy it again or re-run `dwq-pipeline targets` to recompute it"
-            )
         try:
             values = {name: self.root[split][name][start:stop] for name in TARGET_ARRAYS}
         except Exception as exc:  # a truncated or garbled chunk fails in the codec
+            self._raise_if_files_missing(split, chunk)
             raise StoreCorruptError(
                 f"chunk {split}/{chunk} cannot be decoded ({type(exc).__name__}); "
                 "re-run `dwq-pipeline targets` to recompute it"
@@ -132,11 +125,21 @@ class StoreReader:
                 raise StoreCorruptError(f"chunk {split}/{chunk} is not complete in {self.path}")
             for name, expected in record.checksums.items():
                 if array_checksum(values[name]) != expected:
+                    self._raise_if_files_missing(split, chunk)
                     raise StoreCorruptError(
                         f"chunk {split}/{chunk} {name} fails its checksum; "
                         "re-run `dwq-pipeline targets` to recompute it"
                     )
         return values
+
+    def _raise_if_files_missing(self, split: str, chunk: int) -> None:
+        """After a chunk failed: name a missing file (zarr reads one as zeros), if that is why."""
+        missing = self.missing_chunk_files(split, chunk)
+        if missing:
+            raise StoreCorruptError(
+                f"chunk {split}/{chunk} has no {missing[0]} file (an interrupted copy?); "
+                "copy it again or re-run `dwq-pipeline targets` to recompute it"
+            )
 
     def logits_as_float32(self, split: str, stored: np.ndarray) -> np.ndarray:
         if self.manifest.splits[split].logits_dtype == "bfloat16":

@@ -6,7 +6,6 @@ any moment leaves either a done chunk or one that the next run recomputes from s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import shutil
@@ -25,7 +24,8 @@ from store.manifest import (
     MANIFEST_FILE,
     ChunkRecord,
     Manifest,
-    fsync_dir,
+    array_checksum,
+    fsync_path,
     read_manifest,
     read_records,
     record_path,
@@ -35,13 +35,6 @@ from store.manifest import (
 
 SCHEMA_ATTR = "dwq_pipeline_schema"
 LOCKS_DIR = "locks"
-
-
-def array_checksum(values: np.ndarray) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{values.dtype.str}{values.shape}".encode())
-    digest.update(np.ascontiguousarray(values).tobytes())
-    return digest.hexdigest()
 
 
 def sort_topk_by_index(logits: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +182,7 @@ def _swap_into_place(partial: Path, path: Path, overwrite: bool) -> None:
         shutil.rmtree(partial, ignore_errors=True)
         if not (path / MANIFEST_FILE).is_file():
             raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class StoreWriter:
@@ -238,7 +231,7 @@ class StoreWriter:
             self.root[split][name][...] = values[name]
             for file in (self.path / split / name).rglob("*"):
                 if file.is_file():
-                    _fsync_file(file)
+                    fsync_path(file)
 
     def done_chunks(self, split: str) -> set[int]:
         return set(read_records(self.path, self.manifest)[split])
@@ -270,19 +263,11 @@ class StoreWriter:
             group[name][start:stop] = values[name]
             self._fsync_chunk(split, name, chunk, group[name].ndim)
         checksums = {name: array_checksum(values[name]) for name in TARGET_ARRAYS}
-        record = ChunkRecord(split, chunk, shard, self.manifest.digest(), checksums)
+        record = ChunkRecord(split, chunk, shard, self.manifest.digest, checksums)
         write_record(self.path, record)
 
     def _fsync_chunk(self, split: str, name: str, chunk: int, ndim: int) -> None:
-        _fsync_file(self.path / chunk_key(split, name, chunk, ndim))
-
-
-def _fsync_file(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(self.path / chunk_key(split, name, chunk, ndim))
 
 
 class BackgroundWriter:

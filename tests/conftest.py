@@ -153,6 +153,20 @@ def free_ports(count: int) -> int:
     raise RuntimeError("no free port range")
 
 
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    """Block until something listens on 127.0.0.1:port (a server a test started)."""
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
 def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600):
     """The real console script in a subprocess; with ranks > 1 under `mlx.launch` (ring)."""
     import subprocess

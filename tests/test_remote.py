@@ -5,7 +5,6 @@ folder."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pipeline.config import load_config
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.inspect import store_info, verify_store
-from tests.conftest import BIN, cli_args, make_text_data, run_cli
+from tests.conftest import BIN, cli_args, free_ports, make_text_data, run_cli, wait_for_port
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +64,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
 # ---- zip -------------------------------------------------------------------------------------
 
 
@@ -123,7 +106,7 @@ def test_targets_refuses_to_write_into_a_zip(made, tmp_path):
 
 @pytest.fixture
 def http_server(made):
-    port = free_port()
+    port = free_ports(1)
     server = subprocess.Popen(
         [
             sys.executable,
@@ -168,7 +151,7 @@ def s3_store(made, monkeypatch):
     }
     for key, value in credentials.items():
         monkeypatch.setenv(key, value)
-    port = free_port()
+    port = free_ports(1)
     server = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
