@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from stages.evaluate import EvalResult
 from stages.targets import Progress as TargetsProgress
@@ -26,16 +29,29 @@ console = Console(stderr=True)
 out = Console()
 
 
+# Messages carry paths and values: printed as text, never parsed as rich markup.
 def error(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
-    console.print(message, highlight=False, soft_wrap=True)
+    console.print(escape(message), highlight=False, soft_wrap=True)
+
+
+class CountColumn(ProgressColumn):
+    """'done/total unit', with '?' for a total not known yet (a task starts with total None)."""
+
+    def __init__(self, prefix: str = "", unit: str = "") -> None:
+        super().__init__()
+        self.prefix, self.unit = prefix, unit
+
+    def render(self, task: Task) -> Text:
+        total = "?" if task.total is None else f"{task.total:,.0f}"
+        return Text(f"{self.prefix}{task.completed:,.0f}/{total}{self.unit}")
 
 
 def _progress(label: str, *columns) -> Progress:
@@ -47,7 +63,7 @@ def _progress(label: str, *columns) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not sys.stderr.isatty(),
+        disable=not console.is_terminal,
     )
 
 
@@ -57,7 +73,7 @@ def targets_progress() -> Iterator:
     progress = _progress(
         "targets",
         TaskProgressColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
+        CountColumn(unit=" tok"),
         TextColumn("{task.fields[rate]}"),
     )
     task = progress.add_task("targets", total=None, rate="")
@@ -76,7 +92,7 @@ def tune_progress() -> Iterator:
     """Loss, validation loss, tokens/s, ETA and memory; yields the stage's on_step callback."""
     progress = _progress(
         "tune",
-        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        CountColumn(prefix="step "),
         TextColumn("{task.fields[stats]}"),
     )
     task = progress.add_task("tune", total=None, stats="")
@@ -99,7 +115,7 @@ def tune_progress() -> Iterator:
 @contextmanager
 def batch_progress(label: str, enabled: bool = True) -> Iterator:
     """A bar over batches; yields an on_batch(done, total) callback."""
-    progress = _progress(label, TextColumn("batch {task.completed:.0f}/{task.total:.0f}"))
+    progress = _progress(label, CountColumn(prefix="batch "))
     progress.disable = progress.disable or not enabled
     task = progress.add_task(label, total=None)
 
@@ -138,13 +154,13 @@ def config_table(config) -> Table:
     for section in fields(config):
         stage_config = getattr(config, section.name)
         for f in fields(stage_config):
-            value = getattr(stage_config, f.name)
-            table.add_row(f"{section.name}.{f.name}", repr(value), f.metadata.get("help", ""))
+            value = escape(repr(getattr(stage_config, f.name)))
+            table.add_row(f"{section.name}.{f.name}", value, f.metadata.get("help", ""))
     return table
 
 
 def store_info_table(info: StoreInfo) -> Table:
-    table = Table(title=f"store {info.path}", show_header=True)
+    table = Table(title=f"store {escape(str(info.path))}", show_header=True)
     for column in (
         "split",
         "sequences",
@@ -167,7 +183,7 @@ def store_info_table(info: StoreInfo) -> Table:
             f"{per_token:,.0f}",
             f"{ratio:.2f}x",
         )
-    table.caption = f"teacher {info.teacher}, top-k {info.top_k}, " + (
+    table.caption = f"teacher {escape(str(info.teacher))}, top-k {info.top_k}, " + (
         "complete" if info.complete else "incomplete"
     )
     return table

@@ -1,0 +1,162 @@
+"""What a person sees at a terminal: every command's progress bars, tables and error line drawn
+for real, on a pseudo-terminal (the real console script) and on rich's forced terminal (each
+display callback fed the way the stages feed it, starting with totals not known yet)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import re
+import subprocess
+import time
+
+import pytest
+from rich.console import Console
+
+from pipeline import ui
+from stages.targets import Progress as TargetsProgress
+from stages.tune import StepReport
+from tests.conftest import BIN, ROOT, cli_args, make_text_data
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_in_terminal(*args: str, timeout: float = 600) -> tuple[int, str]:
+    """The console script with stdin, stdout and stderr on a pseudo-terminal; (exit code, screen
+    text without colour codes)."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "160", "LINES": "50", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [str(BIN / "dwq-pipeline"), *args],
+        cwd=ROOT,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        close_fds=True,
+    )
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(leader)
+    code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    return code, ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+
+
+@pytest.fixture(scope="module")
+def terminal_world(tiny_teacher, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("terminal")
+    overrides = {
+        "store": str(root / "store.zarr"),
+        "targets.teacher": str(tiny_teacher),
+        "targets.data": str(make_text_data(root / "data")),
+        "targets.top_k": 16,
+        "targets.max_seq_length": 17,
+        "targets.num_samples": 8,
+        "targets.num_valid_samples": 2,
+        "tune.run_dir": str(root / "run"),
+        "tune.group_size": 32,
+        "tune.max_steps": 2,
+        "tune.val_every": 1,
+        "eval.num_sequences": 2,
+    }
+    return {"root": root, "args": cli_args(overrides)}
+
+
+def assert_clean(code: int, screen: str) -> None:
+    assert code == 0, screen[-3000:]
+    assert "Traceback" not in screen and "error:" not in screen, screen[-3000:]
+
+
+def test_every_command_draws_on_a_real_terminal(terminal_world):
+    """targets -> tune -> eval -> store info -> report, each on a pseudo-terminal, as `make tune`
+    runs for a user; then a mistake, whose one error line is drawn on the same terminal."""
+    args, root = terminal_world["args"], terminal_world["root"]
+
+    code, screen = run_in_terminal("targets", *args)
+    assert_clean(code, screen)
+    assert re.search(r"targets .*100%.* [\d,]+/[\d,]+ tok", screen), screen[-2000:]
+    assert "tok/s" in screen and "targets done" in screen
+
+    code, screen = run_in_terminal("tune", *args)
+    assert_clean(code, screen)
+    assert re.search(r"tune .*step 2/2 +loss [\d.]+ +val [\d.]+", screen), screen[-2000:]
+    assert "tuned 2 steps" in screen
+
+    code, screen = run_in_terminal("eval", *args)
+    assert_clean(code, screen)
+    assert re.search(r"eval .*batch 1/1", screen), screen[-2000:]
+    for name in ("KL(teacher||model)/token", "teacher", "rtn", "tuned", "tuning closed"):
+        assert name in screen
+
+    code, screen = run_in_terminal("store", "info", str(root / "store.zarr"))
+    assert_clean(code, screen)
+    assert "bytes/token" in screen and "complete" in screen
+
+    code, screen = run_in_terminal("report", str(root / "run"))
+    assert code == 0 and "Traceback" not in screen, screen[-2000:]
+
+    code, screen = run_in_terminal("tune", *args, "--set=tune.loss=nonsense")
+    assert code == 2 and "Traceback" not in screen, screen
+    assert screen.count("error:") == 1 and "tune.loss must be one of" in screen
+
+
+@pytest.fixture
+def forced_terminal(monkeypatch) -> io.StringIO:
+    """ui's consoles replaced by rich terminals that write into a buffer."""
+    buffer = io.StringIO()
+    terminal = Console(file=buffer, force_terminal=True, width=120, color_system="truecolor")
+    monkeypatch.setattr(ui, "console", terminal)
+    monkeypatch.setattr(ui, "out", terminal)
+    return buffer
+
+
+def test_targets_bar_before_and_after_its_total_is_known(forced_terminal):
+    with ui.targets_progress() as update:
+        time.sleep(0.15)  # the live display refreshes while the total is still unknown
+        update(TargetsProgress(tokens_done=512, tokens_total=2048, chunks_done=1, chunks_total=4))
+        update(TargetsProgress(tokens_done=2048, tokens_total=2048, chunks_done=4, chunks_total=4))
+    screen = ANSI.sub("", forced_terminal.getvalue())
+    assert "2,048/2,048 tok" in screen and "tok/s" in screen
+
+
+def test_tune_bar_shows_loss_validation_rate_and_memory(forced_terminal):
+    with ui.tune_progress() as update:
+        time.sleep(0.15)
+        update(StepReport(0, 3, val_loss=0.5))
+        update(StepReport(1, 3, loss=0.41, tokens_per_s=1234.0, peak_memory_gb=1.5))
+    screen = ANSI.sub("", forced_terminal.getvalue())
+    assert re.search(r"step 1/3 +loss 0\.4100 +val 0\.5000 +1,234 tok/s +1\.50 GB", screen), screen
+
+
+def test_batch_bar_and_error_line(forced_terminal):
+    with ui.batch_progress("eval") as update:
+        time.sleep(0.15)
+        update(1, 4)
+        update(4, 4)
+    # A path or a value in a message is text, never rich markup (a "[/x]" in it used to raise).
+    ui.error("cannot read /tmp/[/x]/[red]odd[/] store")
+    ui.warn("a [bold]folder[/bold]")
+    screen = ANSI.sub("", forced_terminal.getvalue())
+    assert "batch 4/4" in screen
+    assert "error: cannot read /tmp/[/x]/[red]odd[/] store" in screen
+    assert "warning: a [bold]folder[/bold]" in screen
+
+
+def test_no_bar_when_not_a_terminal(monkeypatch):
+    buffer = io.StringIO()
+    monkeypatch.setattr(ui, "console", Console(file=buffer, force_terminal=False))
+    with ui.tune_progress() as update:
+        update(StepReport(1, 2, loss=0.1))
+    assert buffer.getvalue() == ""
