@@ -28,7 +28,13 @@ from stages.models import (
     want_fast_matmul,
 )
 from stages.settings import setting
-from store.durable import is_mark_bytes, mark, paths_overlap, write_json_atomic
+from store.durable import (
+    file_in_the_way,
+    is_mark_bytes,
+    mark,
+    paths_overlap,
+    write_json_atomic,
+)
 from store.errors import StoreError
 from store.reader import StoreReader
 
@@ -112,6 +118,8 @@ def check_save_path(path: Path, config: EvalConfig) -> None:
             )
     if path.is_dir():
         raise StageError(f"--save {path} is a folder; name a .json file to write")
+    if file_in_the_way(path) is not None:
+        raise StageError(f"--save {path} lies under the file {file_in_the_way(path)}")
     if path.exists() and not _is_eval_json(path):
         raise StageError(
             f"{path} exists and is not an eval JSON written by `dwq-pipeline eval`; it is never "

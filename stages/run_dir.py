@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from stages.errors import StageError
 from store.durable import (
     MARK_FILE,
+    file_in_the_way,
     has_mark,
     paths_overlap,
     write_json_atomic,
@@ -64,6 +65,9 @@ def check_run_dir(run_dir: Path, inputs: dict[str, str | None]) -> None:
             )
     if run_dir.exists() and not run_dir.is_dir():
         raise StageError(f"{run_dir} is a file, not a run folder; choose another --run-dir")
+    blocker = file_in_the_way(run_dir)
+    if blocker is not None:
+        raise StageError(f"{run_dir} lies under the file {blocker}; choose another --run-dir")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
         raise StageError(
             f"{run_dir} is not empty and is not a tune run folder (it has no {MARK_FILE}); "

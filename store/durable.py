@@ -131,6 +131,14 @@ def remove_owned(folder: Path, own: Iterable[str]) -> list[str]:
     return left
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` if it is a file (then `path` cannot be made)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 # ---- overlap of inputs and outputs -------------------------------------------------------------
 
 

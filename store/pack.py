@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.durable import is_mark_bytes, mark, paths_overlap
+from store.durable import file_in_the_way, is_mark_bytes, mark, paths_overlap
 from store.errors import StoreError
 from store.reader import StoreReader
 from store.writer import LOCKS_DIR
@@ -49,6 +49,8 @@ def _check_out(store: str | Path, out: Path, overwrite: bool) -> None:
         )
     if out.is_dir():
         raise StoreError(f"{out} is a folder; name a .zip file to write")
+    if file_in_the_way(out) is not None:
+        raise StoreError(f"{out} lies under the file {file_in_the_way(out)}; choose another path")
     if out.exists() and not overwrite:
         raise StoreError(f"{out} exists; pass --overwrite to replace a zip made by store pack")
     if out.exists() and not is_packed_store(out):

@@ -336,6 +336,16 @@ CASES: list[tuple[str, Callable[[dict], list[str]], str]] = [
         "is a file",
     ),
     (
+        "tune run folder under a file",
+        lambda w: tune_args(w, "--run-dir", str(w["root"] / "a-file" / "run")),
+        "lies under the file",
+    ),
+    (
+        "store pack under a file",
+        lambda w: ["store", "pack", str(w["store"]), str(w["root"] / "a-file" / "s.zip")],
+        "lies under the file",
+    ),
+    (
         "tune run folder inside the store",
         lambda w: tune_args(w, "--run-dir", str(w["store"] / "run")),
         "overlap",
