@@ -19,6 +19,7 @@ import zarr
 
 from store.durable import (
     MARK_FILE,
+    PROGRAM,
     foreign_entries,
     fsync_path,
     has_mark,
@@ -52,14 +53,20 @@ STORE_ENTRIES = (MANIFEST_FILE, ZARR_GROUP_FILE, RECORDS_DIR, LOCKS_DIR, *SPLITS
 
 
 def owns_store(path: Path) -> bool:
-    """Did this program write the store folder `path`? Its mark file says so, or, for a store
-    written before marks existed, the schema attribute in its root zarr.json."""
+    """Did this program write the store folder `path`? Its mark file says so; for a store written
+    before marks existed (or a partial copy that lacks the mark), the schema attribute in its
+    root zarr.json or a manifest.json of our schema does."""
     if has_mark(path, STORE_MARK):
         return True
     try:
         attributes = json.loads((Path(path) / ZARR_GROUP_FILE).read_bytes()).get("attributes")
-        return isinstance(attributes, dict) and SCHEMA_ATTR in attributes
+        if isinstance(attributes, dict) and SCHEMA_ATTR in attributes:
+            return True
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        pass
+    try:
+        return Path(path).is_dir() and read_manifest(path).producer == PROGRAM
+    except (StoreError, OSError):
         return False
 
 
