@@ -120,7 +120,8 @@ def targets(
         typer.Option(help="Compute only shard i of N (i/N); automatic under mlx.launch."),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace a store made with other settings.")
+        bool,
+        typer.Option(help="Replace a store made with other settings (only its own files)."),
     ] = False,
     trust_remote_code: TrustOption = False,
     storage_option: StorageOption = None,
@@ -175,7 +176,8 @@ def tune(
     learning_rate: Annotated[float | None, typer.Option(help="Peak Adam learning rate.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (0 = by epochs).")] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="Discard an earlier checkpoint in run-dir.")
+        bool,
+        typer.Option(help="Discard the checkpoint and metrics of an earlier run in run-dir."),
     ] = False,
     trust_remote_code: TrustOption = False,
     storage_option: StorageOption = None,
@@ -227,7 +229,10 @@ def evaluate(
     ] = None,
     num_sequences: Annotated[int | None, typer.Option(help="Held-out sequences (0 = all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    save: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    save: Annotated[
+        Path | None,
+        typer.Option(help="Also write the JSON here (replaces only an eval JSON written by eval)."),
+    ] = None,
     trust_remote_code: TrustOption = False,
     storage_option: StorageOption = None,
     set_: SetOption = None,
@@ -236,8 +241,8 @@ def evaluate(
     import json
 
     from pipeline.config import load_config
+    from stages.evaluate import check_save_path, save_result
     from stages.evaluate import evaluate as run_eval
-    from store.manifest import write_json_atomic
 
     cfg = load_config(
         config,
@@ -254,11 +259,12 @@ def evaluate(
             set_,
         ),
     ).eval
+    if save:
+        check_save_path(save, cfg)  # before the models run
     with ui.batch_progress("eval", enabled=not as_json) as on_batch:
         result = run_eval(cfg, on_batch=on_batch)
     if save:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(save, result.to_dict())
+        save_result(save, result)
     if as_json:
         ui.out.print_json(json.dumps(result.to_dict()))
     else:
@@ -312,13 +318,17 @@ def store_verify(store: StoreArgument, storage_option: StorageOption = None) -> 
 @guarded
 def store_pack(
     store: StoreArgument,
-    out: Annotated[Path, typer.Argument(help="The .zip file to write.")],
+    out: Annotated[Path, typer.Argument(help="The .zip file to write (outside the store).")],
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace OUT if it is a zip written by store pack (nothing else is)."),
+    ] = False,
     storage_option: StorageOption = None,
 ) -> None:
     """Pack a store into one zip file that tune, eval, info and verify read directly."""
     from store.pack import pack_store
 
-    result = pack_store(store, out, _storage_options(storage_option))
+    result = pack_store(store, out, _storage_options(storage_option), overwrite=overwrite)
     ui.info(f"packed {result.files} files, {result.bytes / 1e6:.1f} MB into {result.path}")
     if result.chunks_missing:
         ui.warn(f"the store is incomplete: {result.chunks_missing} chunks are not in the zip")
@@ -327,7 +337,10 @@ def store_pack(
 @store_app.command("merge")
 @guarded
 def store_merge(
-    out: Annotated[Path, typer.Argument(help="Store to merge into (created if missing).")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Store to merge into: new, empty or a store; not one of the inputs."),
+    ],
     inputs: Annotated[list[str], typer.Argument(help="Stores made with the same settings.")],
 ) -> None:
     """Join shard stores computed on several machines into one."""

@@ -18,8 +18,9 @@ import yaml
 from pipeline.errors import ConfigError
 from stages.errors import InvalidConfig
 from stages.evaluate import EvalConfig
+from stages.run_dir import MODEL_DIR
 from stages.targets import TargetsConfig
-from stages.tune import MODEL_DIR, TuneConfig
+from stages.tune import TuneConfig
 
 SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig, "eval": EvalConfig}
 SHARED_KEYS = ("store", "storage_options")

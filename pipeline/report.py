@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from stages.tune import SETTINGS_FILE, read_metrics
+from stages.run_dir import SETTINGS_FILE, read_metrics
 
 PLOT_FILE = "report.png"
 SUMMARY_FILE = "report.md"
@@ -130,7 +130,7 @@ def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:
     """Summary (also written as report.md) and the plot; plot is None without matplotlib."""
     import io
 
-    from store.manifest import write_bytes_atomic, write_text_atomic
+    from store.durable import write_bytes_atomic, write_text_atomic
 
     summary = summarize(run_dir)
     write_text_atomic(run_dir / SUMMARY_FILE, "".join(f"- {line}\n" for line in summary.lines()))

@@ -11,13 +11,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from stages.data import DataSettings, TokenSequences, build_held_out_sequences
-from stages.errors import InvalidConfig, ModelError
+from stages.errors import InvalidConfig, ModelError, StageError
 from stages.models import (
     FAST_MATMUL,
     load_model,
@@ -27,10 +28,18 @@ from stages.models import (
     want_fast_matmul,
 )
 from stages.settings import setting
+from store.durable import (
+    file_in_the_way,
+    is_mark_bytes,
+    mark,
+    paths_overlap,
+    write_json_atomic,
+)
 from store.errors import StoreError
 from store.reader import StoreReader
 
 TEACHER, RTN, TUNED = "teacher", "rtn", "tuned"
+EVAL_MARK = "eval"  # the `program`/`kind` keys of an eval JSON: `eval --save` replaces only those
 
 
 @dataclass
@@ -88,6 +97,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **mark(EVAL_MARK),
             "split": self.split,
             "num_sequences": self.num_sequences,
             "num_tokens": self.num_tokens,
@@ -95,6 +105,42 @@ class EvalResult:
             "gap_closed": self.gap_closed,
             "models": {name: vars(score) for name, score in self.scores.items()},
         }
+
+
+def check_save_path(path: Path, config: EvalConfig) -> None:
+    """Refuse, before any model runs, a `--save` path on, in or around the store or the student,
+    or an existing file that is not an eval JSON this program wrote."""
+    for name, other in (("store", config.store), ("student", config.student)):
+        if other and Path(other).exists() and paths_overlap(path, other):
+            raise StageError(
+                f"--save {path} and the {name} {other} overlap (one is, or is inside, the "
+                "other); save the results elsewhere"
+            )
+    if path.is_dir():
+        raise StageError(f"--save {path} is a folder; name a .json file to write")
+    if file_in_the_way(path) is not None:
+        raise StageError(f"--save {path} lies under the file {file_in_the_way(path)}")
+    if path.exists() and not _is_eval_json(path):
+        raise StageError(
+            f"{path} exists and is not an eval JSON written by `dwq-pipeline eval`; it is never "
+            "replaced: choose another --save path"
+        )
+
+
+def _is_eval_json(path: Path) -> bool:
+    try:
+        return is_mark_bytes(path.read_bytes(), EVAL_MARK)
+    except OSError:
+        return False
+
+
+def save_result(path: Path, result: EvalResult) -> None:
+    """Write the results as JSON, atomically (an existing file was checked by check_save_path)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, result.to_dict())
+    except OSError as exc:
+        raise StageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 class _Totals:

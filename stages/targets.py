@@ -10,15 +10,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from stages.data import DataSettings, TokenSequences, build_sequences
+from stages.data import DEFAULT_DATA, DataSettings, TokenSequences, build_sequences
 from stages.errors import InvalidConfig, StageError
 from stages.models import (
+    DEFAULT_TEACHER,
     load_model,
     output_vocab_size,
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
 from stages.settings import setting
+from store.durable import paths_overlap
 from store.layout import LOGIT_DTYPES, SplitShape, float32_to_bfloat16_bits, sequences_digest
 from store.location import is_url
 from store.manifest import Manifest
@@ -209,6 +211,7 @@ def compute_targets(
     """Fill the store with this shard's missing chunks; returns the store's manifest.
 
     Chunks an earlier run finished are re-verified first: damaged ones are computed again."""
+    _check_store_apart(config)
     loaded = load_model(config.teacher, trust_remote_code=config.trust_remote_code)
     train, valid = build_sequences(loaded.tokenizer, config.data_settings())
     vocab_size = output_vocab_size(loaded)
@@ -238,6 +241,18 @@ def compute_targets(
         on_written = publisher.publish_chunk if publisher else None
         _compute_missing(writer, loaded.model, splits, shard, config, on_progress, skip, on_written)
     return writer.manifest
+
+
+def _check_store_apart(config: TargetsConfig) -> None:
+    """Before anything is written: the store is not, holds or lies inside the teacher or data."""
+    for name, path in (("teacher", config.teacher), ("data", config.data)):
+        if path in (DEFAULT_TEACHER, DEFAULT_DATA) or not Path(path).exists():
+            continue  # the embedded defaults, or a hub id
+        if paths_overlap(config.store, path):
+            raise StageError(
+                f"the store {config.store} and the {name} {path} overlap (one is, or is inside, "
+                "the other); choose another --store"
+            )
 
 
 def _publish_finished(publisher: Publisher, writer, mine: dict[str, list[int]]) -> set:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +18,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from stages import run_dir as run_folder
 from stages.data import loss_mask
 from stages.errors import InvalidConfig, ModelError, StageError
 from stages.losses import LOSSES, NEEDS_TEACHER_LSE
@@ -34,8 +33,6 @@ from stages.models import (
 )
 from stages.settings import setting
 from store.errors import StoreCorruptError
-from store.lock import hold_lock
-from store.manifest import write_json_atomic
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
@@ -206,14 +203,12 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
         )
 
 
-def _train_chunks(
-    reader: StoreReader, config: TuneConfig, run_dir: Path, overwrite: bool
-) -> list[int]:
+def _train_chunks(reader: StoreReader, config: TuneConfig, run_dir: Path) -> list[int]:
     """The training chunks this run uses: all, or with incomplete_store=use those done when the
     run started (kept in the checkpoint, so a resumed run uses the same ones)."""
     if config.incomplete_store != "use":
         return list(range(reader.manifest.splits["train"].num_chunks))
-    saved = None if overwrite else _checkpoint_state(run_dir)
+    saved = run_folder.checkpoint_state(run_dir)
     if saved and "train_chunks" in saved:
         return list(saved["train_chunks"])
     return sorted(reader.records()["train"])
@@ -269,11 +264,16 @@ class _Trainer:
     """What the loop is made of: batches, loss, one optimizer step, validation."""
 
     def __init__(
-        self, config: TuneConfig, reader: StoreReader, student: _Student, train_chunks: list[int]
+        self,
+        config: TuneConfig,
+        reader: StoreReader,
+        student: _Student,
+        train_chunks: list[int],
+        dist: _Distributed,
     ):
         self.config = config
         self.reader = reader
-        self.dist = _Distributed()
+        self.dist = dist
         self.model = student.model
         self.shape = reader.manifest.splits["train"]
         self.train_chunks = train_chunks
@@ -372,106 +372,6 @@ def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
     return list(reader.manifest.settings["lse_temperatures"]).index(config.temperature)
 
 
-# ---- checkpoints -------------------------------------------------------------------------------
-
-CHECKPOINT_DIR = "checkpoint"
-METRICS_FILE = "metrics.jsonl"
-SETTINGS_FILE = "tune_config.json"  # the settings of the run, for reports
-LOCK_FILE = "tune.lock"
-MODEL_DIR = "model"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The run's metrics log: one record per step (step 0 = validation before tuning)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise StageError(f"{run_dir} has no {METRICS_FILE}; is it a tune run_dir?")
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise StageError(f"{path} is not a metrics log ({exc.msg} at line {exc.lineno})") from exc
-
-
-def _writes_run_dir(function):
-    """A failed write (disk full, read-only, permissions) becomes one clear StageError."""
-
-    @functools.wraps(function)
-    def wrapper(run_dir: Path, *args, **kwargs):
-        try:
-            return function(run_dir, *args, **kwargs)
-        except OSError as exc:
-            raise StageError(
-                f"cannot write to {run_dir}: {exc.strerror or exc}; the last checkpoint there is "
-                "kept: fix the disk or permissions and re-run the same command to resume"
-            ) from exc
-
-    return wrapper
-
-
-@_writes_run_dir
-def _save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) -> None:
-    """Write into checkpoint.partial, then swap: a crash leaves the previous checkpoint whole."""
-    final = run_dir / CHECKPOINT_DIR
-    partial = run_dir / f"{CHECKPOINT_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    mx.save_safetensors(str(partial / "params.safetensors"), dict(tree_flatten(params)))
-    mx.save_safetensors(str(partial / "best.safetensors"), dict(tree_flatten(best_params)))
-    mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    write_json_atomic(partial / "state.json", state)
-    old = run_dir / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _checkpoint_state(run_dir: Path) -> dict | None:
-    """The last checkpoint's state.json, or None when there is no checkpoint."""
-    folder = run_dir / CHECKPOINT_DIR
-    old = run_dir / f"{CHECKPOINT_DIR}.old"
-    if not folder.exists() and (old / "state.json").is_file():
-        try:  # a crash between the two renames of _save_checkpoint left only the old one
-            os.replace(old, folder)
-        except FileNotFoundError:  # another rank moved it first
-            pass
-    path = folder / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _load_checkpoint(run_dir: Path, optimizer, resume_key: str):
-    state = _checkpoint_state(run_dir)
-    if state is None:
-        return None
-    folder = run_dir / CHECKPOINT_DIR
-    if state.get("resume_key") != resume_key:
-        raise StageError(
-            f"{run_dir} holds a checkpoint of a run with other settings or another store; "
-            "pass --overwrite to start over or choose another --run-dir"
-        )
-    params = tree_unflatten(list(mx.load(str(folder / "params.safetensors")).items()))
-    best = tree_unflatten(list(mx.load(str(folder / "best.safetensors")).items()))
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return params, best, state
-
-
-@_writes_run_dir
-def _append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-@_writes_run_dir
-def _trim_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop lines logged after the checkpoint resumed from, so the log reads as one run."""
-    path = run_dir / METRICS_FILE
-    if path.exists():
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 @contextmanager
 def _stop_requests() -> Iterator[list[int]]:
     """SIGINT/SIGTERM set a flag instead of killing: the loop checkpoints, then stops."""
@@ -485,27 +385,6 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-@_writes_run_dir
-def _save_model(run_dir: Path, student: _Student, params) -> Path:
-    from mlx_lm.utils import save
-
-    student.model.update(params)
-    final = run_dir / MODEL_DIR
-    partial = run_dir / f"{MODEL_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    save(
-        partial,
-        student.source,
-        student.model,
-        student.tokenizer,
-        student.config,
-        donate_model=False,
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    return final
-
-
 # ---- the stage ---------------------------------------------------------------------------------
 
 
@@ -516,41 +395,32 @@ def tune(
 ) -> TuneResult:
     """Tune the student's scales and biases on the store's targets; save an mlx-lm model."""
     reader = StoreReader(config.store, config.storage_options)
+    run_dir = Path(config.run_dir)
+    dist = _Distributed()
+    if dist.rank == 0:  # the only rank that writes the run folder
+        run_folder.check_run_dir(run_dir, {"store": config.store, "student": config.student})
+    if config.batch_size % dist.size:
+        raise StageError(
+            f"tune.batch_size={config.batch_size} must divide by the {dist.size} ranks"
+        )
     _check_store(reader, config)
     student = _load_student(config, reader)
     if unfreeze_scales_and_biases(student.model) == 0:
         raise ModelError("the student has no affine-quantized layers below 8 bits: nothing to tune")
     if want_fast_matmul(config.fast_matmul):
         use_dequantized_matmul(student.model)
-    run_dir = Path(config.run_dir)
-    trainer = _Trainer(config, reader, student, _train_chunks(reader, config, run_dir, overwrite))
-    dist = trainer.dist
-    if config.batch_size % dist.size:
-        raise StageError(
-            f"tune.batch_size={config.batch_size} must divide by the {dist.size} ranks"
-        )
 
-    _make_run_dir(run_dir)
-    lock = (
-        hold_lock(run_dir / LOCK_FILE, f"tune run {run_dir}") if dist.rank == 0 else nullcontext()
-    )
-    with lock:
+    if dist.rank == 0:
+        run_folder.make_run_dir(run_dir)
+    with run_folder.lock_run_dir(run_dir) if dist.rank == 0 else nullcontext():
         if dist.rank == 0:
-            _start_run_dir(run_dir, config, clear=overwrite)
+            run_folder.recover_checkpoint(run_dir)
+            if overwrite:
+                run_folder.clear_run(run_dir)
+        dist.barrier()  # every rank reads the checkpoint only once it is recovered or cleared
+        train_chunks = _train_chunks(reader, config, run_dir)
+        trainer = _Trainer(config, reader, student, train_chunks, dist)
         return _train(config, run_dir, reader, student, trainer, on_step)
-
-
-@_writes_run_dir
-def _make_run_dir(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-@_writes_run_dir
-def _start_run_dir(run_dir: Path, config: TuneConfig, clear: bool) -> None:
-    if clear:
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    write_json_atomic(run_dir / SETTINGS_FILE, asdict(config))
 
 
 def _train(
@@ -579,11 +449,13 @@ def _train(
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
     state["train_chunks"] = trainer.train_chunks
     best_params = params
-    resumed = _load_checkpoint(run_dir, optimizer, config.resume_key())
+    store_digest = reader.manifest.digest
+    resumed = run_folder.load_checkpoint(run_dir, optimizer, config.resume_key(), store_digest)
     if resumed:
         params, best_params, state = resumed
-    if dist.rank == 0:  # lines logged after the last checkpoint (or with none) are redone
-        _trim_metrics(run_dir, state["step"] if resumed else -1)
+    if dist.rank == 0:  # settings once the checkpoint is accepted; lines after it are redone
+        run_folder.write_settings(run_dir, asdict(config))
+        run_folder.trim_metrics(run_dir, state["step"] if resumed else -1)
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = state["best_val_loss"] = trainer.validate(params)
         _report(
@@ -592,8 +464,8 @@ def _train(
 
     def save_checkpoint() -> None:
         if dist.rank == 0:
-            saved = {**state, "resume_key": config.resume_key()}
-            _save_checkpoint(run_dir, params, best_params, optimizer, saved)
+            saved = {**state, "resume_key": config.resume_key(), "store": store_digest}
+            run_folder.save_checkpoint(run_dir, params, best_params, optimizer, saved)
 
     steps = range(state["step"] + 1, total_steps + 1)
     # One stream for the whole run, so decoding runs ahead across step boundaries too.
@@ -631,9 +503,10 @@ def _train(
                     f"stopped at step {step}/{total_steps}; checkpoint saved in {run_dir}, "
                     "re-run the same command to resume"
                 )
-    model_dir = run_dir / MODEL_DIR
+    model_dir = run_dir / run_folder.MODEL_DIR
     if dist.rank == 0:
-        model_dir = _save_model(run_dir, student, trainer.as_model_params(best_params))
+        best = trainer.as_model_params(best_params)
+        model_dir = run_folder.save_model(run_dir, lambda to: _save_student(to, student, best))
     dist.barrier()  # no rank exits (ending the launch) before the model is on disk
     warning = None
     if state["best_val_loss"] >= state["initial_val_loss"]:
@@ -654,6 +527,16 @@ def _train(
 def _report(dist: _Distributed, run_dir: Path, on_step, report: StepReport) -> None:
     if dist.rank != 0:
         return
-    _append_metrics(run_dir, {k: v for k, v in asdict(report).items() if v is not None})
+    run_folder.append_metrics(run_dir, {k: v for k, v in asdict(report).items() if v is not None})
     if on_step:
         on_step(report)
+
+
+def _save_student(folder: Path, student: _Student, params) -> None:
+    """The tuned student as an mlx-lm model folder (weights, config, tokenizer)."""
+    from mlx_lm.utils import save
+
+    student.model.update(params)
+    save(
+        folder, student.source, student.model, student.tokenizer, student.config, donate_model=False
+    )

@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from store.durable import write_json_atomic
 from store.errors import ManifestError, ManifestUnreadable
 from store.layout import LOGIT_DTYPES, SPLITS, SplitShape
 from store.location import StoreLocation
@@ -164,34 +164,6 @@ class ChunkRecord:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"malformed chunk record: {exc}") from exc
         return record
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Write, fsync, then rename: a reader sees the old file or the whole new one."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    fsync_path(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a folder (making the renames in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def as_location(store: StoreLocation | Path | str) -> StoreLocation:

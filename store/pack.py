@@ -1,19 +1,25 @@
 """`store pack`: a whole store as one zip file, for copying to another machine.
 
 Members are stored, not recompressed (the chunks are compressed already). Tune, eval, `store
-info` and `store verify` read the zip directly (zarr's ZipStore); lock files are left out.
+info` and `store verify` read the zip directly (zarr's ZipStore); lock files are left out. The
+zip's comment is this program's pack mark: an existing file is replaced only with `overwrite`
+and only if it carries that mark (a zip this command wrote).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from store.durable import file_in_the_way, is_mark_bytes, mark, paths_overlap
 from store.errors import StoreError
 from store.reader import StoreReader
 from store.writer import LOCKS_DIR
+
+PACK_MARK = "pack"
 
 
 @dataclass(frozen=True)
@@ -24,11 +30,42 @@ class PackResult:
     chunks_missing: int
 
 
-def pack_store(store: str | Path, out: Path, storage_options: dict | None = None) -> PackResult:
-    reader = StoreReader(store, storage_options)  # refuses what is not a readable store
-    out = Path(out)
+def is_packed_store(path: Path) -> bool:
+    """Is `path` a zip that `store pack` wrote (its comment carries the pack mark)?"""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return is_mark_bytes(archive.comment, PACK_MARK)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _check_out(store: str | Path, out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, an out path that would harm the store or a file."""
     if out.suffix != ".zip":
         raise StoreError(f"the packed store must be a .zip file (got {out})")
+    if paths_overlap(store, out):
+        raise StoreError(
+            f"{out} is the store {store} itself or lies inside it; write the zip elsewhere"
+        )
+    if out.is_dir():
+        raise StoreError(f"{out} is a folder; name a .zip file to write")
+    if file_in_the_way(out) is not None:
+        raise StoreError(f"{out} lies under the file {file_in_the_way(out)}; choose another path")
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out} exists; pass --overwrite to replace a zip made by store pack")
+    if out.exists() and not is_packed_store(out):
+        raise StoreError(
+            f"{out} exists and was not written by `dwq-pipeline store pack`; it is never "
+            "replaced: choose another path"
+        )
+
+
+def pack_store(
+    store: str | Path, out: Path, storage_options: dict | None = None, overwrite: bool = False
+) -> PackResult:
+    out = Path(out)
+    _check_out(store, out, overwrite)
+    reader = StoreReader(store, storage_options)  # refuses what is not a readable store
     keys = sorted(k for k in reader.location.keys_under("") if not k.startswith(f"{LOCKS_DIR}/"))
     records = reader.records()
     missing = sum(s.num_chunks - len(records[n]) for n, s in reader.manifest.splits.items())
@@ -43,6 +80,7 @@ def pack_store(store: str | Path, out: Path, storage_options: dict | None = None
                     continue
                 archive.writestr(key, data)
                 written += len(data)
+            archive.comment = json.dumps(mark(PACK_MARK)).encode()
         os.replace(partial, out)
     except OSError as exc:
         partial.unlink(missing_ok=True)

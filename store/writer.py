@@ -6,6 +6,7 @@ any moment leaves either a done chunk or one that the next run recomputes from s
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -16,16 +17,26 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from store.durable import (
+    MARK_FILE,
+    PROGRAM,
+    foreign_entries,
+    fsync_path,
+    has_mark,
+    paths_overlap,
+    remove_owned,
+    write_mark,
+)
 from store.errors import ManifestUnreadable, StoreCorruptError, StoreError, StoreMismatchError
-from store.layout import SEQUENCE_ARRAYS, TARGET_ARRAYS, chunk_key, zarr_codec_args
+from store.layout import SEQUENCE_ARRAYS, SPLITS, TARGET_ARRAYS, chunk_key, zarr_codec_args
 from store.location import is_url
 from store.lock import hold_lock
 from store.manifest import (
     MANIFEST_FILE,
+    RECORDS_DIR,
     ChunkRecord,
     Manifest,
     array_checksum,
-    fsync_path,
     read_manifest,
     read_records,
     record_path,
@@ -33,8 +44,38 @@ from store.manifest import (
     write_record,
 )
 
-SCHEMA_ATTR = "dwq_pipeline_schema"
+SCHEMA_ATTR = "dwq_pipeline_schema"  # also the mark of stores written before the mark file
 LOCKS_DIR = "locks"
+STORE_MARK = "store"
+ZARR_GROUP_FILE = "zarr.json"
+# A store folder's own entries: all that --overwrite ever deletes from it.
+STORE_ENTRIES = (MANIFEST_FILE, ZARR_GROUP_FILE, RECORDS_DIR, LOCKS_DIR, *SPLITS)
+
+
+def owns_store(path: Path) -> bool:
+    """Did this program write the store folder `path`? Its mark file says so; for a store written
+    before marks existed (or a partial copy that lacks the mark), the schema attribute in its
+    root zarr.json or a manifest.json of our schema does."""
+    if has_mark(path, STORE_MARK):
+        return True
+    try:
+        attributes = json.loads((Path(path) / ZARR_GROUP_FILE).read_bytes()).get("attributes")
+        if isinstance(attributes, dict) and SCHEMA_ATTR in attributes:
+            return True
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        pass
+    try:
+        return Path(path).is_dir() and read_manifest(path).producer == PROGRAM
+    except (StoreError, OSError):
+        return False
+
+
+def enclosing_store(path: Path) -> Path | None:
+    """The store folder `path` lies inside (not `path` itself), if any."""
+    for parent in Path(path).resolve().parents:
+        if owns_store(parent):
+            return parent
+    return None
 
 
 def sort_topk_by_index(logits: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +101,7 @@ def _build_skeleton(path: Path, manifest: Manifest, sequences: dict[str, dict[st
     _create_arrays(
         zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3), manifest, sequences
     )
+    write_mark(path, STORE_MARK)
     write_manifest(path, manifest)
 
 
@@ -135,15 +177,7 @@ def open_store_for_writing(
             f"targets writes to a local folder or an object-store URL, not {path}: compute "
             "into a folder, then `dwq-pipeline store pack` it"
         )
-    path = Path(path)
-    _check_writable(path)
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-    looks_like_store = (path / MANIFEST_FILE).is_file() or (path / "zarr.json").is_file()
-    if path.exists() and not looks_like_store:  # never replaced, even with --overwrite
-        raise StoreError(
-            f"{path} exists and is not a dwq-pipeline store; choose another --store path"
-        )
+    path = _checked_store_path(Path(path), overwrite)
     repaired: list[str] = []
     if path.exists() and not overwrite:
         existing = _read_or_restore_manifest(path, manifest, repaired)
@@ -156,6 +190,8 @@ def open_store_for_writing(
         if not _layout_matches(path, existing):
             _restore_skeleton(path, existing)
             repaired.append("array metadata was missing (a partial copy?): recreated")
+        if not has_mark(path, STORE_MARK):  # a store from before the mark file
+            write_mark(path, STORE_MARK)
         return StoreWriter(path, existing, repaired)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -168,12 +204,42 @@ def open_store_for_writing(
     return StoreWriter(path, read_manifest(path))
 
 
+def _checked_store_path(path: Path, overwrite: bool) -> Path:
+    """`path` if a store may be created or reopened there: new, an empty folder, or a store this
+    program wrote; with --overwrite also only one holding nothing but its own entries."""
+    if not path.name or path.name == "..":  # `--store .` names the folder by what it is
+        path = path.resolve()
+    outer = enclosing_store(path)
+    if outer is not None:
+        raise StoreError(
+            f"{path} lies inside the store {outer}; choose a --store path outside any store"
+        )
+    _check_writable(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store folder; choose another --store path")
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    if path.exists() and not owns_store(path):  # never replaced, even with --overwrite
+        raise StoreError(
+            f"{path} exists and is not a dwq-pipeline store (it has no {MARK_FILE}); "
+            "choose another --store path"
+        )
+    foreign = foreign_entries(path, STORE_ENTRIES) if overwrite else []
+    if foreign:
+        raise StoreError(
+            f"store {path} also holds {', '.join(foreign[:3])}, which dwq-pipeline did not "
+            "write; --overwrite replaces only a store's own files: move those out first"
+        )
+    return path
+
+
 def _swap_into_place(partial: Path, path: Path, overwrite: bool) -> None:
     if overwrite and path.exists():
         old = path.with_name(f".{path.name}.{os.getpid()}.old")
         os.replace(path, old)
         os.replace(partial, path)
-        shutil.rmtree(old)
+        remove_owned(old, STORE_ENTRIES)  # a file someone put there meanwhile stays, in `old`
+        fsync_path(path.parent)
         return
     try:
         os.rename(partial, path)
@@ -341,9 +407,16 @@ def merge_stores(out_path: Path, inputs: Iterable[str | Path]) -> dict[str, int]
     """Copy done chunks from stores made with the same manifest into `out_path`."""
     from store.reader import StoreReader
 
-    readers = [StoreReader(p) for p in inputs]
-    if not readers:
+    inputs = list(inputs)
+    if not inputs:
         raise StoreError("store merge needs at least one input store")
+    for source in inputs:
+        if paths_overlap(out_path, source):
+            raise StoreError(
+                f"the merged store {out_path} must not be, contain or lie inside the input "
+                f"{source}: merge into a new store"
+            )
+    readers = [StoreReader(p) for p in inputs]
     base = readers[0]
     for reader in readers[1:]:
         differences = base.manifest.differences(reader.manifest)
@@ -355,11 +428,6 @@ def merge_stores(out_path: Path, inputs: Iterable[str | Path]) -> dict[str, int]
     writer = open_store_for_writing(Path(out_path), base.manifest, sequences)
     copied = {split: 0 for split in base.manifest.splits}
     for reader in readers:
-        if (
-            reader.location.local_path
-            and reader.location.local_path.resolve() == writer.path.resolve()
-        ):
-            continue
         for split, records in reader.records().items():
             for chunk in sorted(set(records) - writer.done_chunks(split)):
                 targets = reader.read_targets(split, chunk, verify=True)

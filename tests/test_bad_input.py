@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
+from stages.errors import StageError
+from stages.evaluate import check_save_path
 from stages.models import load_model, quantize_student
+from stages.run_dir import METRICS_FILE, MODEL_DIR
 from stages.targets import compute_targets
 from stages.tune import tune
+from store.durable import MARK_FILE, has_mark
+from store.pack import pack_store
+from store.reader import StoreReader
+from store.writer import owns_store
 from tests.conftest import cli_args, make_text_data, make_tiny_model_folder
 
 runner = CliRunner()
@@ -45,6 +53,11 @@ def world(tiny_teacher, tmp_path_factory) -> dict:
     config = load_config(None, overrides)
     compute_targets(config.targets)
     tune(config.tune)
+    other_store = root / "other-store.zarr"  # complete, but of other targets
+    compute_targets(
+        load_config(None, {**overrides, "store": str(other_store), "targets.seed": 7}).targets
+    )
+    pack_store(root / "store.zarr", root / "packed.zip")
 
     other = make_tiny_model_folder(root / "other-tokenizer")
     tokenizer_config = other / "tokenizer_config.json"
@@ -65,6 +78,24 @@ def world(tiny_teacher, tmp_path_factory) -> dict:
     (root / "not-a-store").mkdir()
     (root / "not-a-store" / "notes.txt").write_text("mine")
     (root / "a-file").write_text("not a folder")
+    users = root / "users"  # things a user made that look like ours
+    (users / "web-app").mkdir(parents=True)
+    (users / "web-app" / "manifest.json").write_text(json.dumps({"name": "my web app"}))
+    (users / "web-app" / "index.html").write_text("<h1>mine</h1>")
+    (users / "own-run" / MODEL_DIR).mkdir(parents=True)
+    (users / "own-run" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "acc": 0.9}) + "\n")
+    (users / "own-run" / MODEL_DIR / "weights.bin").write_bytes(b"\x00" * 8)
+    with zipfile.ZipFile(users / "photos.zip", "w") as archive:
+        archive.writestr("holiday.txt", "mine")
+    (users / "results.json").write_text(json.dumps({"accuracy": 0.9}))
+    (users / "garbage-run").mkdir()
+    (users / "garbage-run" / MARK_FILE).write_text(
+        json.dumps({"program": "dwq-pipeline", "kind": "run"})
+    )
+    (users / "garbage-run" / "metrics.jsonl").write_text("not json\nnor this\n")
+    with_notes = root / "store-with-notes.zarr"  # a store in which a user keeps a file
+    shutil.copytree(root / "store.zarr", with_notes)
+    (with_notes / "notes.txt").write_text("mine")
     return {
         "root": root,
         "overrides": overrides,
@@ -73,15 +104,22 @@ def world(tiny_teacher, tmp_path_factory) -> dict:
         "teacher": tiny_teacher,
         "other_quantized": other_quantized,
         "not_store": root / "not-a-store",
+        "other_store": other_store,
+        "packed": root / "packed.zip",
+        "users": users,
+        "with_notes": with_notes,
+        "data": data,
         "shipped_code": shipped_code,
         "marker": marker,
     }
 
 
-def fingerprint(folder: Path) -> dict[str, str]:
+def fingerprint(path: Path) -> dict[str, str]:
+    """Digest of every file (a folder's, or the one file), lock files aside."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
     return {
-        str(p.relative_to(folder)): hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
-        for p in sorted(folder.rglob("*"))
+        str(p.relative_to(path)): hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+        for p in files
         if p.is_file() and p.suffix != ".lock"
     }
 
@@ -121,6 +159,16 @@ def targets(world, *extra: str) -> list[str]:
 def tune_args(world, *extra: str) -> list[str]:
     run = str(world["root"] / "other-run")
     return ["tune", "--store", str(world["store"]), "--run-dir", run, *extra]
+
+
+def resume_args(world, *extra: str) -> list[str]:
+    """Tune into the finished run again, with its own settings unless `extra` changes them."""
+    tune_keys = {k: v for k, v in world["overrides"].items() if k.startswith(("tune.", "store"))}
+    return ["tune", *cli_args(tune_keys), *extra]
+
+
+def user(world, name: str) -> str:
+    return str(world["users"] / name)
 
 
 # (name, args from world, expected words in the one line)
@@ -216,12 +264,139 @@ CASES: list[tuple[str, Callable[[dict], list[str]], str]] = [
         "not quantized",
     ),
     ("report without metrics", lambda w: ["report", str(w["root"])], "no metrics.jsonl"),
+    # Nothing lost: a command replaces or deletes only what this program wrote.
+    (
+        "targets --overwrite on a folder with its own manifest.json",
+        lambda w: targets(w, "--store", user(w, "web-app"), "--overwrite"),
+        "is not a dwq-pipeline store",
+    ),
+    (
+        "targets --overwrite on a split inside a store",
+        lambda w: targets(w, "--store", str(w["store"] / "train"), "--overwrite"),
+        "lies inside the store",
+    ),
+    (
+        "targets --overwrite on a store holding a user's file",
+        lambda w: targets(w, "--store", str(w["with_notes"]), "--overwrite"),
+        "notes.txt, which dwq-pipeline did not write",
+    ),
+    (
+        "targets store inside the teacher's folder",
+        lambda w: targets(w, "--store", str(w["teacher"] / "s.zarr")),
+        "overlap",
+    ),
+    (
+        "targets store is the data folder",
+        lambda w: targets(w, "--store", str(w["data"])),
+        "overlap",
+    ),
+    (
+        "store pack of a zip onto itself",
+        lambda w: ["store", "pack", str(w["packed"]), str(w["packed"]), "--overwrite"],
+        "is the store",
+    ),
+    (
+        "store pack into the store",
+        lambda w: ["store", "pack", str(w["store"]), str(w["store"] / "s.zip")],
+        "lies inside it",
+    ),
+    (
+        "store pack over an existing zip",
+        lambda w: ["store", "pack", str(w["store"]), str(w["packed"])],
+        "pass --overwrite",
+    ),
+    (
+        "store pack --overwrite over a user's zip",
+        lambda w: ["store", "pack", str(w["store"]), user(w, "photos.zip"), "--overwrite"],
+        "not written by `dwq-pipeline store pack`",
+    ),
+    (
+        "store merge into one of its inputs",
+        lambda w: ["store", "merge", str(w["store"]), str(w["store"])],
+        "must not be, contain or lie inside",
+    ),
+    (
+        "store merge into a folder inside an input",
+        lambda w: ["store", "merge", str(w["store"] / "merged"), str(w["store"])],
+        "must not be, contain or lie inside",
+    ),
+    (
+        "store merge into a user's folder",
+        lambda w: ["store", "merge", user(w, "web-app"), str(w["store"])],
+        "is not a dwq-pipeline store",
+    ),
+    (
+        "tune into a folder with its own metrics.jsonl and model/",
+        lambda w: tune_args(w, "--run-dir", user(w, "own-run"), "--overwrite"),
+        "is not a tune run folder",
+    ),
+    (
+        "tune run folder is a file",
+        lambda w: tune_args(w, "--run-dir", str(w["root"] / "a-file")),
+        "is a file",
+    ),
+    (
+        "tune run folder under a file",
+        lambda w: tune_args(w, "--run-dir", str(w["root"] / "a-file" / "run")),
+        "lies under the file",
+    ),
+    (
+        "store pack under a file",
+        lambda w: ["store", "pack", str(w["store"]), str(w["root"] / "a-file" / "s.zip")],
+        "lies under the file",
+    ),
+    (
+        "tune run folder inside the store",
+        lambda w: tune_args(w, "--run-dir", str(w["store"] / "run")),
+        "overlap",
+    ),
+    (
+        "tune resume with other settings (settings file kept)",
+        lambda w: resume_args(w, "--learning-rate", "0.5"),
+        "other settings",
+    ),
+    (
+        "tune resume on another store",
+        lambda w: resume_args(w, "--store", str(w["other_store"])),
+        "made on another store",
+    ),
+    (
+        "eval --save over a user's file",
+        lambda w: ["eval", *cli_args(w["overrides"]), "--save", user(w, "results.json")],
+        "is not an eval JSON",
+    ),
+    (
+        "eval --save into the store",
+        lambda w: ["eval", *cli_args(w["overrides"]), "--save", str(w["store"] / "eval.json")],
+        "overlap",
+    ),
+    (
+        "eval --save into the student",
+        lambda w: [
+            "eval",
+            *cli_args(w["overrides"]),
+            "--save",
+            str(w["run"] / MODEL_DIR / "e.json"),
+        ],
+        "overlap",
+    ),
+    (
+        "report of a user's folder",
+        lambda w: ["report", user(w, "own-run")],
+        "not a tune run folder",
+    ),
+    (
+        "report of a metrics log that is garbage throughout",
+        lambda w: ["report", user(w, "garbage-run")],
+        "is not a metrics log",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, make_args, expected", CASES, ids=[c[0] for c in CASES])
 def test_mistake_is_one_clear_line_and_harms_nothing(world, name, make_args, expected):
-    guarded = ("store", "run", "not_store")
+    guarded = ("store", "run", "not_store", "other_store", "packed", "users", "with_notes")
+    guarded += ("teacher", "data")
     before = {key: fingerprint(world[key]) for key in guarded}
     result = runner.invoke(app, make_args(world))
     lines = result.output.strip().splitlines()
@@ -236,3 +411,52 @@ def test_mistake_is_one_clear_line_and_harms_nothing(world, name, make_args, exp
 
 def test_there_are_at_least_twenty_mistakes_covered():
     assert len(CASES) >= 20
+
+
+def test_overwrite_replaces_our_store_also_one_from_before_the_mark(world, tmp_path):
+    legacy = tmp_path / "legacy.zarr"  # a store written before the mark file: the zarr attribute
+    shutil.copytree(world["store"], legacy)
+    (legacy / MARK_FILE).unlink()
+    assert not has_mark(legacy, "store") and owns_store(legacy)
+    result = runner.invoke(app, targets(world, "--store", str(legacy)))
+    assert result.exit_code == 0, result.output
+    assert has_mark(legacy, "store")  # resumed (nothing to compute), and marked from now on
+    (legacy / MARK_FILE).unlink()
+    seven = ("--set", "targets.seed=7", "--overwrite")
+    result = runner.invoke(app, targets(world, "--store", str(legacy), *seven))
+    assert result.exit_code == 0, result.output
+    assert StoreReader(legacy).manifest.settings["seed"] == 7 and has_mark(legacy, "store")
+    assert [p.name for p in tmp_path.iterdir()] == ["legacy.zarr"]  # nothing left beside it
+
+
+def test_pack_overwrite_replaces_a_zip_it_wrote(world, tmp_path):
+    packed = tmp_path / "store.zip"
+    shutil.copy(world["packed"], packed)
+    args = ["store", "pack", str(world["other_store"]), str(packed), "--overwrite"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert StoreReader(packed).manifest.settings["seed"] == 7
+
+
+def test_resume_drops_a_torn_metrics_line_and_overwrite_keeps_a_users_file(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    logged = (run / METRICS_FILE).read_text()
+    with open(run / METRICS_FILE, "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # a crash in the middle of an append
+    (run / MARK_FILE).unlink()  # a run folder from before the mark: known by its settings file
+    config = load_config(None, {**world["overrides"], "tune.run_dir": str(run)}).tune
+    assert tune(config).steps == 2
+    assert (run / METRICS_FILE).read_text() == logged and has_mark(run, "run")
+    (run / "notes.txt").write_text("mine")
+    assert tune(config, overwrite=True).steps == 2  # deletes the checkpoint and metrics only
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_eval_save_replaces_only_an_eval_json(world, tmp_path):
+    config = load_config(None, world["overrides"]).eval
+    ours = tmp_path / "eval.json"
+    ours.write_text(json.dumps({"program": "dwq-pipeline", "kind": "eval", "models": {}}))
+    check_save_path(ours, config)  # an eval JSON this program wrote may be replaced
+    ours.write_text(json.dumps({"models": {}}))
+    with pytest.raises(StageError, match="not an eval JSON"):
+        check_save_path(ours, config)

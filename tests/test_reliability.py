@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
+from stages.run_dir import make_run_dir
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.inspect import verify_store
@@ -337,7 +338,7 @@ def test_second_writer_of_a_shard_is_refused_and_a_dead_ones_lock_taken_over(wor
 
 def test_second_tune_into_the_same_run_dir_is_refused(workload, tmp_path):
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    make_run_dir(run_dir)  # marked, as the holder's tune made it before taking the lock
     settings = {**workload["overrides"], "store": str(workload["reference"]), "tune.max_steps": 2}
     args = ["tune", *cli_args({**settings, "tune.run_dir": str(run_dir)})]
     holder = hold_in_other_process(run_dir / "tune.lock")

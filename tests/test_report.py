@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.report import PLOT_FILE, SUMMARY_FILE, build_figure, summarize
+from stages.run_dir import METRICS_FILE
 from stages.targets import compute_targets
-from stages.tune import METRICS_FILE, tune
+from stages.tune import tune
 from tests.conftest import make_text_data, run_cli
 
 

@@ -31,7 +31,7 @@ def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
     from tests.conftest import make_text_data
 
     folder = make_text_data(tmp_path_factory.mktemp("tune-data"))
-    store = folder / "store.zarr"
+    store = tmp_path_factory.mktemp("tune-store") / "store.zarr"  # not inside its own data
     overrides = {
         "targets.teacher": str(tiny_teacher),
         "targets.data": str(folder),

@@ -1,0 +1,275 @@
+"""The tune run folder: its file names, its ownership mark, checkpoints, the metrics log, the
+settings file and the saved model, the way store/ owns the store's format.
+
+A run folder is used only if it is new, empty, or carries this program's run mark (or is a run
+folder from before the mark, recognised by its settings file); inside it, only the entries below
+are ever written or replaced, and `--overwrite` deletes only the checkpoint and the metrics log.
+Every replacement is written beside and swapped in, so a crash leaves the old version whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from stages.errors import StageError
+from store.durable import (
+    MARK_FILE,
+    file_in_the_way,
+    has_mark,
+    paths_overlap,
+    write_json_atomic,
+    write_mark,
+    write_text_atomic,
+)
+from store.lock import hold_lock
+
+RUN_MARK = "run"
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+SETTINGS_FILE = "tune_config.json"  # the settings of the run, for reports
+LOCK_FILE = "tune.lock"
+MODEL_DIR = "model"
+# Keys every settings file of a tune run has: how a run folder from before the mark is known.
+_LEGACY_SETTINGS_KEYS = {"store", "run_dir", "student", "loss", "learning_rate", "batch_size"}
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """Did this program make `run_dir`? Its mark says so (or, for a run from before the mark,
+    a settings file holding a tune run's settings)."""
+    if has_mark(run_dir, RUN_MARK):
+        return True
+    try:
+        settings = json.loads((Path(run_dir) / SETTINGS_FILE).read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(settings, dict) and _LEGACY_SETTINGS_KEYS <= set(settings)
+
+
+def check_run_dir(run_dir: Path, inputs: dict[str, str | None]) -> None:
+    """Refuse, before anything is written, a run folder that is not new, empty or ours, or that
+    is, contains or lies inside one of the run's `inputs` (name -> path)."""
+    for name, path in inputs.items():
+        if path and Path(path).exists() and paths_overlap(run_dir, path):
+            raise StageError(
+                f"the run folder {run_dir} and the {name} {path} overlap (one is, or is "
+                "inside, the other); choose another --run-dir"
+            )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StageError(f"{run_dir} is a file, not a run folder; choose another --run-dir")
+    blocker = file_in_the_way(run_dir)
+    if blocker is not None:
+        raise StageError(f"{run_dir} lies under the file {blocker}; choose another --run-dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise StageError(
+            f"{run_dir} is not empty and is not a tune run folder (it has no {MARK_FILE}); "
+            "choose a new or empty --run-dir"
+        )
+
+
+def writes_run_dir(function):
+    """A failed write (disk full, read-only, permissions) becomes one clear StageError."""
+
+    @functools.wraps(function)
+    def wrapper(run_dir: Path, *args, **kwargs):
+        try:
+            return function(run_dir, *args, **kwargs)
+        except OSError as exc:
+            raise StageError(
+                f"cannot write to {run_dir}: {exc.strerror or exc}; the last checkpoint there is "
+                "kept: fix the disk or permissions and re-run the same command to resume"
+            ) from exc
+
+    return wrapper
+
+
+@writes_run_dir
+def make_run_dir(run_dir: Path) -> None:
+    """Create the folder and mark it as ours (before the lock file is the first thing in it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not has_mark(run_dir, RUN_MARK):
+        write_mark(run_dir, RUN_MARK)
+
+
+def lock_run_dir(run_dir: Path):
+    """Held while one process tunes into `run_dir`: a second one is refused."""
+    return hold_lock(run_dir / LOCK_FILE, f"tune run {run_dir}")
+
+
+@writes_run_dir
+def recover_checkpoint(run_dir: Path) -> None:
+    """Finish a checkpoint swap a crash interrupted (call under the run folder's lock).
+
+    Between `save_checkpoint`'s two renames only checkpoint.old exists: it becomes the checkpoint
+    again. After both, a leftover checkpoint.old is stale and goes."""
+    folder = run_dir / CHECKPOINT_DIR
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    elif (old / "state.json").is_file():
+        os.replace(old, folder)
+
+
+@writes_run_dir
+def clear_run(run_dir: Path) -> None:
+    """What --overwrite discards: the checkpoint and the metrics log, nothing else."""
+    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.partial"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+
+
+@writes_run_dir
+def write_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / SETTINGS_FILE, settings)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+@writes_run_dir
+def save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) -> None:
+    """Write into checkpoint.partial, then swap: a crash leaves the previous checkpoint whole."""
+    final = run_dir / CHECKPOINT_DIR
+    partial = run_dir / f"{CHECKPOINT_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    mx.save_safetensors(str(partial / "params.safetensors"), dict(tree_flatten(params)))
+    mx.save_safetensors(str(partial / "best.safetensors"), dict(tree_flatten(best_params)))
+    mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    write_json_atomic(partial / "state.json", state)
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_state(run_dir: Path) -> dict | None:
+    """The last checkpoint's state.json, or None when there is none (reads only)."""
+    path = run_dir / CHECKPOINT_DIR / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise StageError(
+            f"{path} is unreadable ({type(exc).__name__}); pass --overwrite to start the run over"
+        ) from exc
+    if not isinstance(state, dict):
+        raise StageError(f"{path} is not a checkpoint state; pass --overwrite to start over")
+    return state
+
+
+def load_checkpoint(run_dir: Path, optimizer, resume_key: str, store_digest: str):
+    """(params, best params, state) of the checkpoint, with the optimizer's state loaded; None
+    without one. A checkpoint of other settings or made on another store is refused."""
+    state = checkpoint_state(run_dir)
+    if state is None:
+        return None
+    if "store" not in state:
+        raise StageError(
+            f"{run_dir} holds a checkpoint from an earlier dwq-pipeline that did not record its "
+            "store; pass --overwrite to start over or choose another --run-dir"
+        )
+    if state["store"] != store_digest:
+        raise StageError(
+            f"{run_dir} holds a checkpoint made on another store (its manifest differs from this "
+            "store's); pass --overwrite to start over or choose another --run-dir"
+        )
+    if state.get("resume_key") != resume_key:
+        raise StageError(
+            f"{run_dir} holds a checkpoint of a run with other settings; "
+            "pass --overwrite to start over or choose another --run-dir"
+        )
+    folder = run_dir / CHECKPOINT_DIR
+    params = tree_unflatten(list(mx.load(str(folder / "params.safetensors")).items()))
+    best = tree_unflatten(list(mx.load(str(folder / "best.safetensors")).items()))
+    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    return params, best, state
+
+
+# ---- the metrics log ---------------------------------------------------------------------------
+
+
+def _parse_metrics(path: Path, text: str) -> list[dict]:
+    """One record per line. A torn last line (a crash mid-append) is dropped; any other line
+    that is not a step record makes the whole file not a metrics log."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif number == len(lines) and records:
+            break  # torn by a crash while it was appended
+        else:
+            raise StageError(
+                f"{path} is not a metrics log of `dwq-pipeline tune` (line {number} is not a "
+                "step record)"
+            )
+    return records
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics log: one record per step (step 0 = validation before tuning)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        raise StageError(
+            f"{run_dir} is not a tune run folder (no {MARK_FILE} and no {METRICS_FILE}); "
+            "give the --run-dir of a `dwq-pipeline tune` run"
+        )
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise StageError(f"{run_dir} has no {METRICS_FILE} yet; has its tune run started?")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StageError(f"{path} is unreadable ({type(exc).__name__})") from exc
+    return _parse_metrics(path, text)
+
+
+@writes_run_dir
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@writes_run_dir
+def trim_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint resumed from (and a torn last line), so the log
+    reads as one run."""
+    path = run_dir / METRICS_FILE
+    if path.exists():
+        kept = [r for r in _parse_metrics(path, path.read_text()) if r["step"] <= last_step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+
+@writes_run_dir
+def save_model(run_dir: Path, write: Callable[[Path], None]) -> Path:
+    """`write(folder)` writes the model into model.partial, which is then swapped in."""
+    final = run_dir / MODEL_DIR
+    partial = run_dir / f"{MODEL_DIR}.partial"
+    old = run_dir / f"{MODEL_DIR}.old"
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,103 @@
+"""The run folder's format and the ownership helpers, without a model: marks, checkpoint
+recovery, the metrics log, the model swap, path overlap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.errors import StageError
+from stages.run_dir import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    MODEL_DIR,
+    SETTINGS_FILE,
+    check_run_dir,
+    checkpoint_state,
+    make_run_dir,
+    read_metrics,
+    recover_checkpoint,
+    save_model,
+    trim_metrics,
+)
+from store.durable import MARK_FILE, has_mark, paths_overlap, remove_owned, write_mark
+
+
+def test_a_run_folder_is_new_empty_or_ours(tmp_path):
+    check_run_dir(tmp_path / "new", {})
+    check_run_dir(tmp_path, {})  # empty
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')  # someone else's log
+    with pytest.raises(StageError, match="not a tune run folder"):
+        check_run_dir(tmp_path, {})
+    make_run_dir(tmp_path)  # not done by tune on such a folder; here: the mark makes it ours
+    check_run_dir(tmp_path, {})
+    (tmp_path / MARK_FILE).unlink()
+    settings = {k: 1 for k in ("store", "run_dir", "student", "loss", "learning_rate")}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**settings, "batch_size": 4}))
+    check_run_dir(tmp_path, {})  # a run folder from before the mark
+    with pytest.raises(StageError, match="overlap"):
+        check_run_dir(tmp_path / "run", {"store": str(tmp_path)})
+
+
+def test_recovery_finishes_an_interrupted_checkpoint_swap(tmp_path):
+    make_run_dir(tmp_path)
+    old = tmp_path / f"{CHECKPOINT_DIR}.old"
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps({"step": 4}))
+    assert checkpoint_state(tmp_path) is None  # reading never renames
+    recover_checkpoint(tmp_path)  # crashed between the renames: the old one is the checkpoint
+    assert checkpoint_state(tmp_path) == {"step": 4} and not old.exists()
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps({"step": 2}))
+    recover_checkpoint(tmp_path)  # crashed after both renames: the old one is stale
+    assert checkpoint_state(tmp_path) == {"step": 4} and not old.exists()
+
+
+def test_metrics_log_drops_a_torn_last_line_and_refuses_garbage(tmp_path):
+    with pytest.raises(StageError, match="not a tune run folder"):
+        read_metrics(tmp_path)
+    make_run_dir(tmp_path)
+    with pytest.raises(StageError, match="no metrics.jsonl"):
+        read_metrics(tmp_path)
+    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(3)]
+    (tmp_path / METRICS_FILE).write_text("\n".join(lines) + '\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    trim_metrics(tmp_path, 1)
+    assert (tmp_path / METRICS_FILE).read_text() == "".join(line + "\n" for line in lines[:2])
+    (tmp_path / METRICS_FILE).write_text('garbage\n{"step": 1}\n')
+    with pytest.raises(StageError, match="line 1 is not a step record"):
+        read_metrics(tmp_path)
+
+
+def test_model_is_swapped_in_and_a_failed_save_keeps_the_old_one(tmp_path):
+    make_run_dir(tmp_path)
+    save_model(tmp_path, lambda to: (to.mkdir(), (to / "w").write_text("one")))
+    assert (tmp_path / MODEL_DIR / "w").read_text() == "one"
+
+    def disk_full(to: Path) -> None:
+        to.mkdir()
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StageError, match="No space left"):
+        save_model(tmp_path, disk_full)
+    assert (tmp_path / MODEL_DIR / "w").read_text() == "one"
+
+
+def test_paths_overlap_and_remove_owned(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert paths_overlap(tmp_path / "a", tmp_path / "a" / "b" / "c")
+    assert paths_overlap(tmp_path / "link" / "b", tmp_path / "a")  # through the symlink
+    assert not paths_overlap(tmp_path / "a", tmp_path / "ab")
+    assert not paths_overlap("s3://bucket/a", tmp_path / "a")
+    assert paths_overlap("s3://bucket/a", "s3://bucket/a/b")
+    folder = tmp_path / "store"
+    folder.mkdir()
+    write_mark(folder, "store")
+    (folder / "records").mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert has_mark(folder, "store") and not has_mark(folder, "run")
+    assert remove_owned(folder, ["records"]) == ["notes.txt"]
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
