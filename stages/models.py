@@ -329,6 +329,24 @@ def output_vocab_size(loaded: LoadedModel) -> int:
     return int(loaded.config.get("vocab_size") or loaded.config["text_config"]["vocab_size"])
 
 
+def output_size(model: Any) -> int:
+    """Logits per position, from one forward of one token: the weights decide, not config.json."""
+    return int(model(mx.array([[0]])).shape[-1])
+
+
+def quantization_of(config: dict, name: str) -> tuple[int, int]:
+    """(bits, group_size) of a quantized model's config.json, checked."""
+    block = config.get("quantization")
+    bits = block.get("bits") if isinstance(block, dict) else None
+    group_size = block.get("group_size") if isinstance(block, dict) else None
+    if not (isinstance(bits, int) and isinstance(group_size, int)) or min(bits, group_size) < 1:
+        raise ModelError(
+            f"model {name!r}: the quantization block of its config.json is malformed "
+            f"({json.dumps(block)[:80]}); it needs whole numbers bits and group_size"
+        )
+    return bits, group_size
+
+
 def is_trainable_quantized(module: Any) -> bool:
     """Affine-quantized layers below 8 bits: their scales and biases are what DWQ tunes."""
     return (

@@ -28,6 +28,7 @@ RECORDS_DIR = "records"
 MAX_ROWS = 1 << 26
 MAX_SEQ_LEN = 1 << 20
 MAX_TOP_K = 1 << 22
+MAX_TEMPERATURES = 64
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
         "seq_len": MAX_SEQ_LEN,
         "top_k": MAX_TOP_K,
         "vocab_size": 1 << 32,
-        "num_temperatures": 64,
+        "num_temperatures": MAX_TEMPERATURES,
         "chunk_rows": MAX_ROWS,
     }
     for key, limit in limits.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +181,7 @@ class _ChunkCache:
 def stream_batches(
     reader: StoreReader,
     split: str,
-    batches: list[list[int]],
+    batches: Iterable[list[int]],
     prefetch: int = 2,
     wait_s: float | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
