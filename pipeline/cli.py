@@ -60,6 +60,7 @@ INTERRUPTED = {
     "targets": "finished chunks are kept; re-run the same command to resume",
     "tune": "the last checkpoint in the run folder is kept; re-run the same command to resume",
     "store_merge": "chunks merged so far are kept; re-run the same command to finish",
+    "store_pack": "the zip was not written",
 }
 
 

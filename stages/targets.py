@@ -239,7 +239,10 @@ def compute_targets(
     )
     as_arrays = {name: _as_arrays(seqs) for name, seqs in splits.items()}
     remote = is_url(config.store)
-    local = staging_path(config.store, config.staging_dir) if remote else Path(config.store)
+    # absolute: `--store .` inside a store names that store (a path needs a name to swap)
+    local = (
+        staging_path(config.store, config.staging_dir) if remote else Path(config.store).absolute()
+    )
     writer = open_store_for_writing(local, manifest, as_arrays, overwrite=overwrite)
     with writer.lock_shard(shard.index, shard.count):
         mine = {
