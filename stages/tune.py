@@ -412,7 +412,8 @@ class _NonFinite(Exception):
 
 
 def _all_finite(tree) -> bool:
-    return all(mx.all(mx.isfinite(value)).item() for _, value in tree_flatten(tree))
+    checks = [mx.all(mx.isfinite(value)) for _, value in tree_flatten(tree)]
+    return bool(mx.all(mx.stack(checks)).item())  # one evaluation for the whole tree
 
 
 def _diverged(step: int, checkpoint_step: int | None, run_dir: Path) -> StageError:
