@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -50,11 +51,47 @@ TrustOption = Annotated[
 ]
 
 
+EXIT_UNEXPECTED = 1  # not a known bad input: a failure we did not foresee (or a bug)
+DEBUG_ENV = "DWQ_DEBUG"
+_debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+# What Ctrl-C leaves behind, per command (default: nothing was written).
+INTERRUPTED = {
+    "targets": "finished chunks are kept; re-run the same command to resume",
+    "tune": "the last checkpoint in the run folder is kept; re-run the same command to resume",
+    "store_merge": "chunks merged so far are kept; re-run the same command to finish",
+    "store_pack": "the zip was not written",
+}
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show an error's full traceback (or {DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    global _debug
+    _debug = _debug or debug
+
+
+def _unexpected(action: str, exc: BaseException) -> str:
+    """One line for a failure no floor turned into a message: what ran, on which file, why."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    path = getattr(exc, "filename", None)  # OSError knows its file; its message may not say it
+    where = f" on {path}" if path and str(path) not in detail else ""
+    hint = "" if _debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+    return f"{action} failed{where}: {type(exc).__name__}{': ' + detail if detail else ''}{hint}"
+
+
 def guarded(command):
-    """Every user-facing error becomes one red line and exit code 2; bugs keep their traceback."""
+    """Every error becomes one red line: known bad input exits 2, anything unforeseen exits 1
+    (the traceback only with --debug)."""
     from stages.errors import StageError
     from stages.tune import TuneInterrupted
     from store.errors import StoreError
+
+    action = {"evaluate": "eval", "show_config": "config"}.get(command.__name__, command.__name__)
+    action = action.replace("_", " ")
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -64,13 +101,26 @@ def guarded(command):
             ui.error(str(exc))
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (PipelineError, StageError, StoreError) as exc:
+            _show_traceback_if_debug()
             ui.error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
-            ui.error("interrupted; finished chunks are kept, re-run the same command to resume")
+            left = INTERRUPTED.get(command.__name__, "nothing was written or changed")
+            ui.error(f"interrupted; {left}")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            _show_traceback_if_debug()
+            ui.error(_unexpected(action, exc))
+            raise typer.Exit(EXIT_UNEXPECTED) from None
 
     return wrapper
+
+
+def _show_traceback_if_debug() -> None:
+    if _debug:
+        ui.console.print_exception()
 
 
 def _overrides(pairs: dict[str, object], sets: list[str] | None) -> dict[str, object]:

@@ -7,6 +7,7 @@ A config file has one section per stage (`targets:`, `tune:`, `eval:`) and an op
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from stages.tune import TuneConfig
 
 SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig, "eval": EvalConfig}
 SHARED_KEYS = ("store", "storage_options")
+INT64 = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,20 @@ class PipelineConfig:
 
 
 def read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError([f"config {path} is a folder, not a YAML file"])
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config {path}: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path} is not a text (UTF-8) YAML file"]) from exc
+    if not text.strip():
+        raise ConfigError([f"config {path} is empty; leave out --config to use the defaults"])
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -96,6 +108,18 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def _not_representable(value: Any) -> str | None:
+    """NaN and inf pass every comparison a stage's check could make, and ints beyond 64 bits
+    crash numpy and MLX: both are refused here, in lists too."""
+    if isinstance(value, list):
+        return next(filter(None, map(_not_representable, value)), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number (got {value})"
+    if isinstance(value, int) and not -INT64 <= value < INT64:
+        return f"must fit in 64 bits (got {value})"
+    return None
+
+
 def build_section(name: str, cls: type, values: Any, problems: list[str]) -> Any:
     if not isinstance(values, dict):
         problems.append(f"section {name!r} must be a mapping")
@@ -108,6 +132,8 @@ def build_section(name: str, cls: type, values: Any, problems: list[str]) -> Any
             problems.append(f"unknown key {name}.{key} (known: {', '.join(sorted(fields))})")
         elif not _type_ok(hints[key], value):
             problems.append(f"{name}.{key} must be {_type_name(hints[key])}, got {value!r}")
+        elif problem := _not_representable(value):
+            problems.append(f"{name}.{key} {problem}")
         else:
             typed[key] = float(value) if hints[key] is float else value
     try:

@@ -8,6 +8,7 @@ itself is 0. If `eval --save RUN/eval.json` was run, its full-vocabulary figures
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def summarize(run_dir: Path) -> RunSummary:
         raise PipelineError(f"{run_dir}: the metrics log has no validation yet; nothing to report")
     best_step, best = min(validation, key=lambda sv: sv[1])
     last = records[-1]
-    settings = _read_json(run_dir / SETTINGS_FILE) or {}
+    settings = _read_json(run_dir / SETTINGS_FILE, lambda raw: isinstance(raw, dict)) or {}
     return RunSummary(
         run_dir=run_dir,
         loss=f"{settings.get('loss', '?')} (T={settings.get('temperature', '?')})",
@@ -88,15 +89,36 @@ def summarize(run_dir: Path) -> RunSummary:
         peak_memory_gb=max(r.get("peak_memory_gb", 0.0) for r in records),
         train=train,
         validation=validation,
-        evaluation=_read_json(run_dir / EVAL_FILE),
+        evaluation=_read_json(run_dir / EVAL_FILE, _is_evaluation),
     )
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path, valid: Callable[[Any], bool]) -> Any:
+    """The file's JSON if it has the shape `valid` checks; None when there is no such file."""
+    if not path.exists():
+        return None
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path} is not valid JSON ({exc.msg})") from exc
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # a folder in its place, torn, not UTF-8
+        raise PipelineError(f"{path} is not a readable JSON file ({type(exc).__name__})") from exc
+    if not valid(raw):
+        raise PipelineError(f"{path} does not hold what this program writes there ({raw!r:.60})")
+    return raw
+
+
+def _is_evaluation(raw: Any) -> bool:
+    """What `eval --save` writes: split, token count, gap closed and each model's figures."""
+    number = (int, float)
+    if not (isinstance(raw, dict) and isinstance(raw.get("models"), dict)):
+        return False
+    models = raw["models"].values()
+    return (
+        isinstance(raw.get("split"), str)
+        and isinstance(raw.get("num_tokens"), int)
+        and isinstance(raw.get("gap_closed"), (*number, type(None)))
+        and all(isinstance(m, dict) for m in models)
+        and all(isinstance(m.get(k), number) for m in models for k in ("kl", "perplexity"))
+    )
 
 
 def build_figure(summary: RunSummary):

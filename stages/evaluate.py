@@ -22,12 +22,14 @@ from stages.errors import InvalidConfig, ModelError, StageError
 from stages.models import (
     FAST_MATMUL,
     load_model,
+    output_size,
+    quantization_of,
     quantize_student,
     tokenizer_fingerprint,
     use_dequantized_matmul,
     want_fast_matmul,
 )
-from stages.settings import setting
+from stages.settings import above_limit_problems, representable_problems, setting
 from store.durable import (
     file_in_the_way,
     is_mark_bytes,
@@ -36,6 +38,7 @@ from store.durable import (
     write_json_atomic,
 )
 from store.errors import StoreError
+from store.manifest import MAX_ROWS, MAX_SEQ_LEN, Manifest
 from store.reader import StoreReader
 
 TEACHER, RTN, TUNED = "teacher", "rtn", "tuned"
@@ -68,6 +71,11 @@ class EvalConfig:
             problems.append(f"eval.max_seq_length must be >= 2 (got {self.max_seq_length})")
         if self.fast_matmul not in FAST_MATMUL:
             problems.append(f"eval.fast_matmul must be one of {', '.join(FAST_MATMUL)}")
+        if self.seed < 0:
+            problems.append(f"eval.seed must be >= 0 (got {self.seed})")
+        problems += representable_problems(self, "eval")
+        limits = {"num_sequences": MAX_ROWS, "batch_size": MAX_ROWS, "max_seq_length": MAX_SEQ_LEN}
+        problems += above_limit_problems(self, "eval", limits)
         if problems:
             raise InvalidConfig(problems)
 
@@ -201,16 +209,29 @@ def score_models(
     return {name: total.score(name, tokens) for name, total in totals.items()}
 
 
-def _store_settings(config: EvalConfig) -> dict[str, Any]:
-    """What made the store, for the settings the user left unset; {} when all are set."""
+def _store_manifest(config: EvalConfig) -> Manifest | None:
+    """What made the store, for the settings the user left unset; None when all are set."""
     if config.teacher and config.data and config.max_seq_length:
-        return {}
+        return None
     try:
-        return dict(StoreReader(config.store, config.storage_options).manifest.settings)
+        return StoreReader(config.store, config.storage_options).manifest
     except StoreError as exc:
         raise StoreError(
             f"{exc}; or give eval.teacher, eval.data and eval.max_seq_length explicitly"
         ) from exc
+
+
+def _check_output_sizes(teacher: Any, student: Any, manifest: Manifest | None) -> None:
+    """Teacher, student (and the store, when read) must give logits over the same vocabulary."""
+    sizes = {"the teacher": output_size(teacher), "the student": output_size(student)}
+    if manifest is not None:
+        sizes["the store's vocabulary"] = manifest.splits["train"].vocab_size
+    if len(set(sizes.values())) > 1:
+        raise ModelError(
+            "the models do not share one vocabulary ("
+            + ", ".join(f"{name}: {size}" for name, size in sizes.items())
+            + "); evaluate a student quantized from the store's teacher"
+        )
 
 
 def _eval_data_settings(config: EvalConfig, made_with: dict[str, Any]) -> DataSettings:
@@ -236,19 +257,21 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     """Teacher, RTN student (the tuned student's bits and group size) and tuned student."""
     if not config.student:
         raise InvalidConfig(["eval.student must name the tuned model to evaluate"])
-    made_with = _store_settings(config)
+    manifest = _store_manifest(config)
+    made_with = dict(manifest.settings) if manifest else {}
     teacher_spec = config.teacher or made_with["teacher"]
     tuned = load_model(config.student, trust_remote_code=config.trust_remote_code)
-    quantization = tuned.config.get("quantization")
-    if not quantization:
+    if not tuned.config.get("quantization"):
         raise ModelError(f"student {config.student!r} is not quantized: nothing to compare")
+    bits, group_size = quantization_of(tuned.config, config.student)
     teacher = load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
     if tokenizer_fingerprint(teacher.tokenizer) != tokenizer_fingerprint(tuned.tokenizer):
         raise ModelError(
             "the student's tokenizer differs from the teacher's; they cannot be compared"
         )
+    _check_output_sizes(teacher.model, tuned.model, manifest)
     rtn_source = load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
-    rtn, _ = quantize_student(rtn_source, quantization["bits"], quantization["group_size"])
+    rtn, _ = quantize_student(rtn_source, bits, group_size)
 
     settings = _eval_data_settings(config, made_with)
     sequences, split = build_held_out_sequences(teacher.tokenizer, settings, config.num_sequences)

@@ -185,6 +185,15 @@ def convert_gguf_to_mlx(gguf_path: Path, out_dir: Path) -> Path:
         record = json.loads(record_path.read_text())
         if record == {"source_sha256": source_digest, "version": CONVERSION_VERSION}:
             return out_dir
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:  # before the long part: the default paths are relative to the working folder
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the converted teacher to {out_dir}: {exc.strerror or exc}; run from "
+            "a folder you can write to"
+        ) from exc
     try:
         tensors, metadata = mx.load(str(gguf_path), return_metadata=True)
     except Exception as exc:  # MLX raises bare RuntimeError/ValueError on unreadable files
@@ -192,9 +201,6 @@ def convert_gguf_to_mlx(gguf_path: Path, out_dir: Path) -> Path:
     if metadata.get("general.architecture") != "llama":
         raise ModelError(f"{gguf_path}: only llama GGUF models can be converted")
 
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     weights = dequantize_gguf_weights(tensors)
     mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = llama_config_from_gguf(metadata)
@@ -327,6 +333,24 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
 def output_vocab_size(loaded: LoadedModel) -> int:
     """Width of the model's logits (may exceed the tokenizer's vocabulary)."""
     return int(loaded.config.get("vocab_size") or loaded.config["text_config"]["vocab_size"])
+
+
+def output_size(model: Any) -> int:
+    """Logits per position, from one forward of one token: the weights decide, not config.json."""
+    return int(model(mx.array([[0]])).shape[-1])
+
+
+def quantization_of(config: dict, name: str) -> tuple[int, int]:
+    """(bits, group_size) of a quantized model's config.json, checked."""
+    block = config.get("quantization")
+    bits = block.get("bits") if isinstance(block, dict) else None
+    group_size = block.get("group_size") if isinstance(block, dict) else None
+    if not (isinstance(bits, int) and isinstance(group_size, int)) or min(bits, group_size) < 1:
+        raise ModelError(
+            f"model {name!r}: the quantization block of its config.json is malformed "
+            f"({json.dumps(block)[:80]}); it needs whole numbers bits and group_size"
+        )
+    return bits, group_size
 
 
 def is_trainable_quantized(module: Any) -> bool:

@@ -154,19 +154,47 @@ def save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) 
 
 
 def checkpoint_state(run_dir: Path) -> dict | None:
-    """The last checkpoint's state.json, or None when there is none (reads only)."""
-    path = run_dir / CHECKPOINT_DIR / "state.json"
-    if not path.is_file():
+    """The last checkpoint's state.json, or None when there is no checkpoint (reads only).
+    A damaged one is refused, never taken for "no checkpoint" (that would start over silently)."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.exists():
         return None
+    path = folder / "state.json"
     try:
         state = json.loads(path.read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise StageError(
-            f"{path} is unreadable ({type(exc).__name__}); pass --overwrite to start the run over"
-        ) from exc
+    except (OSError, ValueError) as exc:  # absent, a folder, torn, not UTF-8
+        raise _damaged_checkpoint(path, type(exc).__name__) from exc
     if not isinstance(state, dict):
-        raise StageError(f"{path} is not a checkpoint state; pass --overwrite to start over")
+        raise _damaged_checkpoint(path, "not a JSON object")
+    for key, types in STATE_FIELDS.items():
+        if key in state and (not isinstance(state[key], types) or isinstance(state[key], bool)):
+            raise _damaged_checkpoint(path, f"{key}={state[key]!r}")
+    missing = [key for key in STATE_FIELDS if key not in state and key != "store"]
+    if missing:
+        raise _damaged_checkpoint(path, f"{missing[0]} is missing")
+    chunks = state.get("train_chunks", [])
+    if not (isinstance(chunks, list) and all(type(c) is int for c in chunks)):
+        raise _damaged_checkpoint(path, "train_chunks is not a list of chunk numbers")
     return state
+
+
+# state.json's fields and their JSON types ("store" is absent in checkpoints of earlier versions;
+# train_chunks is there only with incomplete_store=use)
+STATE_FIELDS = {
+    "step": (int,),
+    "best_step": (int,),
+    "initial_val_loss": (int, float, type(None)),
+    "best_val_loss": (int, float, type(None)),
+    "resume_key": (str,),
+    "store": (str,),
+}
+
+
+def _damaged_checkpoint(path: Path, why: str) -> StageError:
+    return StageError(
+        f"the checkpoint in {path.parent} is damaged ({path.name}: {why}); pass --overwrite to "
+        "start over, or choose another --run-dir"
+    )
 
 
 def load_checkpoint(run_dir: Path, optimizer, resume_key: str, store_digest: str):
@@ -190,11 +218,15 @@ def load_checkpoint(run_dir: Path, optimizer, resume_key: str, store_digest: str
             f"{run_dir} holds a checkpoint of a run with other settings; "
             "pass --overwrite to start over or choose another --run-dir"
         )
-    folder = run_dir / CHECKPOINT_DIR
-    params = tree_unflatten(list(mx.load(str(folder / "params.safetensors")).items()))
-    best = tree_unflatten(list(mx.load(str(folder / "best.safetensors")).items()))
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return params, best, state
+    loaded = {}
+    for name in ("params", "best", "optimizer"):
+        path = run_dir / CHECKPOINT_DIR / f"{name}.safetensors"
+        try:
+            loaded[name] = tree_unflatten(list(mx.load(str(path)).items()))
+        except Exception as exc:  # MLX raises bare RuntimeError/ValueError on unreadable files
+            raise _damaged_checkpoint(path, type(exc).__name__) from exc
+    optimizer.state = loaded["optimizer"]
+    return loaded["params"], loaded["best"], state
 
 
 # ---- the metrics log ---------------------------------------------------------------------------
@@ -210,7 +242,7 @@ def _parse_metrics(path: Path, text: str) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if _is_metrics_record(record):
             records.append(record)
         elif number == len(lines) and records:
             break  # torn by a crash while it was appended
@@ -220,6 +252,15 @@ def _parse_metrics(path: Path, text: str) -> list[dict]:
                 "step record)"
             )
     return records
+
+
+def _is_metrics_record(record: Any) -> bool:
+    """An object with a whole step and total_steps, and numbers for every measure it has."""
+    if not isinstance(record, dict):
+        return False
+    counts = [record.get(k) for k in ("step", "total_steps")]
+    measures = [v for k, v in record.items() if k not in ("step", "total_steps")]
+    return all(type(v) is int for v in counts) and all(type(v) in (int, float) for v in measures)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

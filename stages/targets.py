@@ -19,15 +19,24 @@ from stages.models import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from stages.settings import setting
+from stages.settings import above_limit_problems, representable_problems, setting
 from store.durable import paths_overlap
 from store.layout import LOGIT_DTYPES, SplitShape, float32_to_bfloat16_bits, sequences_digest
 from store.location import is_url
-from store.manifest import Manifest
+from store.manifest import MAX_ROWS, MAX_SEQ_LEN, MAX_TEMPERATURES, MAX_TOP_K, Manifest
 from store.publish import Publisher, staging_path
 from store.writer import BackgroundWriter, chunks_for_shard, open_store_for_writing
 
 SPLIT_ORDER = ("valid", "train")  # valid first: a short run already gives tune its validation set
+# The sizes a manifest may hold (checked again when a store is read).
+TARGETS_LIMITS = {
+    "top_k": MAX_TOP_K,
+    "max_seq_length": MAX_SEQ_LEN,
+    "num_samples": MAX_ROWS,
+    "num_valid_samples": MAX_ROWS,
+    "batch_size": MAX_ROWS,
+    "chunk_size": MAX_ROWS,
+}
 
 
 @dataclass
@@ -46,8 +55,9 @@ class TargetsConfig:
     )
     top_k: int = setting(1024, "teacher logits kept per position (1 <= top_k <= vocabulary)")
     max_seq_length: int = setting(256, "tokens per sequence")
-    num_samples: int = setting(256, "training sequences (0 = all the data gives)")
-    num_valid_samples: int = setting(32, "validation sequences (0 = all the data gives)")
+    # The same as configs/default.yaml: the embedded data gives 26 validation sequences of 256.
+    num_samples: int = setting(48, "training sequences (0 = all the data gives)")
+    num_valid_samples: int = setting(8, "validation sequences (0 = all the data gives)")
     valid_share: float = setting(
         0.1, "share held out for validation when the data has no valid split"
     )
@@ -82,6 +92,12 @@ class TargetsConfig:
             )
         if not self.lse_temperatures or any(t <= 0 for t in self.lse_temperatures):
             problems.append("targets.lse_temperatures must be a non-empty list of positive numbers")
+        if self.seed < 0:
+            problems.append(f"targets.seed must be >= 0 (got {self.seed})")
+        problems += representable_problems(self, "targets")
+        problems += above_limit_problems(self, "targets", TARGETS_LIMITS)
+        if len(self.lse_temperatures) > MAX_TEMPERATURES:
+            problems.append(f"targets.lse_temperatures holds more than {MAX_TEMPERATURES} values")
         if problems:
             raise InvalidConfig(problems)
 
@@ -226,7 +242,10 @@ def compute_targets(
     )
     as_arrays = {name: _as_arrays(seqs) for name, seqs in splits.items()}
     remote = is_url(config.store)
-    local = staging_path(config.store, config.staging_dir) if remote else Path(config.store)
+    # absolute: `--store .` inside a store names that store (a path needs a name to swap)
+    local = (
+        staging_path(config.store, config.staging_dir) if remote else Path(config.store).absolute()
+    )
     writer = open_store_for_writing(local, manifest, as_arrays, overwrite=overwrite)
     with writer.lock_shard(shard.index, shard.count):
         mine = {

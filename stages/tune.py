@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -25,18 +26,36 @@ from stages.losses import LOSSES, NEEDS_TEACHER_LSE
 from stages.models import (
     FAST_MATMUL,
     load_model,
+    output_size,
+    quantization_of,
     quantize_student,
     tokenizer_fingerprint,
     unfreeze_scales_and_biases,
     use_dequantized_matmul,
     want_fast_matmul,
 )
-from stages.settings import setting
+from stages.settings import (
+    MAX_STEPS,
+    above_limit_problems,
+    representable_problems,
+    setting,
+)
 from store.errors import StoreCorruptError
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
 INCOMPLETE = ("refuse", "use", "wait")
+TUNE_LIMITS = {
+    "max_steps": MAX_STEPS,
+    "warmup_steps": MAX_STEPS,
+    "val_every": MAX_STEPS,
+    "checkpoint_every": MAX_STEPS,
+    "epochs": 10**6,
+    "batch_size": 1 << 16,
+    "grad_accumulation": 1 << 16,
+    "prefetch": 1024,
+    "group_size": 1 << 16,
+}
 
 
 @dataclass
@@ -100,6 +119,10 @@ class TuneConfig:
             problems.append(f"tune.incomplete_store must be one of {', '.join(INCOMPLETE)}")
         if self.wait_timeout_s <= 0:
             problems.append("tune.wait_timeout_s must be > 0")
+        if self.seed < 0:
+            problems.append(f"tune.seed must be >= 0 (got {self.seed})")
+        problems += representable_problems(self, "tune")
+        problems += above_limit_problems(self, "tune", TUNE_LIMITS)
         if problems:
             raise InvalidConfig(problems)
 
@@ -159,6 +182,7 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
                 f"student {config.student!r} is not quantized; give a quantized mlx-lm model "
                 "or leave tune.student unset to quantize the teacher"
             )
+        quantization_of(loaded.config, config.student)
         student = _Student(loaded.model, loaded.tokenizer, loaded.config, loaded.path)
     else:
         teacher = str(reader.manifest.teacher.get("name", ""))
@@ -169,6 +193,12 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
         raise ModelError(
             "the student's tokenizer differs from the one the targets were made with; "
             "use a student of the same model family as the store's teacher"
+        )
+    outputs, vocab = output_size(student.model), reader.manifest.splits["train"].vocab_size
+    if outputs != vocab:  # its logits would be gathered at indices it does not have
+        raise ModelError(
+            f"the student gives {outputs} logits per position but the store's vocabulary has "
+            f"{vocab}; use a student quantized from the store's teacher"
         )
     return student
 
@@ -293,6 +323,13 @@ class _Trainer:
             self.train_chunks, shape.num_sequences, shape.chunk_rows, self.config, epoch
         )
 
+    def my_batches(self, steps: range) -> Iterator[list[int]]:
+        """This rank's rows of each batch of `steps`, planned as they are consumed: a run of 10**9
+        steps holds one epoch's plan, not every step's batches."""
+        for step in steps:
+            for batch in self.batches_of_step(step):
+                yield self.dist.my_rows(batch)
+
     def batches_of_step(self, step: int) -> list[list[int]]:
         first = (step - 1) * self.config.grad_accumulation
         batches = range(first, first + self.config.grad_accumulation)
@@ -346,9 +383,12 @@ class _Trainer:
             loss_sum += loss.item()
         # Sums over ranks of (each rank's summed loss / global tokens) = the global mean.
         grads = self.dist.sum(tree_map(lambda x: x / ntoks, grads))
+        loss = float(self.dist.sum(mx.array(loss_sum)).item()) / ntoks
+        if not (math.isfinite(loss) and _all_finite(grads)):  # never step into NaN weights
+            raise _NonFinite(step)
         params = optimizer.apply_gradients(grads, params)
         mx.eval(params, optimizer.state)
-        return params, float(self.dist.sum(mx.array(loss_sum)).item()) / ntoks, ntoks
+        return params, loss, ntoks
 
     def validate(self, params) -> float:
         """Mean loss per token over the whole valid split, summed over ranks."""
@@ -364,6 +404,29 @@ class _Trainer:
             inputs = self.batch_inputs("valid", my_rows, targets)
             total += self.summed_loss(model_params, *inputs).item()
         return float(self.dist.sum(mx.array(total)).item()) / self.global_tokens("valid", batches)
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+def _all_finite(tree) -> bool:
+    checks = [mx.all(mx.isfinite(value)) for _, value in tree_flatten(tree)]
+    return bool(mx.all(mx.stack(checks)).item())  # one evaluation for the whole tree
+
+
+def _diverged(step: int, checkpoint_step: int | None, run_dir: Path) -> StageError:
+    kept = (
+        f"the last good checkpoint (step {checkpoint_step}) is kept in {run_dir}"
+        if checkpoint_step is not None
+        else "no checkpoint had been written yet"
+    )
+    return StageError(
+        f"the loss or its gradients became NaN/inf at step {step}; the update was not applied "
+        f"and {kept}; lower tune.learning_rate (or use another loss or temperature) and start "
+        "over with --overwrite"
+    )
 
 
 def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
@@ -458,27 +521,39 @@ def _train(
         run_folder.trim_metrics(run_dir, state["step"] if resumed else -1)
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = state["best_val_loss"] = trainer.validate(params)
+        if not math.isfinite(state["initial_val_loss"]):
+            raise ModelError(
+                "the student's validation loss is NaN/inf before any step: its weights hold "
+                "NaN/inf or do not fit the store; quantize the student again from the teacher"
+            )
         _report(
             dist, run_dir, on_step, StepReport(0, total_steps, val_loss=state["initial_val_loss"])
         )
 
+    checkpoint_step = state["step"] if resumed else None
+
     def save_checkpoint() -> None:
+        nonlocal checkpoint_step
         if dist.rank == 0:
             saved = {**state, "resume_key": config.resume_key(), "store": store_digest}
             run_folder.save_checkpoint(run_dir, params, best_params, optimizer, saved)
+        checkpoint_step = state["step"]
 
     steps = range(state["step"] + 1, total_steps + 1)
     # One stream for the whole run, so decoding runs ahead across step boundaries too.
-    my_batches = [dist.my_rows(b) for step in steps for b in trainer.batches_of_step(step)]
+    planned = trainer.my_batches(steps)
     prefetched = closing(
-        stream_batches(reader, "train", my_batches, config.prefetch, wait_s=config.wait_s)
+        stream_batches(reader, "train", planned, config.prefetch, wait_s=config.wait_s)
     )
     with _stop_requests() as stop_requested, prefetched as batches:
-        stream = zip(my_batches, batches, strict=True)
+        stream = zip(trainer.my_batches(steps), batches, strict=True)
         train_seconds, tokens_done = 0.0, 0.0
         for step in steps:
             tic = time.perf_counter()
-            params, loss, ntoks = trainer.step(params, optimizer, stream, step)
+            try:
+                params, loss, ntoks = trainer.step(params, optimizer, stream, step)
+            except _NonFinite:
+                raise _diverged(step, checkpoint_step, run_dir) from None
             train_seconds += time.perf_counter() - tic
             tokens_done += ntoks
             state["step"] = step

@@ -8,11 +8,65 @@ staging folder and uploads each finished chunk (store/publish.py).
 
 from __future__ import annotations
 
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from store.errors import StoreError
+from store.errors import StoreCorruptError, StoreError
+
+T = TypeVar("T")
+REMOTE_TRIES = 4  # a transient failure (network, timeout, throttling, 5xx) is retried this often
+BACKOFF_S = 0.5  # ... after 0.5, 1, 2 s
+DENIED, UNREACHABLE, THROTTLED = "access denied", "could not reach", "throttled or failing"
+_DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
+_THROTTLED_CODES = ("SlowDown", "Throttl", "RequestLimitExceeded", "ServiceUnavailable")
+_UNREACHABLE_TYPES = {
+    "ClientConnectionError",  # aiohttp (http, s3fs, gcsfs)
+    "ServerDisconnectedError",
+    "EndpointConnectionError",  # botocore
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+}
+
+
+def remote_failure(exc: BaseException) -> str | None:
+    """What kind of failure of object storage or HTTP `exc` is, or None when it is none of
+    these (an absent file, a codec error, a bug). Judged by class names and codes, so neither
+    botocore nor aiohttp needs to be installed."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return None
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc)
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if isinstance(exc, PermissionError) or "NoCredentialsError" in names:
+        return DENIED
+    if any(code in text for code in _DENIED_CODES) or status in (401, 403):
+        return DENIED
+    if isinstance(exc, (ConnectionError, TimeoutError)) or names & _UNREACHABLE_TYPES:
+        return UNREACHABLE
+    if any(code in text for code in _THROTTLED_CODES):
+        return THROTTLED
+    if isinstance(status, int) and (status == 429 or status >= 500):
+        return THROTTLED
+    return None
+
+
+def describe_remote_failure(kind: str, where: str, exc: BaseException, tries: int) -> str:
+    detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if kind == DENIED:
+        return (
+            f"access denied to {where} ({detail}); check the credentials (AWS_ACCESS_KEY_ID, "
+            "AWS_PROFILE, ... or --storage-option) and the permissions on it"
+        )
+    if kind == UNREACHABLE:
+        return (
+            f"could not reach {where} after {tries} tries ({detail}); check the network and the "
+            "endpoint (--storage-option endpoint_url=...), then re-run"
+        )
+    return f"{where} kept failing after {tries} tries ({detail}); wait a little and re-run"
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -43,8 +97,19 @@ class StoreLocation:
             self._open_remote()
         elif self.spec.endswith(".zip") and Path(self.spec).is_file():
             self.kind = "zip"
-            self.zip = zipfile.ZipFile(self.spec)
+            try:
+                self.zip = zipfile.ZipFile(self.spec)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise StoreError(
+                    f"{self.spec} is not a readable zip ({exc}); copy it again, or pack the "
+                    "store again with `dwq-pipeline store pack`"
+                ) from exc
             self.names = set(self.zip.namelist())
+        elif Path(self.spec).is_file():
+            raise StoreError(
+                f"{self.spec} is a file, not a store: give a store folder, a .zip made by "
+                "`dwq-pipeline store pack`, or a URL"
+            )
         else:
             self.kind = "local"
             self.root = Path(self.spec)
@@ -68,15 +133,31 @@ class StoreLocation:
     def _remote(self, key: str) -> str:
         return f"{self.root_path}/{key}" if key else self.root_path
 
+    def call(self, operation: Callable[[], T], key: str = "") -> T:
+        """Run a read of this store. On object storage or HTTP, transient failures (network,
+        timeouts, throttling, 5xx) are retried with backoff, and failures are reported as what
+        they are (access denied, could not reach) rather than as a missing or damaged file."""
+        if self.kind != "remote":
+            return operation()
+        where = f"{self.spec}/{key}" if key else self.spec
+        for attempt in range(1, REMOTE_TRIES + 1):
+            try:
+                return operation()
+            except Exception as exc:
+                kind = remote_failure(exc)
+                if kind is None:
+                    raise
+                if kind == DENIED or attempt == REMOTE_TRIES:
+                    raise StoreError(describe_remote_failure(kind, where, exc, attempt)) from exc
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
     def exists(self, key: str = "") -> bool:
         if self.kind == "local":
             return (self.root / key).exists() if key else self.root.exists()
         if self.kind == "zip":
             return not key or key in self.names
-        try:
-            return bool(self.fs.exists(self._remote(key)))
-        except OSError:
-            return False
+        return bool(self.call(lambda: self.fs.exists(self._remote(key)), key))
 
     def read_bytes(self, key: str) -> bytes | None:
         """The file's bytes, or None when it is absent."""
@@ -84,17 +165,27 @@ class StoreLocation:
             if self.kind == "local":
                 return (self.root / key).read_bytes()
             if self.kind == "zip":
-                return self.zip.read(key) if key in self.names else None
-            return self.fs.cat_file(self._remote(key))
-        except (FileNotFoundError, IsADirectoryError):
+                return self._read_member(key) if key in self.names else None
+            return self.call(lambda: self.fs.cat_file(self._remote(key)), key)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+
+    def _read_member(self, key: str) -> bytes:
+        try:
+            return self.zip.read(key)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:  # zlib.error too
+            raise StoreCorruptError(
+                f"{key} in {self.spec} is damaged ({exc}); copy the zip again or pack the store "
+                "again with `dwq-pipeline store pack`"
+            ) from exc
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         """Several files at once (concurrent requests for a remote store)."""
         if self.kind != "remote" or not keys:
             return {key: self.read_bytes(key) for key in keys}
-        found = self.fs.cat([self._remote(k) for k in keys], on_error="omit")
-        return {key: found.get(self._remote(key)) for key in keys}
+        paths = [self._remote(k) for k in keys]
+        found = self.call(lambda: _raise_first_failure(self.fs.cat(paths, on_error="return")))
+        return {key: found.get(path) for key, path in zip(keys, paths, strict=True)}
 
     def keys_under(self, prefix: str) -> dict[str, int]:
         """Every file below `prefix`: key -> size in bytes."""
@@ -113,7 +204,7 @@ class StoreLocation:
                 i.filename: i.file_size for i in self.zip.infolist() if i.filename.startswith(start)
             }
         try:
-            found = self.fs.find(self._remote(prefix), detail=True)
+            found = self.call(lambda: self.fs.find(self._remote(prefix), detail=True), prefix)
         except FileNotFoundError:
             return {}
         skip = len(self.root_path) + 1
@@ -130,3 +221,11 @@ class StoreLocation:
         return zarr.storage.FsspecStore.from_url(
             self.spec, storage_options=self.storage_options, read_only=True
         )
+
+
+def _raise_first_failure(found: dict[str, Any]) -> dict[str, bytes | None]:
+    """fsspec's cat(on_error="return") result: absent files become None, other errors raise."""
+    for value in found.values():
+        if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+            raise value
+    return {path: None if isinstance(v, Exception) else v for path, v in found.items()}

@@ -28,6 +28,7 @@ RECORDS_DIR = "records"
 MAX_ROWS = 1 << 26
 MAX_SEQ_LEN = 1 << 20
 MAX_TOP_K = 1 << 22
+MAX_TEMPERATURES = 64
 
 
 @dataclass(frozen=True)
@@ -90,18 +91,42 @@ class Manifest:
     def differences(self, other: Manifest) -> list[str]:
         """Human-readable list of what differs in the inputs and settings that made the stores."""
         mine, theirs = self.to_dict(), other.to_dict()
-        out = []
+        out: list[str] = []
         for section in ("teacher", "tokenizer", "data", "settings", "splits"):
-            a, b = mine[section], theirs[section]
-            for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
-                    out.append(f"{section}.{key}: {_short(a.get(key))} != {_short(b.get(key))}")
+            _differing_leaves(section, mine[section], theirs[section], out)
         return out
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 40 else text[:37] + "..."
+def describe_differences(differences: list[str], shown: int = 4) -> str:
+    """The first few differences in full, and how many more there are."""
+    more = len(differences) - shown
+    return "; ".join(differences[:shown]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _differing_leaves(path: str, a: Any, b: Any, out: list[str]) -> None:
+    """'splits.train.vocab_size: 384 != 512', down to the field that differs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                _differing_leaves(f"{path}.{key}", a.get(key), b.get(key), out)
+        return
+    out.append(f"{path}: {_contrast(a, b)}")
+
+
+def _contrast(a: Any, b: Any, width: int = 40) -> str:
+    """Both values, each cut to `width` around where they first differ (never before it)."""
+    texts = [json.dumps(v, sort_keys=True) for v in (a, b)]
+    first = next(
+        (i for i, (x, y) in enumerate(zip(*texts, strict=False)) if x != y),
+        min(map(len, texts)),
+    )
+    start = max(0, first - width // 2)
+
+    def cut(text: str) -> str:
+        part = text[start : start + width]
+        return ("..." if start else "") + part + ("..." if start + width < len(text) else "")
+
+    return f"{cut(texts[0])} != {cut(texts[1])}"
 
 
 def _parse_split(name: str, raw: Any) -> SplitShape:
@@ -114,7 +139,7 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
         "seq_len": MAX_SEQ_LEN,
         "top_k": MAX_TOP_K,
         "vocab_size": 1 << 32,
-        "num_temperatures": 64,
+        "num_temperatures": MAX_TEMPERATURES,
         "chunk_rows": MAX_ROWS,
     }
     for key, limit in limits.items():

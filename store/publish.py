@@ -18,6 +18,7 @@ from store.manifest import (
     MANIFEST_FILE,
     RECORDS_DIR,
     Manifest,
+    describe_differences,
     read_manifest,
     read_records,
     record_key,
@@ -52,8 +53,8 @@ class Publisher:
             differences = read_manifest(self.remote).differences(manifest)
             if differences:
                 raise StoreMismatchError(
-                    f"store {self.remote} was made differently ({'; '.join(differences[:4])}); "
-                    "choose another --store"
+                    f"store {self.remote} was made differently "
+                    f"({describe_differences(differences)}); choose another --store"
                 )
         else:
             self._publish_skeleton()

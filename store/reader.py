@@ -5,13 +5,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from store.errors import StoreCorruptError, StoreError
+from store.errors import ManifestUnreadable, StoreCorruptError, StoreError
 from store.layout import (
     SEQUENCE_ARRAYS,
     TARGET_ARRAYS,
@@ -39,11 +39,20 @@ class StoreReader:
             store if isinstance(store, StoreLocation) else StoreLocation(store, storage_options)
         )
         self.path = str(self.location)
-        if not self.location.exists():
-            raise StoreError(f"store {self.path} does not exist; run `dwq-pipeline targets` first")
-        self.manifest: Manifest = read_manifest(self.location)
+        try:  # read first: on a URL, only a read tells "absent" from "unreachable" or "denied"
+            self.manifest: Manifest = read_manifest(self.location)
+        except ManifestUnreadable:
+            if not self.location.exists():
+                raise StoreError(
+                    f"store {self.path} does not exist; run `dwq-pipeline targets` first"
+                ) from None
+            raise
         try:
-            self.root = zarr.open_group(self.location.zarr_store(), mode="r")
+            self.root = self.location.call(
+                lambda: zarr.open_group(self.location.zarr_store(), mode="r")
+            )
+        except StoreError:
+            raise
         except Exception as exc:  # zarr raises several kinds for a broken group
             raise StoreCorruptError(
                 f"store {self.path} cannot be opened by zarr ({type(exc).__name__}); copy it "
@@ -88,7 +97,11 @@ class StoreReader:
     def sequences(self, split: str, verify: bool = True) -> dict[str, np.ndarray]:
         """A split's token rows, lengths and prompt offsets, checked against the manifest."""
         try:
-            values = {name: self.root[split][name][...] for name in SEQUENCE_ARRAYS}
+            values = self.location.call(
+                lambda: {name: self._array(split, name)[...] for name in SEQUENCE_ARRAYS}
+            )
+        except StoreError:
+            raise
         except Exception as exc:  # a truncated or garbled chunk fails in the codec
             raise StoreCorruptError(
                 f"the {split} token arrays of {self.path} cannot be decoded; "
@@ -104,15 +117,32 @@ class StoreReader:
     def missing_chunk_files(self, split: str, chunk: int) -> list[str]:
         """Chunk files that are absent, as after an interrupted copy."""
         keys = [
-            chunk_key(split, name, chunk, self.root[split][name].ndim) for name in TARGET_ARRAYS
+            chunk_key(split, name, chunk, self._array(split, name).ndim) for name in TARGET_ARRAYS
         ]
         return [key for key in keys if not self.location.exists(key)]
+
+    def _array(self, split: str, name: str):
+        """One array of a split; unreadable metadata (zarr.json) is named, not a traceback."""
+        try:
+            return self.location.call(lambda: self.root[split][name], f"{split}/{name}")
+        except StoreError:
+            raise
+        except Exception as exc:  # zarr raises several kinds for missing or broken metadata
+            raise StoreCorruptError(
+                f"the metadata of {split}/{name} in {self.path} is unreadable "
+                f"({type(exc).__name__}); copy the store again or re-run `dwq-pipeline targets` "
+                "with its config to repair it"
+            ) from exc
 
     def read_targets(self, split: str, chunk: int, verify: bool = True) -> dict[str, np.ndarray]:
         """A chunk's stored target arrays (logits in their stored dtype), checksum-verified."""
         start, stop = self.manifest.splits[split].chunk_rows_range(chunk)
         try:
-            values = {name: self.root[split][name][start:stop] for name in TARGET_ARRAYS}
+            values = self.location.call(
+                lambda: {name: self._array(split, name)[start:stop] for name in TARGET_ARRAYS}
+            )
+        except StoreError:
+            raise
         except Exception as exc:  # a truncated or garbled chunk fails in the codec
             self._raise_if_files_missing(split, chunk)
             raise StoreCorruptError(
@@ -181,7 +211,7 @@ class _ChunkCache:
 def stream_batches(
     reader: StoreReader,
     split: str,
-    batches: list[list[int]],
+    batches: Iterable[list[int]],
     prefetch: int = 2,
     wait_s: float | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:

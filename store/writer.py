@@ -37,6 +37,7 @@ from store.manifest import (
     ChunkRecord,
     Manifest,
     array_checksum,
+    describe_differences,
     read_manifest,
     read_records,
     record_path,
@@ -184,7 +185,7 @@ def open_store_for_writing(
         differences = existing.differences(manifest)
         if differences:
             raise StoreMismatchError(
-                f"store {path} was made differently ({'; '.join(differences[:4])}); "
+                f"store {path} was made differently ({describe_differences(differences)}); "
                 "pass --overwrite to replace it or choose another --store"
             )
         if not _layout_matches(path, existing):
@@ -422,7 +423,7 @@ def merge_stores(out_path: Path, inputs: Iterable[str | Path]) -> dict[str, int]
         differences = base.manifest.differences(reader.manifest)
         if differences:
             raise StoreMismatchError(
-                f"{reader.path} differs from {base.path}: {'; '.join(differences[:4])}"
+                f"{reader.path} differs from {base.path}: {describe_differences(differences)}"
             )
     sequences = {split: base.sequences(split) for split in base.manifest.splits}
     writer = open_store_for_writing(Path(out_path), base.manifest, sequences)

@@ -167,8 +167,9 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600):
-    """The real console script in a subprocess; with ranks > 1 under `mlx.launch` (ring)."""
+def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600, **popen):
+    """The real console script in a subprocess; with ranks > 1 under `mlx.launch` (ring).
+    `popen` goes to subprocess.run (cwd, user, env, ...)."""
     import subprocess
 
     command = [str(BIN / "dwq-pipeline"), *args]
@@ -176,7 +177,8 @@ def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600):
         port = port or free_ports(ranks)
         launch = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(ranks)]
         command = [*launch, "--starting-port", str(port), "--", *command]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    popen.setdefault("cwd", ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def start_cli(*args: str):

@@ -88,3 +88,50 @@ def test_config_command_shows_resolved_values_with_help():
     assert "'js'" in row and "distillation loss" in row
     bad = CliRunner().invoke(app, ["config", "--set", "tune.wat=1"])
     assert bad.exit_code == 2 and "unknown key tune.wat" in bad.output
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("tune.learning_rate=.nan", "tune.learning_rate must be a finite number"),
+        ("tune.temperature=.inf", "tune.temperature must be a finite number"),
+        ("tune.wait_timeout_s=-.inf", "tune.wait_timeout_s must be a finite number"),
+        ("targets.lse_temperatures=[1.0, .nan]", "lse_temperatures must be a finite number"),
+        ("tune.max_steps=100000000000000000000", "tune.max_steps must fit in 64 bits"),
+        ("tune.max_steps=1000000001", "tune.max_steps must be <= 1,000,000,000"),
+        ("targets.top_k=100000000", "targets.top_k must be <= "),
+        ("tune.seed=-1", "tune.seed must be >= 0"),
+        ("eval.num_sequences=1000000000000", "eval.num_sequences must be <= "),
+    ],
+)
+def test_numbers_no_run_could_use_are_refused(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("[", r"\[")):
+        load_config(None, dict([parse_override(override)]))
+
+
+def test_a_float_nan_from_a_cli_flag_is_refused():
+    with pytest.raises(ConfigError, match="tune.learning_rate must be a finite number"):
+        load_config(None, {"tune.learning_rate": float("nan")})
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [(b"", "is empty"), (b"\xff\xfe\x00garbage", "not a text"), (b"[1, 2]", "mapping")],
+)
+def test_a_config_file_that_is_no_config_is_one_problem(tmp_path, content, expected):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
+def test_the_built_in_targets_defaults_are_the_default_config():
+    """No --config means configs/default.yaml's targets settings, which fit the built-in data
+    (its 26 validation windows of 256 tokens once failed the 32 the defaults asked for)."""
+    import yaml
+
+    default = yaml.safe_load((Path(__file__).parent.parent / "configs/default.yaml").read_text())
+    built_in = vars(TargetsConfig())
+    assert {k: v for k, v in default["targets"].items() if built_in[k] != v} == {}
