@@ -41,18 +41,22 @@ def test_a_run_folder_is_new_empty_or_ours(tmp_path):
         check_run_dir(tmp_path / "run", {"store": str(tmp_path)})
 
 
+def state_at(step: int) -> dict:
+    return {"step": step, "best_step": step, "initial_val_loss": 1.0, "best_val_loss": 0.5}
+
+
 def test_recovery_finishes_an_interrupted_checkpoint_swap(tmp_path):
     make_run_dir(tmp_path)
     old = tmp_path / f"{CHECKPOINT_DIR}.old"
     old.mkdir()
-    (old / "state.json").write_text(json.dumps({"step": 4}))
+    (old / "state.json").write_text(json.dumps({**state_at(4), "resume_key": "k"}))
     assert checkpoint_state(tmp_path) is None  # reading never renames
     recover_checkpoint(tmp_path)  # crashed between the renames: the old one is the checkpoint
-    assert checkpoint_state(tmp_path) == {"step": 4} and not old.exists()
+    assert checkpoint_state(tmp_path)["step"] == 4 and not old.exists()
     old.mkdir()
-    (old / "state.json").write_text(json.dumps({"step": 2}))
+    (old / "state.json").write_text(json.dumps({**state_at(2), "resume_key": "k"}))
     recover_checkpoint(tmp_path)  # crashed after both renames: the old one is stale
-    assert checkpoint_state(tmp_path) == {"step": 4} and not old.exists()
+    assert checkpoint_state(tmp_path)["step"] == 4 and not old.exists()
 
 
 def test_metrics_log_drops_a_torn_last_line_and_refuses_garbage(tmp_path):
@@ -61,7 +65,7 @@ def test_metrics_log_drops_a_torn_last_line_and_refuses_garbage(tmp_path):
     make_run_dir(tmp_path)
     with pytest.raises(StageError, match="no metrics.jsonl"):
         read_metrics(tmp_path)
-    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(3)]
+    lines = [json.dumps({"step": s, "total_steps": 3, "loss": 1.0 / (s + 1)}) for s in range(3)]
     (tmp_path / METRICS_FILE).write_text("\n".join(lines) + '\n{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     trim_metrics(tmp_path, 1)
