@@ -42,6 +42,7 @@ class StoreReader:
         if not self.location.exists():
             raise StoreError(f"store {self.path} does not exist; run `dwq-pipeline targets` first")
         self.manifest: Manifest = read_manifest(self.location)
+        self.manifest.check_current(self.path)
         try:
             self.root = zarr.open_group(self.location.zarr_store(), mode="r")
         except Exception as exc:  # zarr raises several kinds for a broken group
