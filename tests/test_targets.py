@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import load_config
 from stages.models import load_model
-from stages.targets import Progress, Shard, compute_targets
+from stages.targets import Progress, Shard, compute_targets, topk_targets
 from store.errors import StoreOutdatedError
 from store.inspect import store_info, verify_store
 from store.layout import TARGET_ARRAYS, bfloat16_bits_to_float32
@@ -147,6 +147,22 @@ def test_bfloat16_head_and_stored_tail_are_the_teachers_exact_distribution(
     share = np.concatenate([a.ravel() for a in old_not_a_distribution]).mean()
     print(f"schema 1's head mass exceeded 1 at {share:.1%} of positions")
     assert share > 0.05
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_extracted_tail_gives_the_exact_mass_for_every_dtype_and_k(dtype):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(2, 3, 50)) * 8).astype(np.float32)
+    for k in (5, 50):  # 50: the whole vocabulary, an empty tail
+        out = topk_targets(logits, k, [1.0, 2.0], dtype)
+        stored = out["topk_logits"]
+        head = (
+            bfloat16_bits_to_float32(stored) if dtype == "bfloat16" else stored.astype(np.float32)
+        )
+        for i, t in enumerate([1.0, 2.0]):
+            ours = stored_bucket_logprobs(head, out["tail_logsumexp"][..., i], t)[..., -1]
+            exact = true_bucket_logprobs(logits, out["topk_indices"], t)[..., -1]
+            np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5)
 
 
 def make_schema_1(store: Path) -> None:
