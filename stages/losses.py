@@ -1,14 +1,16 @@
 """Distillation losses per position, as pure functions of student and stored teacher values.
 
 Inputs at temperature T (all [..., K] unless noted):
-  student_topk: the student's logits at the teacher's top-k indices
-  student_lse:  [...] the student's full-vocabulary logsumexp of logits / T
-  teacher_topk: the teacher's top-k logits
-  teacher_lse:  [...] the teacher's full-vocabulary logsumexp of logits / T (stored), or None
+  student_topk:  the student's logits at the teacher's top-k indices
+  student_tail:  [...] log-sum-exp of the student's logits / T outside those indices
+                 (`tail_logsumexp`), or None
+  teacher_topk:  the teacher's stored top-k logits (possibly rounded to bfloat16)
+  teacher_tail:  [...] the stored tail log-sum-exp at T (the store's `tail_logsumexp`), or None
 
 `kl_topk` renormalises over the top-k only (mlx-lm's DWQ). The others compare (k+1)-bucket
-distributions: the top-k entries plus one bucket for all the rest of the vocabulary, whose mass
-follows exactly from the logsumexp.
+distributions: the top-k entries plus one bucket for all the rest of the vocabulary. Each side's
+buckets are a softmax over [top-k logits / T, tail], so they sum to 1 whatever the rounding of the
+stored logits; the store shifts the teacher's tail so that its mass is the teacher's exact one.
 """
 
 from __future__ import annotations
@@ -17,48 +19,59 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-TAIL_FLOOR = 1e-12  # bf16 logits can make the top-k mass exceed 1 by a hair
+
+def tail_logsumexp(scaled_logits: mx.array, topk_indices: mx.array) -> mx.array:
+    """Log-sum-exp over the vocabulary outside `topk_indices` (-inf when nothing is left).
+
+    Summed directly rather than as the full sum minus the head, which cancels to noise when the
+    head holds nearly all the mass; masked entries get no gradient."""
+    rest = mx.put_along_axis(scaled_logits, topk_indices, mx.array(-mx.inf), axis=-1)
+    return mx.logsumexp(rest, axis=-1)
 
 
-def bucket_logprobs(topk_logits: mx.array, lse: mx.array, temperature: float) -> mx.array:
+def bucket_logprobs(topk_logits: mx.array, tail: mx.array, temperature: float) -> mx.array:
     """Log-probabilities of the k top entries and of the tail bucket: [..., K + 1]."""
-    head = topk_logits / temperature - lse[..., None]
-    head_mass = mx.exp(head).sum(axis=-1, keepdims=True)
-    tail = mx.log(mx.maximum(1.0 - head_mass, TAIL_FLOOR))
-    return mx.concatenate([head, tail], axis=-1)
+    buckets = mx.concatenate([topk_logits / temperature, tail[..., None]], axis=-1)
+    return buckets - mx.logsumexp(buckets, axis=-1, keepdims=True)
 
 
 def _kl(log_p: mx.array, log_q: mx.array) -> mx.array:
-    """KL(p || q) along the last axis."""
-    return (mx.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    """KL(p || q) along the last axis. Buckets with p = 0 (an empty tail when k is the whole
+    vocabulary) add 0, and no NaN reaches the gradient through the unused difference."""
+    difference = mx.where(log_p > -mx.inf, log_p - log_q, 0.0)
+    return (mx.exp(log_p) * difference).sum(axis=-1)
 
 
-def kl_topk(student_topk, student_lse, teacher_topk, teacher_lse, temperature):
-    del (
-        student_lse,
-        teacher_lse,
-    )  # renormalised over the top-k: the rest of the vocabulary is ignored
+def _log_mixture(log_p: mx.array, log_q: mx.array) -> mx.array:
+    """log((p + q) / 2), with a NaN-free gradient where both are 0."""
+    empty = (log_p == -mx.inf) & (log_q == -mx.inf)
+    mixed = mx.logaddexp(mx.where(empty, 0.0, log_p), mx.where(empty, 0.0, log_q))
+    return mx.where(empty, -mx.inf, mixed - mx.log(mx.array(2.0)))
+
+
+def kl_topk(student_topk, student_tail, teacher_topk, teacher_tail, temperature):
+    del student_tail, teacher_tail  # renormalised over the top-k: the rest is ignored
     log_q = nn_log_softmax(student_topk / temperature)
     log_p = nn_log_softmax(teacher_topk / temperature)
     return _kl(log_p, log_q)
 
 
-def kl_tail(student_topk, student_lse, teacher_topk, teacher_lse, temperature):
-    log_p = bucket_logprobs(teacher_topk, teacher_lse, temperature)
-    log_q = bucket_logprobs(student_topk, student_lse, temperature)
+def kl_tail(student_topk, student_tail, teacher_topk, teacher_tail, temperature):
+    log_p = bucket_logprobs(teacher_topk, teacher_tail, temperature)
+    log_q = bucket_logprobs(student_topk, student_tail, temperature)
     return _kl(log_p, log_q)
 
 
-def reverse_kl(student_topk, student_lse, teacher_topk, teacher_lse, temperature):
-    log_p = bucket_logprobs(teacher_topk, teacher_lse, temperature)
-    log_q = bucket_logprobs(student_topk, student_lse, temperature)
+def reverse_kl(student_topk, student_tail, teacher_topk, teacher_tail, temperature):
+    log_p = bucket_logprobs(teacher_topk, teacher_tail, temperature)
+    log_q = bucket_logprobs(student_topk, student_tail, temperature)
     return _kl(log_q, log_p)
 
 
-def jensen_shannon(student_topk, student_lse, teacher_topk, teacher_lse, temperature):
-    log_p = bucket_logprobs(teacher_topk, teacher_lse, temperature)
-    log_q = bucket_logprobs(student_topk, student_lse, temperature)
-    log_m = mx.logaddexp(log_p, log_q) - mx.log(mx.array(2.0))
+def jensen_shannon(student_topk, student_tail, teacher_topk, teacher_tail, temperature):
+    log_p = bucket_logprobs(teacher_topk, teacher_tail, temperature)
+    log_q = bucket_logprobs(student_topk, student_tail, temperature)
+    log_m = _log_mixture(log_p, log_q)
     return 0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)
 
 
@@ -66,11 +79,11 @@ def nn_log_softmax(x: mx.array) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-LossFn = Callable[[mx.array, mx.array, mx.array, mx.array | None, float], mx.array]
+LossFn = Callable[[mx.array, mx.array | None, mx.array, mx.array | None, float], mx.array]
 LOSSES: dict[str, LossFn] = {
     "kl_topk": kl_topk,
     "kl_tail": kl_tail,
     "reverse_kl": reverse_kl,
     "js": jensen_shannon,
 }
-NEEDS_TEACHER_LSE = {"kl_tail", "reverse_kl", "js"}
+NEEDS_TAIL = {"kl_tail", "reverse_kl", "js"}  # need the store's tail_logsumexp at their T

@@ -21,7 +21,13 @@ from stages.models import (
 )
 from stages.settings import above_limit_problems, representable_problems, setting
 from store.durable import paths_overlap
-from store.layout import LOGIT_DTYPES, SplitShape, float32_to_bfloat16_bits, sequences_digest
+from store.layout import (
+    LOGIT_DTYPES,
+    SplitShape,
+    bfloat16_bits_to_float32,
+    float32_to_bfloat16_bits,
+    sequences_digest,
+)
 from store.location import is_url
 from store.manifest import MAX_ROWS, MAX_SEQ_LEN, MAX_TEMPERATURES, MAX_TOP_K, Manifest
 from store.publish import Publisher, staging_path
@@ -68,7 +74,9 @@ class TargetsConfig:
     chunk_size: int = setting(4, "sequences per store chunk (the unit of resume and sharding)")
     logits_dtype: str = setting("bfloat16", "stored logit dtype: bfloat16, float16 or float32")
     lse_temperatures: list[float] = setting(
-        [1.0, 2.0], "temperatures whose full-vocabulary logsumexp is stored (for exact tail mass)"
+        [1.0, 2.0],
+        "temperatures at which the tail outside the top-k is stored (tail-aware losses need "
+        "tune.temperature among them)",
     )
     seed: int = setting(123, "seed for the sequence selection")
     trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
@@ -153,22 +161,45 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
 def topk_targets(
     logits: np.ndarray, top_k: int, temperatures: list[float], logits_dtype: str
 ) -> dict[str, np.ndarray]:
-    """Top-k logits, their indices and the full logsumexp per temperature, from float32 logits.
+    """Top-k logits, their indices and the tail's log-sum-exp per temperature, from float32 logits.
 
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
     indices = np.argpartition(logits, -top_k, axis=-1)[..., -top_k:]
     values = np.take_along_axis(logits, indices, axis=-1)
-    stored = (
-        float32_to_bfloat16_bits(values)
-        if logits_dtype == "bfloat16"
-        else values.astype(logits_dtype)
-    )
+    if logits_dtype == "bfloat16":
+        stored = float32_to_bfloat16_bits(values)
+        as_read = bfloat16_bits_to_float32(stored)
+    else:
+        stored = values.astype(logits_dtype)
+        as_read = stored.astype(np.float32)
+    shifts = [
+        _logsumexp(as_read / t) - _logsumexp(values / t) for t in map(np.float64, temperatures)
+    ]
     return {
         "topk_logits": stored,
         "topk_indices": indices.astype(np.uint32),
-        "logsumexp": np.stack([_logsumexp(logits / np.float32(t)) for t in temperatures], -1),
+        # The head's rounding shift makes a softmax over [stored head / T, tail] give the exact
+        # tail mass, and a head summing to exactly the rest (the shift is 0 for float32 logits).
+        "tail_logsumexp": _tail_logsumexp(logits, indices, temperatures) + np.stack(shifts, -1),
     }
+
+
+def _tail_logsumexp(logits: np.ndarray, indices: np.ndarray, temperatures: list[float]):
+    """Per temperature, log-sum-exp of logits / T over the vocabulary outside `indices`, summed
+    from the unrounded logits (never as the full sum minus the head: that cancels to noise when
+    the head holds nearly all the mass). -inf when the top-k is the whole vocabulary."""
+    if indices.shape[-1] == logits.shape[-1]:
+        return np.full((*logits.shape[:-1], len(temperatures)), -np.inf)
+    rest = logits.copy()
+    np.put_along_axis(rest, indices, -np.inf, axis=-1)
+    top = rest.max(axis=-1, keepdims=True)
+    rest -= top
+    tails = [
+        top[..., 0] / t + np.log(np.exp(rest / np.float32(t)).sum(axis=-1, dtype=np.float64))
+        for t in temperatures
+    ]
+    return np.stack(tails, -1)
 
 
 def teacher_logits(model, tokens: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from stages import run_dir as run_folder
 from stages.data import loss_mask
 from stages.errors import InvalidConfig, ModelError, StageError
-from stages.losses import LOSSES, NEEDS_TEACHER_LSE
+from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
     FAST_MATMUL,
     load_model,
@@ -225,9 +225,9 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
                 "re-run `dwq-pipeline targets` with the same config to repair it"
             )
     temperatures = reader.manifest.settings.get("lse_temperatures", [])
-    if config.loss in NEEDS_TEACHER_LSE and config.temperature not in temperatures:
+    if config.loss in NEEDS_TAIL and config.temperature not in temperatures:
         raise StageError(
-            f"loss {config.loss} at temperature {config.temperature} needs the teacher's "
+            f"loss {config.loss} at temperature {config.temperature} needs the teacher's tail "
             f"logsumexp at that temperature; the store has {temperatures}: use one of those or "
             "re-run targets with it in lse_temperatures"
         )
@@ -345,23 +345,23 @@ class _Trainer:
         seqs = self.sequences[split]
         tokens = seqs["tokens"][rows]
         mask = loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], tokens.shape[1] - 1)
-        lse = targets["logsumexp"][..., self.t_index] if self.t_index is not None else None
+        tail = targets["tail_logsumexp"][..., self.t_index] if self.t_index is not None else None
         return (
             mx.array(tokens[:, :-1]),
             mx.array(targets["topk_logits"]),
             mx.array(targets["topk_indices"]),
-            None if lse is None else mx.array(lse),
+            None if tail is None else mx.array(tail),
             mx.array(mask.astype(np.float32)),
         )
 
-    def summed_loss(self, params, tokens, teacher_topk, indices, teacher_lse, mask):
+    def summed_loss(self, params, tokens, teacher_topk, indices, teacher_tail, mask):
         self.model.update(params)
         logits = self.model(tokens).astype(mx.float32)
         t = self.config.temperature
-        needs_lse = teacher_lse is not None  # kl_topk renormalises over the top-k alone
-        student_lse = mx.logsumexp(logits / t, axis=-1) if needs_lse else None
         student_topk = mx.take_along_axis(logits, indices, axis=-1)
-        per_position = self.loss_fn(student_topk, student_lse, teacher_topk, teacher_lse, t)
+        # kl_topk renormalises over the top-k alone and needs no tail
+        student_tail = None if teacher_tail is None else tail_logsumexp(logits / t, indices)
+        per_position = self.loss_fn(student_topk, student_tail, teacher_topk, teacher_tail, t)
         return (per_position * mask).sum()
 
     def global_tokens(self, split: str, batches: list[list[int]]) -> float:
@@ -430,7 +430,7 @@ def _diverged(step: int, checkpoint_step: int | None, run_dir: Path) -> StageErr
 
 
 def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
-    if config.loss not in NEEDS_TEACHER_LSE:
+    if config.loss not in NEEDS_TAIL:
         return None
     return list(reader.manifest.settings["lse_temperatures"]).index(config.temperature)
 

@@ -13,6 +13,10 @@ class ManifestUnreadable(ManifestError):
     """manifest.json is absent or not JSON: a store half-copied or broken mid-write."""
 
 
+class StoreOutdatedError(StoreError):
+    """A store written by an older dwq-pipeline, in a layout this one no longer reads."""
+
+
 class StoreMismatchError(StoreError):
     """An existing store was made with other inputs or settings than the ones asked for."""
 

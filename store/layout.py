@@ -16,7 +16,7 @@ SPLITS = ("train", "valid")
 
 # Arrays written once when the store is created, and arrays written chunk by chunk by the teacher.
 SEQUENCE_ARRAYS = ("tokens", "lengths", "prompt_offsets")
-TARGET_ARRAYS = ("topk_logits", "topk_indices", "logsumexp")
+TARGET_ARRAYS = ("topk_logits", "topk_indices", "tail_logsumexp")
 
 # bfloat16 has no numpy dtype: its bit pattern is stored as uint16 and viewed back on read.
 LOGIT_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
@@ -89,7 +89,9 @@ class SplitShape:
                 self.index_dtype,
                 {"filters": "delta", **_zstd(np.dtype(self.index_dtype).itemsize, "shuffle")},
             ),
-            "logsumexp": _spec(
+            # Per temperature T: log-sum-exp of logits / T outside the top-k, shifted by the head's
+            # rounding (see stages/targets.py), so [stored head / T, tail] has the exact tail mass.
+            "tail_logsumexp": _spec(
                 (n, p, self.num_temperatures),
                 (c, p, self.num_temperatures),
                 "float32",

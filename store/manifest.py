@@ -17,11 +17,14 @@ from typing import Any
 import numpy as np
 
 from store.durable import write_json_atomic
-from store.errors import ManifestError, ManifestUnreadable
+from store.errors import ManifestError, ManifestUnreadable, StoreOutdatedError
 from store.layout import LOGIT_DTYPES, SPLITS, SplitShape
 from store.location import StoreLocation
 
-SCHEMA_VERSION = 1
+# 2: `tail_logsumexp` replaced the full-vocabulary `logsumexp`, whose tail was not exact under
+# rounded logits. Older manifests still parse (so a store can be recognised and replaced), but
+# their arrays are refused by `check_current`.
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 RECORDS_DIR = "records"
 # Refuse sizes that no real store has, before anything is allocated from them.
@@ -78,9 +81,20 @@ class Manifest:
             producer=str(raw["producer"]),
             schema_version=version,
         )
-        if "arrays" in raw and raw["arrays"] != manifest.to_dict()["arrays"]:
+        current = version == SCHEMA_VERSION  # an older array table has other names
+        if current and "arrays" in raw and raw["arrays"] != manifest.to_dict()["arrays"]:
             raise ManifestError("manifest's array table does not match its split sizes")
         return manifest
+
+    def check_current(self, where: object) -> None:
+        """Refuse a store of an older schema, whose target arrays this version does not read."""
+        if self.schema_version < SCHEMA_VERSION:
+            raise StoreOutdatedError(
+                f"store {where} was written by an older dwq-pipeline (manifest schema "
+                f"{self.schema_version}, this one reads {SCHEMA_VERSION}: the tail mass is now "
+                "stored exactly); rebuild it with `dwq-pipeline targets --overwrite` and the "
+                "config that made it"
+            )
 
     @functools.cached_property
     def digest(self) -> str:

@@ -47,6 +47,7 @@ class StoreReader:
                     f"store {self.path} does not exist; run `dwq-pipeline targets` first"
                 ) from None
             raise
+        self.manifest.check_current(self.path)
         try:
             self.root = self.location.call(
                 lambda: zarr.open_group(self.location.zarr_store(), mode="r")

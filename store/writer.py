@@ -182,6 +182,7 @@ def open_store_for_writing(
     repaired: list[str] = []
     if path.exists() and not overwrite:
         existing = _read_or_restore_manifest(path, manifest, repaired)
+        existing.check_current(path)
         differences = existing.differences(manifest)
         if differences:
             raise StoreMismatchError(
@@ -318,7 +319,7 @@ class StoreWriter:
         values = {
             "topk_logits": logits,
             "topk_indices": indices.astype(shape.index_dtype),
-            "logsumexp": targets["logsumexp"].astype(np.float32),
+            "tail_logsumexp": targets["tail_logsumexp"].astype(np.float32),
         }
         group = self.root[split]
         for name in TARGET_ARRAYS:

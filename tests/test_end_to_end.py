@@ -2,10 +2,37 @@
 
 import json
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
+from stages.models import DEFAULT_TEACHER_DIR, load_model
 from store.inspect import store_info, verify_store
-from tests.conftest import run_cli
+from store.reader import StoreReader
+from tests.conftest import ROOT, run_cli
+from tests.tail_mass import stored_bucket_logprobs, true_bucket_logprobs
+
+
+def assert_head_and_tail_are_the_teachers_distribution(store) -> None:
+    """bf16 head + stored tail: a distribution at every position and temperature (numpy over
+    the stored arrays), with the exact tail mass (one teacher forward over the valid split)."""
+    reader = StoreReader(store)
+    temperatures = reader.manifest.settings["lse_temperatures"]
+    teacher = load_model(str(ROOT / DEFAULT_TEACHER_DIR)).model
+    for split, shape in reader.manifest.splits.items():
+        parts = [reader.read_targets(split, c) for c in range(shape.num_chunks)]
+        head = reader.logits_as_float32(split, np.concatenate([p["topk_logits"] for p in parts]))
+        tails = np.concatenate([p["tail_logsumexp"] for p in parts])
+        indices = np.concatenate([p["topk_indices"] for p in parts])
+        if split == "valid":
+            tokens = reader.sequences(split)["tokens"]
+            logits = np.array(teacher(mx.array(tokens[:, :-1])).astype(mx.float32))
+        for i, t in enumerate(temperatures):
+            buckets = stored_bucket_logprobs(head, tails[..., i], t)
+            assert np.abs(np.exp(buckets).sum(-1) - 1).max() <= 1e-3, (split, t)
+            if split == "valid":
+                exact = true_bucket_logprobs(logits, indices, t)[..., -1]
+                np.testing.assert_allclose(buckets[..., -1], exact, rtol=0, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -16,6 +43,7 @@ def test_targets_tune_eval_report_on_the_default_teacher_via_the_console_script(
     info = store_info(store)
     assert info.complete and info.top_k == 64
     assert verify_store(store) == []
+    assert_head_and_tail_are_the_teachers_distribution(store)
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["teacher"]["name"] == "default"
     assert manifest["tokenizer"]["vocab_size"] == 49152

@@ -159,7 +159,7 @@ def damage(store: Path) -> dict[str, str]:
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0x40
     flipped.write_bytes(bytes(data))
-    chunk_file(store, "train", "logsumexp", 5).unlink()
+    chunk_file(store, "train", "tail_logsumexp", 5).unlink()
     record_path(store, "train", 9).unlink()  # its data is whole, its record lost
     return {"train/2": "truncated", "valid/1": "flipped", "train/5": "missing", "train/9": "record"}
 

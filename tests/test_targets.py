@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,22 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import load_config
 from stages.models import load_model
-from stages.targets import Progress, Shard, compute_targets
+from stages.targets import Progress, Shard, compute_targets, topk_targets
+from store.errors import StoreOutdatedError
 from store.inspect import store_info, verify_store
 from store.layout import TARGET_ARRAYS, bfloat16_bits_to_float32
+from store.manifest import MANIFEST_FILE
 from store.reader import StoreReader
 from store.writer import merge_stores
-from tests.conftest import cli_args, run_cli, start_cli
+from tests.conftest import cli_args, make_tiny_model_folder, run_cli, start_cli
+from tests.tail_mass import (
+    logsumexp64,
+    old_head_mass,
+    sharpen,
+    stored_bucket_logprobs,
+    true_bucket_logprobs,
+    true_tail_logsumexp,
+)
 
 runner = CliRunner()
 
@@ -66,11 +77,9 @@ def test_stored_topk_matches_independent_recomputation(tiny_targets_overrides, t
             rtol=1e-6,
             atol=1e-6,
         )
-        for i, t in enumerate(config.lse_temperatures):
-            shifted = logits / t
-            top = shifted.max(-1, keepdims=True)
-            lse = (top + np.log(np.exp(shifted - top).sum(-1, keepdims=True)))[..., 0]
-            np.testing.assert_allclose(stored["logsumexp"][..., i], lse, rtol=1e-5, atol=1e-5)
+        for i, t in enumerate(config.lse_temperatures):  # float32 logits: no rounding shift
+            tail = true_tail_logsumexp(logits, expected_idx, t)
+            np.testing.assert_allclose(stored["tail_logsumexp"][..., i], tail, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_logits_round_trip_exactly(tiny_targets_overrides, tiny_teacher):
@@ -89,6 +98,109 @@ def test_bfloat16_logits_round_trip_exactly(tiny_targets_overrides, tiny_teacher
         reader.logits_as_float32("valid", values["topk_logits"]), np.array(picked), rtol=1e-2
     )
     assert bfloat16_bits_to_float32(np.array([0x3F80], np.uint16))[0] == 1.0
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher(tmp_path_factory) -> Path:
+    return sharpen(make_tiny_model_folder(tmp_path_factory.mktemp("sharp") / "teacher"))
+
+
+def all_targets(reader: StoreReader, split: str) -> dict[str, np.ndarray]:
+    chunks = range(reader.manifest.splits[split].num_chunks)
+    parts = [reader.read_targets(split, c) for c in chunks]
+    return {name: np.concatenate([p[name] for p in parts]) for name in TARGET_ARRAYS}
+
+
+def test_bfloat16_head_and_stored_tail_are_the_teachers_exact_distribution(
+    tiny_targets_overrides, sharp_teacher
+):
+    """The rounded head plus the stored tail sum to 1 at every position and temperature, and the
+    tail's mass is the teacher's exact one; on the same store, schema 1's construction (rounded
+    head against the full logsumexp) was not a distribution at a good share of positions."""
+    config = config_for(
+        tiny_targets_overrides,
+        **{"targets.teacher": str(sharp_teacher), "targets.logits_dtype": "bfloat16"},
+    )
+    assert config.lse_temperatures == [1.0, 2.0]
+    compute_targets(config)
+    reader = StoreReader(Path(config.store))
+    teacher = load_model(str(sharp_teacher)).model
+    old_not_a_distribution = []
+    for split in ("train", "valid"):
+        tokens = reader.sequences(split)["tokens"]
+        logits = np.array(teacher(mx.array(tokens[:, :-1])).astype(mx.float32))
+        stored = all_targets(reader, split)
+        indices = stored["topk_indices"]
+        head = reader.logits_as_float32(split, stored["topk_logits"])
+        exact_head = np.take_along_axis(logits, indices.astype(np.int64), -1)
+        for i, t in enumerate(config.lse_temperatures):
+            tail = stored["tail_logsumexp"][..., i]
+            buckets = np.exp(stored_bucket_logprobs(head, tail, t))
+            assert np.abs(buckets.sum(-1) - 1).max() <= 1e-3
+            # the stored value: the tail's own log-sum-exp, shifted by the head's rounding
+            shift = logsumexp64(head / t) - logsumexp64(exact_head / t)
+            reference = true_tail_logsumexp(logits, indices, t) + shift
+            np.testing.assert_allclose(tail, reference, rtol=0, atol=1e-4)
+            true_tail = true_bucket_logprobs(logits, indices, t)[..., -1]
+            np.testing.assert_allclose(np.log(buckets[..., -1]), true_tail, rtol=0, atol=1e-4)
+            old_not_a_distribution.append(old_head_mass(head, logits, t) > 1 + 1e-6)
+    share = np.concatenate([a.ravel() for a in old_not_a_distribution]).mean()
+    print(f"schema 1's head mass exceeded 1 at {share:.1%} of positions")
+    assert share > 0.05
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_extracted_tail_gives_the_exact_mass_for_every_dtype_and_k(dtype):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(2, 3, 50)) * 8).astype(np.float32)
+    for k in (5, 50):  # 50: the whole vocabulary, an empty tail
+        out = topk_targets(logits, k, [1.0, 2.0], dtype)
+        stored = out["topk_logits"]
+        head = (
+            bfloat16_bits_to_float32(stored) if dtype == "bfloat16" else stored.astype(np.float32)
+        )
+        for i, t in enumerate([1.0, 2.0]):
+            ours = stored_bucket_logprobs(head, out["tail_logsumexp"][..., i], t)[..., -1]
+            exact = true_bucket_logprobs(logits, out["topk_indices"], t)[..., -1]
+            np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5)
+
+
+def make_schema_1(store: Path) -> None:
+    """Turn a store into what dwq-pipeline wrote before the exact tail (manifest schema 1)."""
+    manifest = json.loads((store / MANIFEST_FILE).read_text())
+    manifest["schema_version"] = 1
+    for split, arrays in manifest["arrays"].items():
+        arrays["logsumexp"] = arrays.pop("tail_logsumexp")
+        (store / split / "tail_logsumexp").rename(store / split / "logsumexp")
+    (store / MANIFEST_FILE).write_text(json.dumps(manifest))
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["dwq_pipeline_schema"] = 1
+
+
+def test_a_store_of_the_old_schema_is_refused_with_the_rebuild_command(
+    tiny_targets_overrides, tmp_path
+):
+    config = config_for(tiny_targets_overrides)
+    compute_targets(config)
+    store = Path(config.store)
+    make_schema_1(store)
+    before = stored_arrays(store)
+    with pytest.raises(StoreOutdatedError, match="older dwq-pipeline"):
+        StoreReader(store)
+    for args in (["store", "verify", str(store)], ["store", "info", str(store)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "`dwq-pipeline targets --overwrite`" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    tuned = runner.invoke(app, ["tune", "--store", str(store), "--run-dir", str(tmp_path / "r")])
+    assert tuned.exit_code == 2 and "targets --overwrite" in tuned.output, tuned.output
+    resumed = cli_targets(tiny_targets_overrides)
+    assert resumed.exit_code == 2 and "targets --overwrite" in resumed.output, resumed.output
+    after = stored_arrays(store)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert cli_targets(tiny_targets_overrides, "--overwrite").exit_code == 0
+    assert verify_store(store) == []
 
 
 class Crash(Exception):
