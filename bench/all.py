@@ -57,7 +57,10 @@ def run_scripts(console, env: dict) -> dict[str, float]:
 
 def timing_table(timings: list[dict], wall: dict[str, float], scale: str) -> Table:
     """This run's time per script and, extrapolated from it, the full scale's."""
-    table = Table(title=f"time per script ({scale} run) and the full run's estimate here")
+    table = Table(
+        title=f"time per script ({scale} run) and the full run's estimate here",
+        caption="linear in tokens from this run: an upper bound when this run is quick",
+    )
     for column in ("script", "this run", "full (estimate)"):
         table.add_column(column, justify="right")
     total = 0.0
