@@ -42,10 +42,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()}; {describe_blas()}"
 
 
-def run_scripts(console, env: dict) -> dict[str, float]:
+def run_scripts(console, env: dict, scripts: tuple[str, ...]) -> dict[str, float]:
     """Each script in its own process; returns its wall seconds (imports and start included)."""
     seconds = {}
-    for script in SCRIPTS:
+    for script in scripts:
         console.rule(script)
         tic = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", script], env=env)
@@ -70,21 +70,27 @@ def timing_table(timings: list[dict], wall: dict[str, float], scale: str) -> Tab
         full = line["full_estimate_s"] + wall[name] - line["seconds"]
         total += full
         table.add_row(name, f"{wall[name] / 60:.1f} min", f"{full / 60:.0f} min")
-    table.add_row("all", f"{sum(wall.values()) / 60:.1f} min", f"{total / 3600:.1f} h")
+    full_total = f"{total / 3600:.1f} h" if total > 5400 else f"{total / 60:.0f} min"
+    table.add_row("all", f"{sum(wall.values()) / 60:.1f} min", full_total)
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=SCALES, help="quick (check the code) or full (default)")
+    names = [script.removeprefix("bench.") for script in SCRIPTS]
+    parser.add_argument(
+        "--only", nargs="+", choices=names, help="run these scripts only (default: all)"
+    )
     args = parser.parse_args()
+    scripts = tuple(f"bench.{name}" for name in args.only) if args.only else SCRIPTS
     if args.scale:
         os.environ["BENCH_SCALE"] = args.scale
     scale = bench_scale()
     console = wide_console()
     started = time.time()
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as lines_file:
-        wall = run_scripts(console, dict(os.environ, BENCH_JSON=lines_file.name))
+        wall = run_scripts(console, dict(os.environ, BENCH_JSON=lines_file.name), scripts)
         lines = [json.loads(line) for line in Path(lines_file.name).read_text().splitlines()]
     raw = [line for line in lines if "measure" in line]
     details = [line for line in lines if "details" in line]
