@@ -51,6 +51,7 @@ test: setup
 test-fast: setup
 	$(BLAS_ENV) $(VENV)/bin/pytest -m "not slow"
 
+# `make bench BENCH_SCALE=quick`: the same code on small workloads (minutes), to check it runs.
 bench: setup
 	$(BLAS_ENV) $(PY) -m bench.all
 

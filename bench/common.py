@@ -2,6 +2,10 @@
 
 Each script prints its own table; with BENCH_JSON set (as `bench/all.py` does) it also appends
 its rows to that file, so one report can gather every ratio.
+
+`BENCH_SCALE=quick` shrinks every workload so that the whole suite runs in minutes (to check the
+code); `full` (the default) is what the README's figures come from. A quick run also estimates
+how long the full one takes: each timed part of its work scaled by how much more work full does.
 """
 
 from __future__ import annotations
@@ -9,12 +13,62 @@ from __future__ import annotations
 import json
 import operator
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 from rich.console import Console
 from rich.table import Table
 
 GOAL_TESTS = {">=": operator.ge, "<=": operator.le}
+SCALES = ("quick", "full")
+T = TypeVar("T")
+
+
+def bench_scale() -> str:
+    scale = os.environ.get("BENCH_SCALE", "full")
+    if scale not in SCALES:
+        raise SystemExit(f"BENCH_SCALE must be one of {', '.join(SCALES)} (got {scale!r})")
+    return scale
+
+
+def by_scale(quick: T, full: T) -> T:
+    """The setting of the current scale (BENCH_SCALE)."""
+    return quick if bench_scale() == "quick" else full
+
+
+class FullTime:
+    """Extrapolates this run's wall time to the full scale: each part timed with `part` is
+    scaled by (full work / this run's work), everything else (loading, set-up) counted as is.
+    Linear in tokens, so only a guide: short sequences use the BLAS less well than long ones."""
+
+    def __init__(self, bench: str) -> None:
+        self.bench = bench
+        self.start = time.perf_counter()
+        self.timed = 0.0
+        self.scaled = 0.0
+
+    @contextmanager
+    def part(self, work: float, full_work: float) -> Iterator[None]:
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(time.perf_counter() - tic, work, full_work)
+
+    def add(self, seconds: float, work: float, full_work: float) -> None:
+        """A part timed elsewhere (in a child process) that took `seconds` of this run."""
+        self.timed += seconds
+        self.scaled += seconds * full_work / work
+
+    def write(self) -> None:
+        """Append {seconds, full_estimate_s} to BENCH_JSON (bench/all.py adds them up)."""
+        seconds = time.perf_counter() - self.start
+        line = {"timing": self.bench, "seconds": seconds}
+        line["full_estimate_s"] = seconds - self.timed + self.scaled
+        _append_json([line])
 
 
 @dataclass(frozen=True)
@@ -55,10 +109,24 @@ def ratio_table(title: str, rows: list[Ratio], caption: str = "") -> Table:
     return table
 
 
+def wide_console() -> Console:
+    """Tables keep their columns when printed to a file or pipe (rich assumes 80 there)."""
+    return Console() if Console().is_terminal else Console(width=150)
+
+
 def report(title: str, rows: list[Ratio], caption: str = "") -> None:
-    Console().print(ratio_table(title, rows, caption))
+    wide_console().print(ratio_table(title, rows, caption))
+    _append_json([{**asdict(row), "ratio": row.ratio, "met": row.met} for row in rows])
+
+
+def report_details(bench: str, details: dict) -> None:
+    """Figures behind the ratios (per-seed results, ...) for artifacts/bench/report.json."""
+    _append_json([{"details": bench, **details}])
+
+
+def _append_json(lines: list[dict]) -> None:
     path = os.environ.get("BENCH_JSON")
     if path:
         with open(path, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**asdict(row), "ratio": row.ratio, "met": row.met}) + "\n")
+            for line in lines:
+                f.write(json.dumps(line) + "\n")

@@ -11,10 +11,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from bench.common import Ratio, report
-from bench.tune import SEQ_LEN, STEPS, make_store, tokens_per_s
+from bench.common import FullTime, Ratio, report
+from bench.tune import FULL, SEQ_LEN, STEPS, make_store, setup_seconds, tokens_per_s
 from stages.tune import TuneConfig, tune
 
 CREDENTIALS = {
@@ -42,6 +43,8 @@ def main() -> None:
     from tests.conftest import free_ports
 
     os.environ.update(CREDENTIALS)
+    clock = FullTime("remote")
+    setup = setup_seconds()
     port = free_ports(1)
     server = start_moto(port)
     endpoint = f"http://127.0.0.1:{port}"
@@ -53,6 +56,7 @@ def main() -> None:
             fs.mkdir("bench")
             fs.put(str(store), "bench/s.zarr", recursive=True)
             settings = dict(max_steps=STEPS, val_every=10**6)
+            tic = time.perf_counter()
             tune(TuneConfig(store=str(store), run_dir=str(tmp / "warm"), **settings))
             tune(TuneConfig(store=str(store), run_dir=str(tmp / "local"), **settings))
             local = tokens_per_s(tmp / "local")
@@ -64,6 +68,8 @@ def main() -> None:
             )
             tune(remote_store)
             remote = tokens_per_s(tmp / "s3")
+            tuned = time.perf_counter() - tic - 3 * setup
+            clock.add(max(tuned, 0.0), STEPS * SEQ_LEN, FULL[1] * FULL[0])
     finally:
         server.kill()
         server.wait()
@@ -77,6 +83,7 @@ def main() -> None:
         )
     ]
     report(f"remote store, default teacher, {STEPS} steps of 4x{SEQ_LEN} (one run)", rows)
+    clock.write()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import pytest
 from stages.models import CONVERSION_RECORD, ensure_default_teacher, load_model
 
 # A paragraph the model never saw in this form. SmolLM2-135M-Instruct converted here scores a
-# perplexity of 12.6 on it; a wrong rotary layout or a mis-mapped layer scores in the hundreds
-# or more, so 20 leaves room for BLAS/rounding differences but catches a broken conversion.
+# perplexity of 12.57 on it (the figure the README states); float32 BLAS and rounding
+# differences move it by far less than 0.5 %, a wrong rotary layout or a mis-mapped layer by
+# hundreds.
 PARAGRAPH = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
     "developed a system of movable metal type in the German city of Mainz. Before his invention, "
@@ -21,7 +22,7 @@ PARAGRAPH = (
     "argue that the press helped to make the scientific revolution and the spread of literacy "
     "possible."
 )
-PERPLEXITY_BOUND = 20.0
+PERPLEXITY = 12.57
 
 ROUND_TRIP = [
     "Hello world",
@@ -75,11 +76,11 @@ def test_chat_template_is_kept(teacher):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_perplexity_on_english_is_low(teacher):
+def test_perplexity_on_english_is_the_stated_one(teacher):
     ids = mx.array([teacher.tokenizer.encode(PARAGRAPH)])
     logits = teacher.model(ids[:, :-1])
     perplexity = math.exp(nn.losses.cross_entropy(logits, ids[:, 1:]).mean().item())
-    assert perplexity < PERPLEXITY_BOUND
+    assert perplexity == pytest.approx(PERPLEXITY, rel=0.005)
 
 
 def test_mlx_lm_generate_answers(teacher):

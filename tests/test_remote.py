@@ -4,6 +4,7 @@ folder."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -252,3 +253,56 @@ def test_targets_writes_to_s3_and_resumes_from_what_is_there(made, s3_store, tmp
     changed = {key for key in after if after[key] != before[key]}
     assert changed == set(lost)  # exactly the lost chunks were computed and uploaded again
     assert verify_store(url, options) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_failed_upload_stops_cleanly_and_resumes(made, s3_store, tmp_path, monkeypatch, code):
+    """An upload failing after two chunks: one line, those two kept remotely, a re-run ends
+    with the same store as one uninterrupted run."""
+    import s3fs
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from store.publish import Publisher
+    from store.reader import StoreReader
+
+    url, endpoint = "s3://stores/failing.zarr", s3_store["endpoint"]
+    overrides = {**made["overrides"], "store": url, "targets.staging_dir": str(tmp_path / "stage")}
+    args = ["targets", *cli_args(overrides), "--storage-option", f"endpoint_url={endpoint}"]
+    uploaded: list[str] = []
+
+    def failing(put_file):
+        def put(lpath, rpath, *rest, **kwargs):
+            if len(uploaded) == 2 and "/c/" in str(rpath):  # the third chunk's first array
+                raise OSError(code, os.strerror(code))
+            done = put_file(lpath, rpath, *rest, **kwargs)
+            if "/records/" in str(rpath):
+                uploaded.append(rpath)
+            return done
+
+        return put
+
+    with monkeypatch.context() as patches:
+        real_init = Publisher.__init__
+
+        def init(self, *args, **kwargs):
+            real_init(self, *args, **kwargs)
+            patches.setattr(self.fs, "put_file", failing(self.fs.put_file))
+
+        patches.setattr(Publisher, "__init__", init)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert os.strerror(code) in result.output and "re-run" in result.output
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    assert len(remote_records(fs, url)) == 2  # the chunks uploaded before are kept
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    options = {"endpoint_url": endpoint}
+    assert verify_store(url, options) == []
+    ours, reference = StoreReader(url, options), StoreReader(made["store"])
+    for split, records in reference.records().items():
+        assert {c: r.checksums for c, r in ours.records()[split].items()} == {
+            c: r.checksums for c, r in records.items()
+        }

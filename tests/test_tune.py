@@ -147,8 +147,9 @@ def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
     fast_loss, fast = loss_and_grads(True)
     assert abs(fast_loss - slow_loss) / abs(slow_loss) < 1e-4
     for name in slow:
-        diff = np.abs(np.array(fast[name]) - np.array(slow[name])).max()
-        assert diff <= 1e-3 * (np.abs(np.array(slow[name])).max() + 1e-6), name
+        # Each element against its own size; the small absolute floor is float32 round-off of
+        # a sum of O(1) terms (an element near 0 is a cancellation), far below the gradients.
+        np.testing.assert_allclose(fast[name], slow[name], rtol=2e-3, atol=1e-6, err_msg=name)
 
 
 def test_unquantized_student_is_refused(tiny_store, tiny_teacher, tmp_path):
