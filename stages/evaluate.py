@@ -249,7 +249,8 @@ def _eval_data_settings(config: EvalConfig, made_with: dict[str, Any]) -> DataSe
 def held_out_sequences(config: EvalConfig, tokenizer: Any) -> tuple[TokenSequences, str]:
     """The rows `evaluate` scores (the data's test split) and the split's name; for benchmarks
     that score other students on exactly the same text."""
-    settings = _eval_data_settings(config, _store_settings(config))
+    manifest = _store_manifest(config)
+    settings = _eval_data_settings(config, dict(manifest.settings) if manifest else {})
     return build_held_out_sequences(tokenizer, settings, config.num_sequences)
 
 
