@@ -17,7 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from stages.evaluate import EvalResult
@@ -46,7 +46,7 @@ class CountColumn(ProgressColumn):
     """'done/total unit', with '?' for a total not known yet (a task starts with total None)."""
 
     def __init__(self, prefix: str = "", unit: str = "") -> None:
-        super().__init__()
+        super().__init__(table_column=Column(no_wrap=True))
         self.prefix, self.unit = prefix, unit
 
     def render(self, task: Task) -> Text:
