@@ -48,18 +48,28 @@ EVAL_MARK = "eval"  # the `program`/`kind` keys of an eval JSON: `eval --save` r
 @dataclass
 class EvalConfig:
     store: str = setting(
-        "artifacts/store/default.zarr", "target store: supplies teacher and data when unset"
+        "artifacts/store/default.zarr",
+        "target store: supplies teacher and data when unset",
+        "--store",
     )
-    storage_options: dict[str, Any] = setting({}, "fsspec options for a URL store")
-    student: str | None = setting(None, "the tuned student; unset = tune.run_dir's model/")
-    teacher: str | None = setting(None, "teacher model; unset = the one that made the store")
-    data: str | None = setting(None, "data source; unset = the one that made the store")
-    num_sequences: int = setting(16, "held-out sequences evaluated (0 = all)")
+    storage_options: dict[str, Any] = setting(
+        {}, "fsspec options for a URL store", "--storage-option"
+    )
+    student: str | None = setting(
+        None, "the tuned student; unset = tune.run_dir's model/", "--student"
+    )
+    teacher: str | None = setting(
+        None, "teacher model; unset = the one that made the store", "--teacher"
+    )
+    data: str | None = setting(None, "data source; unset = the one that made the store", "--data")
+    num_sequences: int = setting(16, "held-out sequences evaluated (0 = all)", "--num-sequences")
     max_seq_length: int | None = setting(None, "tokens per sequence; unset = the store's")
     batch_size: int = setting(4, "sequences per forward pass")
     seed: int = setting(123, "seed for choosing the held-out sequences")
     fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
-    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+    trust_remote_code: bool = setting(
+        False, "allow code shipped with a model folder to run", "--trust-remote-code"
+    )
 
     def __post_init__(self) -> None:
         problems = []

@@ -1,18 +1,33 @@
-"""The helper every stage config uses: a dataclass field with its help text."""
+"""The helper every stage config uses: a dataclass field with its help text and what it is.
+
+A field's metadata says which CLI flag sets it and whether it is part of the identity of what the
+stage makes (a store's content, a run's resumable state); the CLI's flag maps, the store's
+recorded settings and a run's resume key are derived from it, so no list of names is kept twice.
+"""
 
 import math
-from dataclasses import field
+from dataclasses import asdict, field, fields
 from typing import Any
 
 
-def setting(default: Any, help: str) -> Any:
+def setting(default: Any, help: str, flag: str | None = None, identity: bool = True) -> Any:
+    """A config field: `flag` is the CLI option that sets it (e.g. "--top-k"); `identity` says
+    whether its value is part of what the stage makes (False: where things live, how fast)."""
+    metadata = {"help": help, "flag": flag, "identity": identity}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def help_of(config_cls: type, name: str) -> str:
-    return config_cls.__dataclass_fields__[name].metadata.get("help", "")
+def identity_values(config: Any) -> dict[str, Any]:
+    """The config's values that are part of its identity, in field order."""
+    values = asdict(config)
+    return {f.name: values[f.name] for f in fields(config) if f.metadata.get("identity", True)}
+
+
+def flag_keys(config_cls: type) -> dict[str, str]:
+    """CLI flag (e.g. "--top-k") -> the field it sets, for the fields a flag sets."""
+    return {f.metadata["flag"]: f.name for f in fields(config_cls) if f.metadata.get("flag")}
 
 
 INT64 = 1 << 63

@@ -37,6 +37,7 @@ from stages.models import (
 from stages.settings import (
     MAX_STEPS,
     above_limit_problems,
+    identity_values,
     representable_problems,
     setting,
 )
@@ -63,37 +64,58 @@ class TuneConfig:
     store: str = setting(
         "artifacts/store/default.zarr",
         "target store from `targets`: a folder, a zip from `store pack`, or a URL (s3://, ...)",
+        "--store",
+        identity=False,
     )
     storage_options: dict[str, Any] = setting(
-        {}, "fsspec options for a URL store (endpoint_url, anon, ...); credentials from the env"
+        {},
+        "fsspec options for a URL store (endpoint_url, anon, ...); credentials from the env",
+        "--storage-option",
+        identity=False,
     )
-    run_dir: str = setting("artifacts/runs/default", "checkpoints, metrics.jsonl and the model/")
+    run_dir: str = setting(
+        "artifacts/runs/default",
+        "checkpoints, metrics.jsonl and the model/",
+        "--run-dir",
+        identity=False,
+    )
     student: str | None = setting(
-        None, "an already quantized mlx-lm model (folder or HF id); unset = quantize the teacher"
+        None,
+        "an already quantized mlx-lm model (folder or HF id); unset = quantize the teacher",
+        "--student",
     )
     bits: int = setting(4, "bits per weight when quantizing the teacher into a student")
     group_size: int = setting(64, "quantization group size when quantizing the teacher")
-    loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}")
+    loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
-    learning_rate: float = setting(1e-4, "peak Adam learning rate")
+    learning_rate: float = setting(1e-4, "peak Adam learning rate", "--learning-rate")
     warmup_steps: int = setting(5, "linear warm-up steps from 0 to the peak learning rate")
     schedule: str = setting("cosine", "after warm-up: cosine (decay to 10%) or constant")
     batch_size: int = setting(4, "sequences per global batch (split across ranks)")
     grad_accumulation: int = setting(1, "batches whose gradients are summed per optimizer step")
     epochs: int = setting(1, "passes over the training split (ignored when max_steps > 0)")
-    max_steps: int = setting(0, "optimizer steps (0 = as many as the epochs give)")
-    val_every: int = setting(20, "validate every N steps (also at start and end)")
-    checkpoint_every: int = setting(20, "checkpoint every N steps (also on SIGINT/SIGTERM)")
-    prefetch: int = setting(2, "batches decoded ahead of the training loop")
+    max_steps: int = setting(0, "optimizer steps (0 = as many as the epochs give)", "--max-steps")
+    val_every: int = setting(20, "validate every N steps (also at start and end)", identity=False)
+    checkpoint_every: int = setting(
+        20, "checkpoint every N steps (also on SIGINT/SIGTERM)", identity=False
+    )
+    prefetch: int = setting(2, "batches decoded ahead of the training loop", identity=False)
     seed: int = setting(123, "seed for the order of chunks in each epoch")
     incomplete_store: str = setting(
         "refuse",
         "a store still being filled or copied: refuse; use (the training chunks done when the "
         "run starts); wait (for each chunk as the loop needs it)",
+        identity=False,
     )
-    wait_timeout_s: float = setting(3600.0, "with incomplete_store=wait: give up after this long")
-    fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
-    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+    wait_timeout_s: float = setting(
+        3600.0, "with incomplete_store=wait: give up after this long", identity=False
+    )
+    fast_matmul: str = setting(
+        "auto", "dequantize + BLAS matmul: auto (on for CPU), on, off", identity=False
+    )
+    trust_remote_code: bool = setting(
+        False, "allow code shipped with a model folder to run", "--trust-remote-code"
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -132,10 +154,9 @@ class TuneConfig:
         return self.wait_timeout_s if self.incomplete_store == "wait" else None
 
     def resume_key(self) -> str:
-        """Settings that must match for a checkpoint to be resumed (not where things live)."""
-        skip = {"store", "storage_options", "run_dir", "prefetch", "val_every"}
-        skip |= {"checkpoint_every", "fast_matmul", "incomplete_store", "wait_timeout_s"}
-        kept = {k: v for k, v in asdict(self).items() if k not in skip}
+        """A digest of the settings that must match for a checkpoint to be resumed (the fields
+        that are part of the run's identity: not where things live, nor how fast)."""
+        kept = identity_values(self)
         return hashlib.blake2b(
             json.dumps(kept, sort_keys=True).encode(), digest_size=16
         ).hexdigest()
