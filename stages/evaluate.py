@@ -17,17 +17,16 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from stages.data import DataSettings, TokenSequences, build_held_out_sequences
+from stages.data import DataSpec, TokenSequences, build_held_out_sequences
 from stages.errors import InvalidConfig, ModelError, StageError
 from stages.models import (
     FAST_MATMUL,
+    apply_fast_matmul,
     load_model,
     output_size,
     quantization_of,
     quantize_student,
     tokenizer_fingerprint,
-    use_dequantized_matmul,
-    want_fast_matmul,
 )
 from stages.settings import above_limit_problems, representable_problems, setting
 from store.durable import (
@@ -65,7 +64,11 @@ class EvalConfig:
     num_sequences: int = setting(16, "held-out sequences evaluated (0 = all)", "--num-sequences")
     max_seq_length: int | None = setting(None, "tokens per sequence; unset = the store's")
     batch_size: int = setting(4, "sequences per forward pass")
-    seed: int = setting(123, "seed for choosing the held-out sequences")
+    seed: int = setting(
+        123,
+        "seed for choosing which held-out sequences are evaluated (which text is held out "
+        "follows the store's targets.seed)",
+    )
     fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
     trust_remote_code: bool = setting(
         False, "allow code shipped with a model folder to run", "--trust-remote-code"
@@ -244,8 +247,10 @@ def _check_output_sizes(teacher: Any, student: Any, manifest: Manifest | None) -
         )
 
 
-def _eval_data_settings(config: EvalConfig, made_with: dict[str, Any]) -> DataSettings:
-    return DataSettings(
+def _held_out_spec(config: EvalConfig, made_with: dict[str, Any]) -> DataSpec:
+    """The store's settings decide which text was held out, so eval never scores text that
+    tuning trained on; eval.seed only chooses among it."""
+    return DataSpec(
         source=config.data or made_with["data"],
         max_seq_length=config.max_seq_length or made_with["max_seq_length"],
         num_samples=0,
@@ -260,14 +265,19 @@ def held_out_sequences(config: EvalConfig, tokenizer: Any) -> tuple[TokenSequenc
     """The rows `evaluate` scores (the data's test split) and the split's name; for benchmarks
     that score other students on exactly the same text."""
     manifest = _store_manifest(config)
-    settings = _eval_data_settings(config, dict(manifest.settings) if manifest else {})
-    return build_held_out_sequences(tokenizer, settings, config.num_sequences)
+    return _held_out(config, dict(manifest.settings) if manifest else {}, tokenizer)
+
+
+def _held_out(
+    config: EvalConfig, made_with: dict[str, Any], tokenizer: Any
+) -> tuple[TokenSequences, str]:
+    spec = _held_out_spec(config, made_with)
+    return build_held_out_sequences(tokenizer, spec, config.num_sequences, config.seed)
 
 
 def _prepare(model: Any, fast_matmul: str) -> Any:
     model.eval()
-    if want_fast_matmul(fast_matmul):
-        use_dequantized_matmul(model)
+    apply_fast_matmul(model, fast_matmul)
     return model
 
 
@@ -291,8 +301,7 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     rtn_source = load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
     rtn, _ = quantize_student(rtn_source, bits, group_size)
 
-    settings = _eval_data_settings(config, made_with)
-    sequences, split = build_held_out_sequences(teacher.tokenizer, settings, config.num_sequences)
+    sequences, split = _held_out(config, made_with, teacher.tokenizer)
     tic = time.perf_counter()
     students = {
         RTN: _prepare(rtn, config.fast_matmul),

@@ -10,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from stages.data import DEFAULT_DATA, DataSettings, TokenSequences, build_sequences
+from stages.data import DEFAULT_DATA, DataSpec, TokenSequences, build_sequences
 from stages.errors import InvalidConfig, StageError
 from stages.models import (
     DEFAULT_TEACHER,
@@ -129,8 +129,8 @@ class TargetsConfig:
         if problems:
             raise InvalidConfig(problems)
 
-    def data_settings(self) -> DataSettings:
-        return DataSettings(
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
             source=self.data,
             max_seq_length=self.max_seq_length,
             num_samples=self.num_samples,
@@ -280,7 +280,7 @@ def compute_targets(
     Chunks an earlier run finished are re-verified first: damaged ones are computed again."""
     _check_store_apart(config)
     loaded = load_model(config.teacher, trust_remote_code=config.trust_remote_code)
-    train, valid = build_sequences(loaded.tokenizer, config.data_settings())
+    train, valid = build_sequences(loaded.tokenizer, config.data_spec())
     vocab_size = output_vocab_size(loaded)
     _check_against_model(config, vocab_size, train)
     splits = {"train": train, "valid": valid}

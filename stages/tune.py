@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from stages import run_dir as run_folder
 from stages.data import loss_mask
+from stages.distributed import Distributed
 from stages.errors import InvalidConfig, ModelError, StageError
 from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
@@ -292,25 +293,6 @@ def _schedule(config: TuneConfig, total_steps: int):
     return optim.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-class _Distributed:
-    def __init__(self) -> None:
-        self.group = mx.distributed.init()
-        self.rank, self.size = self.group.rank(), self.group.size()
-
-    def my_rows(self, rows: list[int]) -> list[int]:
-        return rows[self.rank :: self.size]
-
-    def barrier(self) -> None:
-        """Every rank waits here for the others (e.g. until rank 0 has saved the model)."""
-        if self.size > 1:
-            mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
-
-    def sum(self, value: Any) -> Any:
-        if self.size == 1:
-            return value
-        return tree_map(lambda x: mx.distributed.all_sum(x, stream=mx.cpu), value)
-
-
 class _Trainer:
     """What the loop is made of: batches, loss, one optimizer step, validation."""
 
@@ -320,7 +302,7 @@ class _Trainer:
         reader: StoreReader,
         student: _Student,
         train_chunks: list[int],
-        dist: _Distributed,
+        dist: Distributed,
     ):
         self.config = config
         self.reader = reader
@@ -480,7 +462,7 @@ def tune(
     """Tune the student's scales and biases on the store's targets; save an mlx-lm model."""
     reader = StoreReader(config.store, config.storage_options)
     run_dir = Path(config.run_dir)
-    dist = _Distributed()
+    dist = Distributed()
     if dist.rank == 0:  # the only rank that writes the run folder
         run_folder.check_run_dir(run_dir, {"store": config.store, "student": config.student})
     if config.batch_size % dist.size:
@@ -538,7 +520,7 @@ def _train(
     if resumed:
         params, best_params, state = resumed
     if dist.rank == 0:  # settings once the checkpoint is accepted; lines after it are redone
-        run_folder.write_settings(run_dir, asdict(config))
+        run_folder.write_run_config(run_dir, asdict(config))
         run_folder.trim_metrics(run_dir, state["step"] if resumed else -1)
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = state["best_val_loss"] = trainer.validate(params)
@@ -620,7 +602,7 @@ def _train(
     )
 
 
-def _report(dist: _Distributed, run_dir: Path, on_step, report: StepReport) -> None:
+def _report(dist: Distributed, run_dir: Path, on_step, report: StepReport) -> None:
     if dist.rank != 0:
         return
     run_folder.append_metrics(run_dir, {k: v for k, v in asdict(report).items() if v is not None})

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stages.data import (
-    DataSettings,
+    DataSpec,
     build_held_out_sequences,
     build_sequences,
     ensure_default_data,
@@ -17,10 +17,10 @@ def tokenizer(tiny_teacher):
     return load_model(str(tiny_teacher)).tokenizer
 
 
-def settings(source, **kw) -> DataSettings:
+def settings(source, **kw) -> DataSpec:
     base = dict(max_seq_length=16, num_samples=4, num_valid_samples=2, valid_share=0.25, seed=1)
     base.update(kw)
-    return DataSettings(source=str(source), **base)
+    return DataSpec(source=str(source), **base)
 
 
 def test_default_data_is_pydoc_text_and_deterministic(tmp_path):
