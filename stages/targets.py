@@ -24,6 +24,9 @@ from stages.settings import (
     identity_values,
     representable_problems,
     setting,
+    storage_options_setting,
+    store_setting,
+    trust_remote_code_setting,
 )
 from store.durable import paths_overlap
 from store.layout import (
@@ -58,15 +61,10 @@ class TargetsConfig:
     data: str = setting(
         "default", "data: 'default' (pydoc text), a jsonl file, a folder or HF id", "--data"
     )
-    store: str = setting(
-        "artifacts/store/default.zarr",
-        "where the target store is written: a folder, or a URL (s3://...) uploaded chunk by chunk",
-        "--store",
-        identity=False,
+    store: str = store_setting(
+        "where the target store is written: a folder, or a URL (s3://...) uploaded chunk by chunk"
     )
-    storage_options: dict[str, Any] = setting(
-        {}, "fsspec options for a URL store", "--storage-option", identity=False
-    )
+    storage_options: dict[str, Any] = storage_options_setting()
     staging_dir: str = setting(
         "artifacts/staging",
         "for a URL store: local folder where chunks are made before upload",
@@ -94,12 +92,7 @@ class TargetsConfig:
         "tune.temperature among them)",
     )
     seed: int = setting(123, "seed for the sequence selection")
-    trust_remote_code: bool = setting(
-        False,
-        "allow code shipped with a model folder to run",
-        "--trust-remote-code",
-        identity=False,
-    )
+    trust_remote_code: bool = trust_remote_code_setting()
 
     def __post_init__(self) -> None:
         problems = []
