@@ -19,13 +19,12 @@ import yaml
 from stages.errors import InvalidConfig
 from stages.evaluate import EvalConfig
 from stages.run_dir import MODEL_DIR
-from stages.settings import flag_keys
+from stages.settings import INT64, flag_keys
 from stages.targets import TargetsConfig
 from stages.tune import TuneConfig
 
 SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig, "eval": EvalConfig}
 SHARED_KEYS = ("store", "storage_options")
-INT64 = 1 << 63
 
 
 @dataclass(frozen=True)

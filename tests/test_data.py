@@ -134,6 +134,20 @@ def test_held_out_sequences_come_from_the_test_split_when_there_is_one(tokenizer
     assert not _row_set(held_out) & (_row_set(train) | _row_set(valid))
 
 
+def test_eval_seed_chooses_among_the_held_out_text_the_spec_seed_decides(tokenizer, text_data):
+    spec = settings(text_data, max_seq_length=8)
+    every, _ = build_held_out_sequences(tokenizer, spec, count=0)
+    assert len(every) > 2  # so that two of them can be chosen in more than one way
+    chosen = {
+        seed: _row_set(build_held_out_sequences(tokenizer, spec, count=2, seed=seed)[0])
+        for seed in range(6)
+    }
+    assert all(rows <= _row_set(every) for rows in chosen.values())
+    assert len({frozenset(rows) for rows in chosen.values()}) > 1
+    again, _ = build_held_out_sequences(tokenizer, spec, count=2, seed=3)
+    assert _row_set(again) == chosen[3]
+
+
 def test_loss_mask_counts_completion_positions_only():
     from stages.data import TokenSequences
 
