@@ -1,4 +1,4 @@
-"""The helper every stage config uses: a dataclass field with its help text and what it is.
+"""The helpers every stage config uses: fields with their help text and what they are, checks.
 
 A field's metadata says which CLI flag sets it and whether it is part of the identity of what the
 stage makes (a store's content, a run's resumable state); the CLI's flag maps, the store's
