@@ -71,7 +71,7 @@ def main() -> None:
             max_seq_length=args.seq_len,
         )
         loaded = load_model(config.teacher)
-        train, valid = build_sequences(loaded.tokenizer, config.data_settings())
+        train, valid = build_sequences(loaded.tokenizer, config.data_spec())
         with clock.part(work, full_work):
             forward_s = bare_forward_seconds(loaded.model, valid.tokens, config.batch_size)
             forward_s += bare_forward_seconds(loaded.model, train.tokens, config.batch_size)

@@ -132,6 +132,16 @@ def _overrides(pairs: dict[str, object], sets: list[str] | None) -> dict[str, ob
     return merged
 
 
+def _stage_config(section: str, config: Path | None, sets: list[str] | None, flags: dict):
+    """One stage's config from the file, --set and the command's own flags (`flags`: the
+    command's locals, its parameters by name; the config's fields say which flag sets what)."""
+    from pipeline.config import flag_overrides, load_config
+
+    flags = {**flags, "storage_option": _storage_options(flags["storage_option"])}
+    overrides = _overrides(flag_overrides(section, flags), sets)
+    return getattr(load_config(config, overrides), section)
+
+
 def _storage_options(pairs: list[str] | None) -> dict | None:
     from store.location import parse_storage_options
 
@@ -178,25 +188,9 @@ def targets(
     set_: SetOption = None,
 ) -> None:
     """Run the teacher over the data and write its top-k logits into the store (resumable)."""
-    from pipeline.config import load_config
     from stages.targets import compute_targets
 
-    cfg = load_config(
-        config,
-        _overrides(
-            {
-                "targets.teacher": teacher,
-                "targets.data": data,
-                "store": store,
-                "targets.top_k": top_k,
-                "targets.num_samples": num_samples,
-                "targets.max_seq_length": max_seq_length,
-                "targets.trust_remote_code": trust_remote_code or None,
-                "storage_options": _storage_options(storage_option),
-            },
-            set_,
-        ),
-    ).targets
+    cfg = _stage_config("targets", config, set_, locals())
     which = _parse_shard(shard)
     with ui.targets_progress() as on_progress:
         manifest = compute_targets(
@@ -234,25 +228,9 @@ def tune(
     set_: SetOption = None,
 ) -> None:
     """Tune the student's quantization scales and biases on the store's targets (resumable)."""
-    from pipeline.config import load_config
     from stages.tune import tune as run_tune
 
-    cfg = load_config(
-        config,
-        _overrides(
-            {
-                "store": store,
-                "tune.student": student,
-                "tune.run_dir": run_dir,
-                "tune.loss": loss,
-                "tune.learning_rate": learning_rate,
-                "tune.max_steps": max_steps,
-                "tune.trust_remote_code": trust_remote_code or None,
-                "storage_options": _storage_options(storage_option),
-            },
-            set_,
-        ),
-    ).tune
+    cfg = _stage_config("tune", config, set_, locals())
     with ui.tune_progress() as on_step:
         result = run_tune(cfg, overwrite=overwrite, on_step=on_step)
     ui.info(
@@ -290,25 +268,10 @@ def evaluate(
     """Teacher vs plain RTN vs tuned student on held-out text: KL, perplexity, top-1 agreement."""
     import json
 
-    from pipeline.config import load_config
     from stages.evaluate import check_save_path, save_result
     from stages.evaluate import evaluate as run_eval
 
-    cfg = load_config(
-        config,
-        _overrides(
-            {
-                "store": store,
-                "eval.student": student,
-                "eval.teacher": teacher,
-                "eval.data": data,
-                "eval.num_sequences": num_sequences,
-                "eval.trust_remote_code": trust_remote_code or None,
-                "storage_options": _storage_options(storage_option),
-            },
-            set_,
-        ),
-    ).eval
+    cfg = _stage_config("eval", config, set_, locals())
     if save:
         check_save_path(save, cfg)  # before the models run
     with ui.batch_progress("eval", enabled=not as_json) as on_batch:

@@ -16,16 +16,15 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError
 from stages.errors import InvalidConfig
 from stages.evaluate import EvalConfig
 from stages.run_dir import MODEL_DIR
+from stages.settings import INT64, flag_keys
 from stages.targets import TargetsConfig
 from stages.tune import TuneConfig
 
 SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig, "eval": EvalConfig}
 SHARED_KEYS = ("store", "storage_options")
-INT64 = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -37,25 +36,25 @@ class PipelineConfig:
 
 def read_yaml(path: Path) -> dict:
     if path.is_dir():
-        raise ConfigError([f"config {path} is a folder, not a YAML file"])
+        raise InvalidConfig([f"config {path} is a folder, not a YAML file"])
     if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist"])
+        raise InvalidConfig([f"config file {path} does not exist"])
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise ConfigError([f"cannot read config {path}: {exc.strerror or exc}"]) from exc
+        raise InvalidConfig([f"cannot read config {path}: {exc.strerror or exc}"]) from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path} is not a text (UTF-8) YAML file"]) from exc
+        raise InvalidConfig([f"{path} is not a text (UTF-8) YAML file"]) from exc
     if not text.strip():
-        raise ConfigError([f"config {path} is empty; leave out --config to use the defaults"])
+        raise InvalidConfig([f"config {path} is empty; leave out --config to use the defaults"])
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError([f"{path} is not valid YAML{where}"]) from exc
+        raise InvalidConfig([f"{path} is not valid YAML{where}"]) from exc
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path} must hold a mapping of sections"])
+        raise InvalidConfig([f"{path} must hold a mapping of sections"])
     return raw
 
 
@@ -63,11 +62,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     """'targets.top_k=512' -> ('targets.top_k', 512); values are read as YAML scalars/lists."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError([f"override {text!r} must look like section.key=value"])
+        raise InvalidConfig([f"override {text!r} must look like section.key=value"])
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"override {text!r}: value is not valid YAML"]) from exc
+        raise InvalidConfig([f"override {text!r}: value is not valid YAML"]) from exc
+
+
+def flag_overrides(section: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """The overrides a command's flags make, found by each field's `flag`: `flags` holds the
+    command's parameters by name (--top-k -> top_k), None where a flag was not given; an on-only
+    flag left off (False) sets nothing either. Shared keys go to the top level, as in a file."""
+    overrides = {}
+    for flag, name in flag_keys(SECTIONS[section]).items():
+        value = flags[flag.removeprefix("--").replace("-", "_")]
+        if value is not None and value is not False:
+            overrides[name if name in SHARED_KEYS else f"{section}.{name}"] = value
+    return overrides
 
 
 def _apply_overrides(raw: dict, overrides: dict[str, Any], problems: list[str]) -> dict:
@@ -159,7 +170,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> P
                 section[shared] = raw[shared]
         built[name] = build_section(name, cls, section, problems)
     if problems:
-        raise ConfigError(problems)
+        raise InvalidConfig(problems)
     if built["eval"].student is None:  # evaluate what this config's tune run saved
         tuned = str(Path(built["tune"].run_dir) / MODEL_DIR)
         built["eval"] = dataclasses.replace(built["eval"], student=tuned)

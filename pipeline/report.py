@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from stages.run_dir import SETTINGS_FILE, read_metrics
+from stages.run_dir import RUN_CONFIG_FILE, read_metrics
 
 PLOT_FILE = "report.png"
 SUMMARY_FILE = "report.md"
@@ -75,10 +75,10 @@ def summarize(run_dir: Path) -> RunSummary:
         raise PipelineError(f"{run_dir}: the metrics log has no validation yet; nothing to report")
     best_step, best = min(validation, key=lambda sv: sv[1])
     last = records[-1]
-    settings = _read_json(run_dir / SETTINGS_FILE, lambda raw: isinstance(raw, dict)) or {}
+    config = _read_json(run_dir / RUN_CONFIG_FILE, lambda raw: isinstance(raw, dict)) or {}
     return RunSummary(
         run_dir=run_dir,
-        loss=f"{settings.get('loss', '?')} (T={settings.get('temperature', '?')})",
+        loss=f"{config.get('loss', '?')} (T={config.get('temperature', '?')})",
         steps=last["step"],
         total_steps=last["total_steps"],
         start_val_loss=validation[0][1],

@@ -1,4 +1,4 @@
-"""Process setup: fast BLAS on Linux, the distributed group, seeds.
+"""Process setup: fast BLAS on Linux, the distributed rank.
 
 The mlx-cpu wheel links a reference BLAS (~5 GFLOPS float32 GEMM here). Debian's OpenBLAS, when
 preloaded, serves the same symbols at ~50x the speed. LD_PRELOAD is read only at exec time, so the
@@ -95,20 +95,12 @@ def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def seed_everything(seed: int) -> None:
-    import mlx.core as mx
-    import numpy as np
-
-    np.random.seed(seed)
-    mx.random.seed(seed)
-
-
 def distributed_rank_and_size() -> tuple[int, int]:
     """(rank, size) of the mx.distributed group; (0, 1) when not launched by mlx.launch."""
-    import mlx.core as mx
+    from stages.distributed import Distributed
 
-    group = mx.distributed.init()
-    return group.rank(), group.size()
+    group = Distributed()
+    return group.rank, group.size
 
 
 def quiet_library_logs() -> None:

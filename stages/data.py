@@ -41,9 +41,6 @@ class TokenSequences:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
-    def rows(self, rows: Any) -> TokenSequences:
-        return TokenSequences(self.tokens[rows], self.lengths[rows], self.prompt_offsets[rows])
-
     def loss_mask(self) -> np.ndarray:
         """(n, max_seq_length - 1) bool: position p predicts token p+1 and counts when
         prompt_offset <= p+1 < length."""
@@ -55,7 +52,9 @@ class TokenSequences:
 
 
 @dataclass(frozen=True)
-class DataSettings:
+class DataSpec:
+    """Which sequences to build from which source (the data part of a targets config)."""
+
     source: str
     max_seq_length: int
     num_samples: int
@@ -163,13 +162,13 @@ def _mlx_dataset(records: Any, tokenizer: Any, mask_prompt: bool) -> Any:
         ) from exc
 
 
-def _tokenize(records: Any, tokenizer: Any, settings: DataSettings) -> list[tuple[list[int], int]]:
+def _tokenize(records: Any, tokenizer: Any, spec: DataSpec) -> list[tuple[list[int], int]]:
     """One (tokens, prompt_offset) per sequence: text packed into windows, others one each."""
     from mlx_lm.tuner.datasets import TextDataset
 
-    dataset = _mlx_dataset(records, tokenizer, settings.mask_prompt)
+    dataset = _mlx_dataset(records, tokenizer, spec.mask_prompt)
     processed = [dataset.process(dataset[i]) for i in range(len(dataset))]
-    length = settings.max_seq_length
+    length = spec.max_seq_length
     if isinstance(dataset, TextDataset):
         stream = [t for tokens, _ in processed for t in tokens]
         return [(stream[i : i + length], 0) for i in range(0, len(stream) - length + 1, length)]
@@ -206,61 +205,61 @@ def _as_sequences(
     return _to_arrays(_select(rows, count, seed), length, pad_id)
 
 
-def _train_and_valid_records(splits: dict[str, Any], settings: DataSettings) -> tuple[Any, Any]:
+def _train_and_valid_records(splits: dict[str, Any], spec: DataSpec) -> tuple[Any, Any]:
     if "valid" in splits:
         return splits["train"], splits["valid"]
-    return _hold_out(splits["train"], settings)
+    return _hold_out(splits["train"], spec)
 
 
-def build_sequences(
-    tokenizer: Any, settings: DataSettings
-) -> tuple[TokenSequences, TokenSequences]:
-    """Deterministic (train, valid) sequences for the same source, tokenizer and settings."""
-    train_records, valid_records = _train_and_valid_records(load_records(settings.source), settings)
-    train_rows = _tokenize(train_records, tokenizer, settings)
-    valid_rows = _tokenize(valid_records, tokenizer, settings)
-    _check_enough("train", train_rows, settings.num_samples, settings)
-    _check_enough("valid", valid_rows, settings.num_valid_samples, settings)
-    length = settings.max_seq_length
+def build_sequences(tokenizer: Any, spec: DataSpec) -> tuple[TokenSequences, TokenSequences]:
+    """Deterministic (train, valid) sequences for the same source, tokenizer and spec."""
+    train_records, valid_records = _train_and_valid_records(load_records(spec.source), spec)
+    train_rows = _tokenize(train_records, tokenizer, spec)
+    valid_rows = _tokenize(valid_records, tokenizer, spec)
+    _check_enough("train", train_rows, spec.num_samples, spec)
+    _check_enough("valid", valid_rows, spec.num_valid_samples, spec)
+    length = spec.max_seq_length
     return (
-        _as_sequences(train_rows, settings.num_samples, settings.seed, length, tokenizer),
-        _as_sequences(valid_rows, settings.num_valid_samples, settings.seed + 1, length, tokenizer),
+        _as_sequences(train_rows, spec.num_samples, spec.seed, length, tokenizer),
+        _as_sequences(valid_rows, spec.num_valid_samples, spec.seed + 1, length, tokenizer),
     )
 
 
 def build_held_out_sequences(
-    tokenizer: Any, settings: DataSettings, count: int
+    tokenizer: Any, spec: DataSpec, count: int, seed: int | None = None
 ) -> tuple[TokenSequences, str]:
     """Sequences tuning never trained on: the source's test split, else its validation split
-    (which tuning saw only to pick its best checkpoint). Returns them and the split's name."""
-    splits = load_records(settings.source)
+    (which tuning saw only to pick its best checkpoint). Returns them and the split's name.
+    `seed` chooses which `count` of them (default: the spec's seed, which decides the split)."""
+    splits = load_records(spec.source)
     split = "test" if "test" in splits else "valid"
-    records = splits["test"] if split == "test" else _train_and_valid_records(splits, settings)[1]
-    rows = _tokenize(records, tokenizer, settings)
-    _check_enough(split, rows, count, settings)
-    length = settings.max_seq_length
-    return _as_sequences(rows, count, settings.seed + 2, length, tokenizer), split
+    records = splits["test"] if split == "test" else _train_and_valid_records(splits, spec)[1]
+    rows = _tokenize(records, tokenizer, spec)
+    _check_enough(split, rows, count, spec)
+    length = spec.max_seq_length
+    chooser = spec.seed if seed is None else seed
+    return _as_sequences(rows, count, chooser + 2, length, tokenizer), split
 
 
-def _hold_out(records: Any, settings: DataSettings) -> tuple[list, list]:
+def _hold_out(records: Any, spec: DataSpec) -> tuple[list, list]:
     """Split whole records (never windows of one record) into train and validation."""
     if len(records) == 0:
         raise DataError("the dataset is empty")
     if len(records) < 2:
         raise DataError("the data needs at least 2 records to hold some out for validation")
-    order = np.random.default_rng(settings.seed).permutation(len(records)).tolist()
-    n_valid = min(len(records) - 1, max(1, round(len(records) * settings.valid_share)))
+    order = np.random.default_rng(spec.seed).permutation(len(records)).tolist()
+    n_valid = min(len(records) - 1, max(1, round(len(records) * spec.valid_share)))
     return [records[i] for i in order[n_valid:]], [records[i] for i in order[:n_valid]]
 
 
-def _check_enough(split: str, rows: list, wanted: int, settings: DataSettings) -> None:
+def _check_enough(split: str, rows: list, wanted: int, spec: DataSpec) -> None:
     if not rows:
         raise DataError(
-            f"the data gives no {split} sequences of {settings.max_seq_length} tokens; "
+            f"the data gives no {split} sequences of {spec.max_seq_length} tokens; "
             "add data or lower max_seq_length"
         )
     if wanted > len(rows):
         raise DataError(
-            f"the data gives only {len(rows)} {split} sequences of up to {settings.max_seq_length} "
+            f"the data gives only {len(rows)} {split} sequences of up to {spec.max_seq_length} "
             f"tokens, fewer than the {wanted} asked for; lower the sample count or add data"
         )

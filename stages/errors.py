@@ -14,8 +14,9 @@ class DataError(StageError):
 
 
 class InvalidConfig(StageError):
-    """A stage config has problems; all of them are listed, not only the first."""
+    """A config (file, overrides or a stage's config) has problems; all of them are listed, not
+    only the first."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+        super().__init__("config: " + "; ".join(self.problems))

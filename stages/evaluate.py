@@ -17,19 +17,19 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from stages.data import DataSettings, TokenSequences, build_held_out_sequences
+from stages import models
+from stages.data import DataSpec, TokenSequences, build_held_out_sequences
 from stages.errors import InvalidConfig, ModelError, StageError
-from stages.models import (
-    FAST_MATMUL,
-    load_model,
-    output_size,
-    quantization_of,
-    quantize_student,
-    tokenizer_fingerprint,
-    use_dequantized_matmul,
-    want_fast_matmul,
+from stages.settings import (
+    above_limit_problems,
+    choice_problems,
+    fast_matmul_setting,
+    representable_problems,
+    setting,
+    storage_options_setting,
+    store_setting,
+    trust_remote_code_setting,
 )
-from stages.settings import above_limit_problems, representable_problems, setting
 from store.durable import (
     file_in_the_way,
     is_mark_bytes,
@@ -47,19 +47,25 @@ EVAL_MARK = "eval"  # the `program`/`kind` keys of an eval JSON: `eval --save` r
 
 @dataclass
 class EvalConfig:
-    store: str = setting(
-        "artifacts/store/default.zarr", "target store: supplies teacher and data when unset"
+    store: str = store_setting("target store: supplies teacher and data when unset")
+    storage_options: dict[str, Any] = storage_options_setting()
+    student: str | None = setting(
+        None, "the tuned student; unset = tune.run_dir's model/", "--student"
     )
-    storage_options: dict[str, Any] = setting({}, "fsspec options for a URL store")
-    student: str | None = setting(None, "the tuned student; unset = tune.run_dir's model/")
-    teacher: str | None = setting(None, "teacher model; unset = the one that made the store")
-    data: str | None = setting(None, "data source; unset = the one that made the store")
-    num_sequences: int = setting(16, "held-out sequences evaluated (0 = all)")
+    teacher: str | None = setting(
+        None, "teacher model; unset = the one that made the store", "--teacher"
+    )
+    data: str | None = setting(None, "data source; unset = the one that made the store", "--data")
+    num_sequences: int = setting(16, "held-out sequences evaluated (0 = all)", "--num-sequences")
     max_seq_length: int | None = setting(None, "tokens per sequence; unset = the store's")
     batch_size: int = setting(4, "sequences per forward pass")
-    seed: int = setting(123, "seed for choosing the held-out sequences")
-    fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
-    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+    seed: int = setting(
+        123,
+        "seed for choosing which held-out sequences are evaluated (which text is held out "
+        "follows the store's targets.seed)",
+    )
+    fast_matmul: str = fast_matmul_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,8 +75,7 @@ class EvalConfig:
             problems.append(f"eval.num_sequences must be >= 0 (got {self.num_sequences})")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             problems.append(f"eval.max_seq_length must be >= 2 (got {self.max_seq_length})")
-        if self.fast_matmul not in FAST_MATMUL:
-            problems.append(f"eval.fast_matmul must be one of {', '.join(FAST_MATMUL)}")
+        problems += choice_problems(self, "eval", ("fast_matmul",))
         if self.seed < 0:
             problems.append(f"eval.seed must be >= 0 (got {self.seed})")
         problems += representable_problems(self, "eval")
@@ -189,8 +194,8 @@ def score_models(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, ModelScore]:
     """Scores of the teacher and each student on the same sequences, batch by batch."""
-    models = {TEACHER: teacher, **students}
-    totals = {name: _Totals() for name in models}
+    scored = {TEACHER: teacher, **students}
+    totals = {name: _Totals() for name in scored}
     mask_all = sequences.loss_mask()
     num_batches = -(-len(sequences) // batch_size)
     for number, start in enumerate(range(0, len(sequences), batch_size), 1):
@@ -200,7 +205,7 @@ def score_models(
         teacher_logprobs = _log_softmax(teacher, inputs)
         teacher_top1 = mx.argmax(teacher_logprobs, axis=-1)
         mx.eval(teacher_logprobs, teacher_top1)
-        for name, model in models.items():
+        for name, model in scored.items():
             logprobs = teacher_logprobs if model is teacher else _log_softmax(model, inputs)
             totals[name].add(teacher_logprobs, logprobs, targets, teacher_top1, mask)
         if on_batch:
@@ -223,7 +228,7 @@ def _store_manifest(config: EvalConfig) -> Manifest | None:
 
 def _check_output_sizes(teacher: Any, student: Any, manifest: Manifest | None) -> None:
     """Teacher, student (and the store, when read) must give logits over the same vocabulary."""
-    sizes = {"the teacher": output_size(teacher), "the student": output_size(student)}
+    sizes = {"the teacher": models.output_size(teacher), "the student": models.output_size(student)}
     if manifest is not None:
         sizes["the store's vocabulary"] = manifest.splits["train"].vocab_size
     if len(set(sizes.values())) > 1:
@@ -234,8 +239,10 @@ def _check_output_sizes(teacher: Any, student: Any, manifest: Manifest | None) -
         )
 
 
-def _eval_data_settings(config: EvalConfig, made_with: dict[str, Any]) -> DataSettings:
-    return DataSettings(
+def _held_out_spec(config: EvalConfig, made_with: dict[str, Any]) -> DataSpec:
+    """The store's settings decide which text was held out, so eval never scores text that
+    tuning trained on; eval.seed only chooses among it."""
+    return DataSpec(
         source=config.data or made_with["data"],
         max_seq_length=config.max_seq_length or made_with["max_seq_length"],
         num_samples=0,
@@ -250,14 +257,19 @@ def held_out_sequences(config: EvalConfig, tokenizer: Any) -> tuple[TokenSequenc
     """The rows `evaluate` scores (the data's test split) and the split's name; for benchmarks
     that score other students on exactly the same text."""
     manifest = _store_manifest(config)
-    settings = _eval_data_settings(config, dict(manifest.settings) if manifest else {})
-    return build_held_out_sequences(tokenizer, settings, config.num_sequences)
+    return _held_out(config, dict(manifest.settings) if manifest else {}, tokenizer)
+
+
+def _held_out(
+    config: EvalConfig, made_with: dict[str, Any], tokenizer: Any
+) -> tuple[TokenSequences, str]:
+    spec = _held_out_spec(config, made_with)
+    return build_held_out_sequences(tokenizer, spec, config.num_sequences, config.seed)
 
 
 def _prepare(model: Any, fast_matmul: str) -> Any:
     model.eval()
-    if want_fast_matmul(fast_matmul):
-        use_dequantized_matmul(model)
+    models.apply_fast_matmul(model, fast_matmul)
     return model
 
 
@@ -268,21 +280,21 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     manifest = _store_manifest(config)
     made_with = dict(manifest.settings) if manifest else {}
     teacher_spec = config.teacher or made_with["teacher"]
-    tuned = load_model(config.student, trust_remote_code=config.trust_remote_code)
+    tuned = models.load_model(config.student, trust_remote_code=config.trust_remote_code)
     if not tuned.config.get("quantization"):
         raise ModelError(f"student {config.student!r} is not quantized: nothing to compare")
-    bits, group_size = quantization_of(tuned.config, config.student)
-    teacher = load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
-    if tokenizer_fingerprint(teacher.tokenizer) != tokenizer_fingerprint(tuned.tokenizer):
+    bits, group_size = models.quantization_of(tuned.config, config.student)
+    teacher = models.load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
+    teacher_vocab = models.tokenizer_fingerprint(teacher.tokenizer)
+    if teacher_vocab != models.tokenizer_fingerprint(tuned.tokenizer):
         raise ModelError(
             "the student's tokenizer differs from the teacher's; they cannot be compared"
         )
     _check_output_sizes(teacher.model, tuned.model, manifest)
-    rtn_source = load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
-    rtn, _ = quantize_student(rtn_source, bits, group_size)
+    rtn_source = models.load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
+    rtn, _ = models.quantize_student(rtn_source, bits, group_size)
 
-    settings = _eval_data_settings(config, made_with)
-    sequences, split = build_held_out_sequences(teacher.tokenizer, settings, config.num_sequences)
+    sequences, split = _held_out(config, made_with, teacher.tokenizer)
     tic = time.perf_counter()
     students = {
         RTN: _prepare(rtn, config.fast_matmul),

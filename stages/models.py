@@ -413,6 +413,12 @@ def want_fast_matmul(setting_value: str) -> bool:
     return setting_value == "on" or (setting_value == "auto" and mx.default_device() == mx.cpu)
 
 
+def apply_fast_matmul(model: Any, choice: str) -> None:
+    """Switch `model` to dequantize + BLAS matmul when `choice` (a fast_matmul setting) wants it."""
+    if want_fast_matmul(choice):
+        use_dequantized_matmul(model)
+
+
 def use_dequantized_matmul(model: Any) -> int:
     """Switch every quantized Linear/Embedding to the dequantize + matmul path; returns count."""
     import mlx.nn as nn

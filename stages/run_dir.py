@@ -1,8 +1,8 @@
 """The tune run folder: its file names, its ownership mark, checkpoints, the metrics log, the
-settings file and the saved model, the way store/ owns the store's format.
+run config file and the saved model, the way store/ owns the store's format.
 
 A run folder is used only if it is new, empty, or carries this program's run mark (or is a run
-folder from before the mark, recognised by its settings file); inside it, only the entries below
+folder from before the mark, recognised by its config file); inside it, only the entries below
 are ever written or replaced, and `--overwrite` deletes only the checkpoint and the metrics log.
 Every replacement is written beside and swapped in, so a crash leaves the old version whole.
 """
@@ -35,23 +35,23 @@ from store.lock import hold_lock
 RUN_MARK = "run"
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
-SETTINGS_FILE = "tune_config.json"  # the settings of the run, for reports
+RUN_CONFIG_FILE = "tune_config.json"  # the run's TuneConfig, for reports
 LOCK_FILE = "tune.lock"
 MODEL_DIR = "model"
-# Keys every settings file of a tune run has: how a run folder from before the mark is known.
-_LEGACY_SETTINGS_KEYS = {"store", "run_dir", "student", "loss", "learning_rate", "batch_size"}
+# Keys every config file of a tune run has: how a run folder from before the mark is known.
+_LEGACY_CONFIG_KEYS = {"store", "run_dir", "student", "loss", "learning_rate", "batch_size"}
 
 
 def is_run_dir(run_dir: Path) -> bool:
     """Did this program make `run_dir`? Its mark says so (or, for a run from before the mark,
-    a settings file holding a tune run's settings)."""
+    a config file holding a tune run's config)."""
     if has_mark(run_dir, RUN_MARK):
         return True
     try:
-        settings = json.loads((Path(run_dir) / SETTINGS_FILE).read_bytes())
+        config = json.loads((Path(run_dir) / RUN_CONFIG_FILE).read_bytes())
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return isinstance(settings, dict) and _LEGACY_SETTINGS_KEYS <= set(settings)
+    return isinstance(config, dict) and _LEGACY_CONFIG_KEYS <= set(config)
 
 
 def check_run_dir(run_dir: Path, inputs: dict[str, str | None]) -> None:
@@ -127,8 +127,8 @@ def clear_run(run_dir: Path) -> None:
 
 
 @writes_run_dir
-def write_settings(run_dir: Path, settings: dict[str, Any]) -> None:
-    write_json_atomic(run_dir / SETTINGS_FILE, settings)
+def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / RUN_CONFIG_FILE, config)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

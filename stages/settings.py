@@ -1,18 +1,73 @@
-"""The helper every stage config uses: a dataclass field with its help text."""
+"""The helpers every stage config uses: fields with their help text and what they are, checks.
+
+A field's metadata says which CLI flag sets it and whether it is part of the identity of what the
+stage makes (a store's content, a run's resumable state); the CLI's flag maps, the store's
+recorded settings and a run's resume key are derived from it, so no list of names is kept twice.
+"""
 
 import math
-from dataclasses import field
+from dataclasses import asdict, field, fields
 from typing import Any
 
+from stages.models import FAST_MATMUL
 
-def setting(default: Any, help: str) -> Any:
+
+def setting(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    identity: bool = True,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A config field: `flag` is the CLI option that sets it (e.g. "--top-k"); `identity` says
+    whether its value is part of what the stage makes (False: where things live, how fast);
+    `choices` are the values it may take."""
+    metadata = {"help": help, "flag": flag, "identity": identity, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def help_of(config_cls: type, name: str) -> str:
-    return config_cls.__dataclass_fields__[name].metadata.get("help", "")
+def identity_values(config: Any) -> dict[str, Any]:
+    """The config's values that are part of its identity, in field order."""
+    values = asdict(config)
+    return {f.name: values[f.name] for f in fields(config) if f.metadata.get("identity", True)}
+
+
+def flag_keys(config_cls: type) -> dict[str, str]:
+    """CLI flag (e.g. "--top-k") -> the field it sets, for the fields a flag sets."""
+    return {f.metadata["flag"]: f.name for f in fields(config_cls) if f.metadata.get("flag")}
+
+
+# ---- fields several stages share -----------------------------------------------------------------
+
+
+def store_setting(help: str) -> Any:
+    return setting("artifacts/store/default.zarr", help, "--store", identity=False)
+
+
+def storage_options_setting(help: str = "fsspec options for a URL store") -> Any:
+    return setting({}, help, "--storage-option", identity=False)
+
+
+def trust_remote_code_setting(identity: bool = False) -> Any:
+    help = "allow code shipped with a model folder to run"
+    return setting(False, help, "--trust-remote-code", identity=identity)
+
+
+def fast_matmul_setting() -> Any:
+    help = "dequantize + BLAS matmul: auto (on for CPU), on, off"
+    return setting("auto", help, identity=False, choices=FAST_MATMUL)
+
+
+def choice_problems(config: Any, section: str, names: tuple[str, ...]) -> list[str]:
+    """The named fields hold one of their `choices`."""
+    choices = {f.name: f.metadata["choices"] for f in fields(config)}
+    return [
+        f"{section}.{name} must be one of {', '.join(choices[name])}"
+        for name in names
+        if getattr(config, name) not in choices[name]
+    ]
 
 
 INT64 = 1 << 63

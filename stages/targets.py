@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from stages.data import DEFAULT_DATA, DataSettings, TokenSequences, build_sequences
+from stages.data import DEFAULT_DATA, DataSpec, TokenSequences, build_sequences
 from stages.errors import InvalidConfig, StageError
 from stages.models import (
     DEFAULT_TEACHER,
@@ -19,7 +19,15 @@ from stages.models import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from stages.settings import above_limit_problems, representable_problems, setting
+from stages.settings import (
+    above_limit_problems,
+    identity_values,
+    representable_problems,
+    setting,
+    storage_options_setting,
+    store_setting,
+    trust_remote_code_setting,
+)
 from store.durable import paths_overlap
 from store.layout import (
     LOGIT_DTYPES,
@@ -48,21 +56,26 @@ TARGETS_LIMITS = {
 @dataclass
 class TargetsConfig:
     teacher: str = setting(
-        "default", "teacher model: 'default' (embedded SmolLM2), a folder or HF id"
+        "default", "teacher model: 'default' (embedded SmolLM2), a folder or HF id", "--teacher"
     )
-    data: str = setting("default", "data: 'default' (pydoc text), a jsonl file, a folder or HF id")
-    store: str = setting(
-        "artifacts/store/default.zarr",
-        "where the target store is written: a folder, or a URL (s3://...) uploaded chunk by chunk",
+    data: str = setting(
+        "default", "data: 'default' (pydoc text), a jsonl file, a folder or HF id", "--data"
     )
-    storage_options: dict[str, Any] = setting({}, "fsspec options for a URL store")
+    store: str = store_setting(
+        "where the target store is written: a folder, or a URL (s3://...) uploaded chunk by chunk"
+    )
+    storage_options: dict[str, Any] = storage_options_setting()
     staging_dir: str = setting(
-        "artifacts/staging", "for a URL store: local folder where chunks are made before upload"
+        "artifacts/staging",
+        "for a URL store: local folder where chunks are made before upload",
+        identity=False,
     )
-    top_k: int = setting(1024, "teacher logits kept per position (1 <= top_k <= vocabulary)")
-    max_seq_length: int = setting(256, "tokens per sequence")
+    top_k: int = setting(
+        1024, "teacher logits kept per position (1 <= top_k <= vocabulary)", "--top-k"
+    )
+    max_seq_length: int = setting(256, "tokens per sequence", "--max-seq-length")
     # The same as configs/default.yaml: the embedded data gives 26 validation sequences of 256.
-    num_samples: int = setting(48, "training sequences (0 = all the data gives)")
+    num_samples: int = setting(48, "training sequences (0 = all the data gives)", "--num-samples")
     num_valid_samples: int = setting(8, "validation sequences (0 = all the data gives)")
     valid_share: float = setting(
         0.1, "share held out for validation when the data has no valid split"
@@ -70,7 +83,7 @@ class TargetsConfig:
     mask_prompt: bool = setting(
         False, "exclude prompt tokens of chat/completions data from the loss"
     )
-    batch_size: int = setting(4, "sequences per teacher forward pass")
+    batch_size: int = setting(4, "sequences per teacher forward pass", identity=False)
     chunk_size: int = setting(4, "sequences per store chunk (the unit of resume and sharding)")
     logits_dtype: str = setting("bfloat16", "stored logit dtype: bfloat16, float16 or float32")
     lse_temperatures: list[float] = setting(
@@ -79,7 +92,7 @@ class TargetsConfig:
         "tune.temperature among them)",
     )
     seed: int = setting(123, "seed for the sequence selection")
-    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+    trust_remote_code: bool = trust_remote_code_setting()
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,8 +122,8 @@ class TargetsConfig:
         if problems:
             raise InvalidConfig(problems)
 
-    def data_settings(self) -> DataSettings:
-        return DataSettings(
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
             source=self.data,
             max_seq_length=self.max_seq_length,
             num_samples=self.num_samples,
@@ -120,10 +133,10 @@ class TargetsConfig:
             mask_prompt=self.mask_prompt,
         )
 
-    def stored_settings(self) -> dict:
-        """Settings that decide the store's content (not where it lives or who computes it)."""
-        skip = {"store", "storage_options", "staging_dir", "trust_remote_code", "batch_size"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+    def store_identity(self) -> dict:
+        """The settings that decide the store's content (not where it lives or who computes
+        it): the manifest's `settings`."""
+        return identity_values(self)
 
 
 @dataclass(frozen=True)
@@ -243,7 +256,7 @@ def build_manifest(
         teacher=teacher,
         tokenizer=tokenizer,
         data=data,
-        settings=config.stored_settings(),
+        settings=config.store_identity(),
         splits=shapes,
     )
 
@@ -260,7 +273,7 @@ def compute_targets(
     Chunks an earlier run finished are re-verified first: damaged ones are computed again."""
     _check_store_apart(config)
     loaded = load_model(config.teacher, trust_remote_code=config.trust_remote_code)
-    train, valid = build_sequences(loaded.tokenizer, config.data_settings())
+    train, valid = build_sequences(loaded.tokenizer, config.data_spec())
     vocab_size = output_vocab_size(loaded)
     _check_against_model(config, vocab_size, train)
     splits = {"train": train, "valid": valid}

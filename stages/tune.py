@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -21,24 +22,29 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from stages import run_dir as run_folder
 from stages.data import loss_mask
+from stages.distributed import Distributed
 from stages.errors import InvalidConfig, ModelError, StageError
 from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
-    FAST_MATMUL,
+    apply_fast_matmul,
     load_model,
     output_size,
     quantization_of,
     quantize_student,
     tokenizer_fingerprint,
     unfreeze_scales_and_biases,
-    use_dequantized_matmul,
-    want_fast_matmul,
 )
 from stages.settings import (
     MAX_STEPS,
     above_limit_problems,
+    choice_problems,
+    fast_matmul_setting,
+    identity_values,
     representable_problems,
     setting,
+    storage_options_setting,
+    store_setting,
+    trust_remote_code_setting,
 )
 from store.errors import StoreCorruptError
 from store.reader import StoreReader, stream_batches
@@ -60,40 +66,54 @@ TUNE_LIMITS = {
 
 @dataclass
 class TuneConfig:
-    store: str = setting(
-        "artifacts/store/default.zarr",
-        "target store from `targets`: a folder, a zip from `store pack`, or a URL (s3://, ...)",
+    store: str = store_setting(
+        "target store from `targets`: a folder, a zip from `store pack`, or a URL (s3://, ...)"
     )
-    storage_options: dict[str, Any] = setting(
-        {}, "fsspec options for a URL store (endpoint_url, anon, ...); credentials from the env"
+    storage_options: dict[str, Any] = storage_options_setting(
+        "fsspec options for a URL store (endpoint_url, anon, ...); credentials from the env"
     )
-    run_dir: str = setting("artifacts/runs/default", "checkpoints, metrics.jsonl and the model/")
+    run_dir: str = setting(
+        "artifacts/runs/default",
+        "checkpoints, metrics.jsonl and the model/",
+        "--run-dir",
+        identity=False,
+    )
     student: str | None = setting(
-        None, "an already quantized mlx-lm model (folder or HF id); unset = quantize the teacher"
+        None,
+        "an already quantized mlx-lm model (folder or HF id); unset = quantize the teacher",
+        "--student",
     )
     bits: int = setting(4, "bits per weight when quantizing the teacher into a student")
     group_size: int = setting(64, "quantization group size when quantizing the teacher")
-    loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}")
+    loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
-    learning_rate: float = setting(1e-4, "peak Adam learning rate")
+    learning_rate: float = setting(1e-4, "peak Adam learning rate", "--learning-rate")
     warmup_steps: int = setting(5, "linear warm-up steps from 0 to the peak learning rate")
-    schedule: str = setting("cosine", "after warm-up: cosine (decay to 10%) or constant")
+    schedule: str = setting(
+        "cosine", "after warm-up: cosine (decay to 10%) or constant", choices=SCHEDULES
+    )
     batch_size: int = setting(4, "sequences per global batch (split across ranks)")
     grad_accumulation: int = setting(1, "batches whose gradients are summed per optimizer step")
     epochs: int = setting(1, "passes over the training split (ignored when max_steps > 0)")
-    max_steps: int = setting(0, "optimizer steps (0 = as many as the epochs give)")
-    val_every: int = setting(20, "validate every N steps (also at start and end)")
-    checkpoint_every: int = setting(20, "checkpoint every N steps (also on SIGINT/SIGTERM)")
-    prefetch: int = setting(2, "batches decoded ahead of the training loop")
+    max_steps: int = setting(0, "optimizer steps (0 = as many as the epochs give)", "--max-steps")
+    val_every: int = setting(20, "validate every N steps (also at start and end)", identity=False)
+    checkpoint_every: int = setting(
+        20, "checkpoint every N steps (also on SIGINT/SIGTERM)", identity=False
+    )
+    prefetch: int = setting(2, "batches decoded ahead of the training loop", identity=False)
     seed: int = setting(123, "seed for the order of chunks in each epoch")
     incomplete_store: str = setting(
         "refuse",
         "a store still being filled or copied: refuse; use (the training chunks done when the "
         "run starts); wait (for each chunk as the loop needs it)",
+        identity=False,
+        choices=INCOMPLETE,
     )
-    wait_timeout_s: float = setting(3600.0, "with incomplete_store=wait: give up after this long")
-    fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
-    trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+    wait_timeout_s: float = setting(
+        3600.0, "with incomplete_store=wait: give up after this long", identity=False
+    )
+    fast_matmul: str = fast_matmul_setting()
+    trust_remote_code: bool = trust_remote_code_setting(identity=True)
 
     def __post_init__(self) -> None:
         problems = []
@@ -111,12 +131,7 @@ class TuneConfig:
             problems.append(f"tune.loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         if self.temperature <= 0 or self.learning_rate <= 0:
             problems.append("tune.temperature and tune.learning_rate must be > 0")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"tune.schedule must be one of {', '.join(SCHEDULES)}")
-        if self.fast_matmul not in FAST_MATMUL:
-            problems.append(f"tune.fast_matmul must be one of {', '.join(FAST_MATMUL)}")
-        if self.incomplete_store not in INCOMPLETE:
-            problems.append(f"tune.incomplete_store must be one of {', '.join(INCOMPLETE)}")
+        problems += choice_problems(self, "tune", ("schedule", "fast_matmul", "incomplete_store"))
         if self.wait_timeout_s <= 0:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
@@ -132,10 +147,9 @@ class TuneConfig:
         return self.wait_timeout_s if self.incomplete_store == "wait" else None
 
     def resume_key(self) -> str:
-        """Settings that must match for a checkpoint to be resumed (not where things live)."""
-        skip = {"store", "storage_options", "run_dir", "prefetch", "val_every"}
-        skip |= {"checkpoint_every", "fast_matmul", "incomplete_store", "wait_timeout_s"}
-        kept = {k: v for k, v in asdict(self).items() if k not in skip}
+        """A digest of the settings that must match for a checkpoint to be resumed (the fields
+        that are part of the run's identity: not where things live, nor how fast)."""
+        kept = identity_values(self)
         return hashlib.blake2b(
             json.dumps(kept, sort_keys=True).encode(), digest_size=16
         ).hexdigest()
@@ -271,25 +285,6 @@ def _schedule(config: TuneConfig, total_steps: int):
     return optim.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-class _Distributed:
-    def __init__(self) -> None:
-        self.group = mx.distributed.init()
-        self.rank, self.size = self.group.rank(), self.group.size()
-
-    def my_rows(self, rows: list[int]) -> list[int]:
-        return rows[self.rank :: self.size]
-
-    def barrier(self) -> None:
-        """Every rank waits here for the others (e.g. until rank 0 has saved the model)."""
-        if self.size > 1:
-            mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
-
-    def sum(self, value: Any) -> Any:
-        if self.size == 1:
-            return value
-        return tree_map(lambda x: mx.distributed.all_sum(x, stream=mx.cpu), value)
-
-
 class _Trainer:
     """What the loop is made of: batches, loss, one optimizer step, validation."""
 
@@ -299,7 +294,7 @@ class _Trainer:
         reader: StoreReader,
         student: _Student,
         train_chunks: list[int],
-        dist: _Distributed,
+        dist: Distributed,
     ):
         self.config = config
         self.reader = reader
@@ -448,7 +443,7 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-# ---- the stage ---------------------------------------------------------------------------------
+# ---- the stage: setup -> loop -> save ----------------------------------------------------------
 
 
 def tune(
@@ -459,7 +454,22 @@ def tune(
     """Tune the student's scales and biases on the store's targets; save an mlx-lm model."""
     reader = StoreReader(config.store, config.storage_options)
     run_dir = Path(config.run_dir)
-    dist = _Distributed()
+    dist = Distributed()
+    _check_before_loading(config, reader, run_dir, dist)
+    student = _prepare_student(config, reader)
+    with _claimed_run_dir(run_dir, dist, overwrite):
+        train_chunks = _train_chunks(reader, config, run_dir)
+        trainer = _Trainer(config, reader, student, train_chunks, dist)
+        run = _start_or_resume(trainer, run_dir, on_step)
+        _train_loop(trainer, run, on_step)
+        model_dir = _save_best(trainer, run, student)
+    return _result(run, model_dir)
+
+
+def _check_before_loading(
+    config: TuneConfig, reader: StoreReader, run_dir: Path, dist: Distributed
+) -> None:
+    """The cheap checks, before the student loads: run folder, ranks, store."""
     if dist.rank == 0:  # the only rank that writes the run folder
         run_folder.check_run_dir(run_dir, {"store": config.store, "student": config.student})
     if config.batch_size % dist.size:
@@ -467,12 +477,21 @@ def tune(
             f"tune.batch_size={config.batch_size} must divide by the {dist.size} ranks"
         )
     _check_store(reader, config)
+
+
+def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
+    """The student, loaded with its scales and biases trainable."""
     student = _load_student(config, reader)
     if unfreeze_scales_and_biases(student.model) == 0:
         raise ModelError("the student has no affine-quantized layers below 8 bits: nothing to tune")
-    if want_fast_matmul(config.fast_matmul):
-        use_dequantized_matmul(student.model)
+    apply_fast_matmul(student.model, config.fast_matmul)
+    return student
 
+
+@contextmanager
+def _claimed_run_dir(run_dir: Path, dist: Distributed, overwrite: bool) -> Iterator[None]:
+    """The run folder made and locked by rank 0, its checkpoint recovered (or cleared with
+    --overwrite) before any rank reads it."""
     if dist.rank == 0:
         run_folder.make_run_dir(run_dir)
     with run_folder.lock_run_dir(run_dir) if dist.rank == 0 else nullcontext():
@@ -481,108 +500,147 @@ def tune(
             if overwrite:
                 run_folder.clear_run(run_dir)
         dist.barrier()  # every rank reads the checkpoint only once it is recovered or cleared
-        train_chunks = _train_chunks(reader, config, run_dir)
-        trainer = _Trainer(config, reader, student, train_chunks, dist)
-        return _train(config, run_dir, reader, student, trainer, on_step)
+        yield
 
 
-def _train(
-    config: TuneConfig,
-    run_dir: Path,
-    reader: StoreReader,
-    student: _Student,
-    trainer: _Trainer,
-    on_step: Callable[[StepReport], None] | None,
-) -> TuneResult:
-    dist = trainer.dist
+@dataclass
+class _Run:
+    """What the loop updates and a checkpoint holds."""
 
-    per_epoch = trainer.batches_per_epoch
+    run_dir: Path
+    total_steps: int
+    optimizer: Any
+    params: Any
+    best_params: Any
+    state: dict[str, Any]  # step, initial/best validation loss, best step, train chunks
+    checkpoint_step: int | None  # the step of the last checkpoint written (None: none yet)
+
+
+def _total_steps(trainer: _Trainer) -> int:
+    config, per_epoch = trainer.config, trainer.batches_per_epoch
     if per_epoch < config.grad_accumulation:
         raise StageError(
             f"the store's {trainer.shape.num_sequences} training sequences make {per_epoch} "
             f"batches of {config.batch_size}, fewer than "
             f"grad_accumulation={config.grad_accumulation}"
         )
-    total_steps = config.max_steps or config.epochs * (per_epoch // config.grad_accumulation)
+    return config.max_steps or config.epochs * (per_epoch // config.grad_accumulation)
 
+
+def _start_or_resume(trainer: _Trainer, run_dir: Path, on_step) -> _Run:
+    """Optimizer and float32 parameters, from the checkpoint when there is one; a new run is
+    validated once before its first step."""
+    config, dist = trainer.config, trainer.dist
+    total_steps = _total_steps(trainer)
     optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
-    params = tree_map(lambda x: x.astype(mx.float32), student.model.trainable_parameters())
+    params = tree_map(lambda x: x.astype(mx.float32), trainer.model.trainable_parameters())
     optimizer.init(params)
-
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
     state["train_chunks"] = trainer.train_chunks
-    best_params = params
-    store_digest = reader.manifest.digest
+    run = _Run(run_dir, total_steps, optimizer, params, params, state, None)
+    store_digest = trainer.reader.manifest.digest
     resumed = run_folder.load_checkpoint(run_dir, optimizer, config.resume_key(), store_digest)
     if resumed:
-        params, best_params, state = resumed
-    if dist.rank == 0:  # settings once the checkpoint is accepted; lines after it are redone
-        run_folder.write_settings(run_dir, asdict(config))
-        run_folder.trim_metrics(run_dir, state["step"] if resumed else -1)
-    if state["initial_val_loss"] is None:
-        state["initial_val_loss"] = state["best_val_loss"] = trainer.validate(params)
-        if not math.isfinite(state["initial_val_loss"]):
+        run.params, run.best_params, run.state = resumed
+        run.checkpoint_step = run.state["step"]
+    if dist.rank == 0:  # the config once the checkpoint is accepted; lines after it are redone
+        run_folder.write_run_config(run_dir, asdict(config))
+        run_folder.trim_metrics(run_dir, run.state["step"] if resumed else -1)
+    if run.state["initial_val_loss"] is None:
+        initial = trainer.validate(run.params)
+        if not math.isfinite(initial):
             raise ModelError(
                 "the student's validation loss is NaN/inf before any step: its weights hold "
                 "NaN/inf or do not fit the store; quantize the student again from the teacher"
             )
-        _report(
-            dist, run_dir, on_step, StepReport(0, total_steps, val_loss=state["initial_val_loss"])
-        )
+        run.state["initial_val_loss"] = run.state["best_val_loss"] = initial
+        _report(dist, run_dir, on_step, StepReport(0, total_steps, val_loss=initial))
+    return run
 
-    checkpoint_step = state["step"] if resumed else None
 
-    def save_checkpoint() -> None:
-        nonlocal checkpoint_step
-        if dist.rank == 0:
-            saved = {**state, "resume_key": config.resume_key(), "store": store_digest}
-            run_folder.save_checkpoint(run_dir, params, best_params, optimizer, saved)
-        checkpoint_step = state["step"]
+def _save_checkpoint(trainer: _Trainer, run: _Run) -> None:
+    if trainer.dist.rank == 0:
+        digest = trainer.reader.manifest.digest
+        saved = {**run.state, "resume_key": trainer.config.resume_key(), "store": digest}
+        run_folder.save_checkpoint(run.run_dir, run.params, run.best_params, run.optimizer, saved)
+    run.checkpoint_step = run.state["step"]
 
-    steps = range(state["step"] + 1, total_steps + 1)
+
+def _train_loop(trainer: _Trainer, run: _Run, on_step) -> None:
+    """The steps left to run: validate, report and checkpoint as configured; on SIGINT/SIGTERM
+    checkpoint and stop."""
+    config = trainer.config
+    steps = range(run.state["step"] + 1, run.total_steps + 1)
     # One stream for the whole run, so decoding runs ahead across step boundaries too.
     planned = trainer.my_batches(steps)
     prefetched = closing(
-        stream_batches(reader, "train", planned, config.prefetch, wait_s=config.wait_s)
+        stream_batches(trainer.reader, "train", planned, config.prefetch, wait_s=config.wait_s)
     )
     with _stop_requests() as stop_requested, prefetched as batches:
         stream = zip(trainer.my_batches(steps), batches, strict=True)
-        train_seconds, tokens_done = 0.0, 0.0
+        speed = _Speed()
         for step in steps:
-            tic = time.perf_counter()
-            try:
-                params, loss, ntoks = trainer.step(params, optimizer, stream, step)
-            except _NonFinite:
-                raise _diverged(step, checkpoint_step, run_dir) from None
-            train_seconds += time.perf_counter() - tic
-            tokens_done += ntoks
-            state["step"] = step
-            report = StepReport(
-                step,
-                total_steps,
-                loss=loss,
-                learning_rate=float(optimizer.learning_rate.item()),  # the rate this step used
-                tokens_per_s=tokens_done / train_seconds,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-            )
-            if step % config.val_every == 0 or step == total_steps:
-                val = trainer.validate(params)
-                report = StepReport(**{**asdict(report), "val_loss": val})
-                if val < state["best_val_loss"]:
-                    state["best_val_loss"], state["best_step"], best_params = val, step, params
-            _report(dist, run_dir, on_step, report)
-            if step % config.checkpoint_every == 0 or step == total_steps or stop_requested:
-                save_checkpoint()
+            report = _step(trainer, run, stream, step, speed)
+            if step % config.val_every == 0 or step == run.total_steps:
+                report = _validated(trainer, run, report)
+            _report(trainer.dist, run.run_dir, on_step, report)
+            if step % config.checkpoint_every == 0 or step == run.total_steps or stop_requested:
+                _save_checkpoint(trainer, run)
             if stop_requested:
                 raise TuneInterrupted(
-                    f"stopped at step {step}/{total_steps}; checkpoint saved in {run_dir}, "
-                    "re-run the same command to resume"
+                    f"stopped at step {step}/{run.total_steps}; checkpoint saved in "
+                    f"{run.run_dir}, re-run the same command to resume"
                 )
-    model_dir = run_dir / run_folder.MODEL_DIR
-    if dist.rank == 0:
-        best = trainer.as_model_params(best_params)
-        model_dir = run_folder.save_model(run_dir, lambda to: _save_student(to, student, best))
-    dist.barrier()  # no rank exits (ending the launch) before the model is on disk
+
+
+@dataclass
+class _Speed:
+    """Training tokens per second of this process, over the steps it ran."""
+
+    seconds: float = 0.0
+    tokens: float = 0.0
+
+
+def _step(trainer: _Trainer, run: _Run, stream: Iterator, step: int, speed: _Speed) -> StepReport:
+    tic = time.perf_counter()
+    try:
+        run.params, loss, ntoks = trainer.step(run.params, run.optimizer, stream, step)
+    except _NonFinite:
+        raise _diverged(step, run.checkpoint_step, run.run_dir) from None
+    speed.seconds += time.perf_counter() - tic
+    speed.tokens += ntoks
+    run.state["step"] = step
+    return StepReport(
+        step,
+        run.total_steps,
+        loss=loss,
+        learning_rate=float(run.optimizer.learning_rate.item()),  # the rate this step used
+        tokens_per_s=speed.tokens / speed.seconds,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    )
+
+
+def _validated(trainer: _Trainer, run: _Run, report: StepReport) -> StepReport:
+    """The report with the validation loss; the best parameters so far kept."""
+    val = trainer.validate(run.params)
+    if val < run.state["best_val_loss"]:
+        run.state["best_val_loss"], run.state["best_step"] = val, report.step
+        run.best_params = run.params
+    return dataclasses.replace(report, val_loss=val)
+
+
+def _save_best(trainer: _Trainer, run: _Run, student: _Student) -> Path:
+    """The best parameters saved as an mlx-lm model by rank 0, which every rank waits for."""
+    model_dir = run.run_dir / run_folder.MODEL_DIR
+    if trainer.dist.rank == 0:
+        best = trainer.as_model_params(run.best_params)
+        model_dir = run_folder.save_model(run.run_dir, lambda to: _save_student(to, student, best))
+    trainer.dist.barrier()  # no rank exits (ending the launch) before the model is on disk
+    return model_dir
+
+
+def _result(run: _Run, model_dir: Path) -> TuneResult:
+    state = run.state
     warning = None
     if state["best_val_loss"] >= state["initial_val_loss"]:
         warning = (
@@ -599,7 +657,7 @@ def _train(
     )
 
 
-def _report(dist: _Distributed, run_dir: Path, on_step, report: StepReport) -> None:
+def _report(dist: Distributed, run_dir: Path, on_step, report: StepReport) -> None:
     if dist.rank != 0:
         return
     run_folder.append_metrics(run_dir, {k: v for k, v in asdict(report).items() if v is not None})

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config, parse_override
-from pipeline.errors import ConfigError
+from stages.errors import InvalidConfig
 from stages.targets import TargetsConfig
 
 CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
@@ -34,7 +34,7 @@ def test_every_problem_is_reported_in_one_error(tmp_path):
     path.write_text(
         "colour: red\ntargets:\n  top_k: 0\n  seed: abc\n  wat: 1\n  logits_dtype: int8\n"
     )
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(InvalidConfig) as caught:
         load_config(path)
     message = str(caught.value)
     for fragment in (
@@ -49,9 +49,9 @@ def test_every_problem_is_reported_in_one_error(tmp_path):
 
 
 def test_types_are_checked_not_coerced(tmp_path):
-    with pytest.raises(ConfigError, match="batch_size must be int"):
+    with pytest.raises(InvalidConfig, match="batch_size must be int"):
         load_config(None, {"targets.batch_size": True})
-    with pytest.raises(ConfigError, match="valid_share must be between"):
+    with pytest.raises(InvalidConfig, match="valid_share must be between"):
         load_config(None, {"targets.valid_share": 1})
     assert load_config(None, {"targets.valid_share": 0.5}).targets.valid_share == 0.5
 
@@ -62,16 +62,16 @@ def test_parse_override_reads_yaml_values():
         [1, 2.5],
     )
     assert parse_override("store=a/b.zarr") == ("store", "a/b.zarr")
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidConfig):
         parse_override("no-equals-sign")
 
 
 def test_missing_and_malformed_files_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(InvalidConfig, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("targets: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(InvalidConfig, match="not valid YAML"):
         load_config(bad)
 
 
@@ -105,12 +105,12 @@ def test_config_command_shows_resolved_values_with_help():
     ],
 )
 def test_numbers_no_run_could_use_are_refused(override, expected):
-    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("[", r"\[")):
+    with pytest.raises(InvalidConfig, match=expected.replace(".", r"\.").replace("[", r"\[")):
         load_config(None, dict([parse_override(override)]))
 
 
 def test_a_float_nan_from_a_cli_flag_is_refused():
-    with pytest.raises(ConfigError, match="tune.learning_rate must be a finite number"):
+    with pytest.raises(InvalidConfig, match="tune.learning_rate must be a finite number"):
         load_config(None, {"tune.learning_rate": float("nan")})
 
 
@@ -121,9 +121,9 @@ def test_a_float_nan_from_a_cli_flag_is_refused():
 def test_a_config_file_that_is_no_config_is_one_problem(tmp_path, content, expected):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)
-    with pytest.raises(ConfigError, match=expected):
+    with pytest.raises(InvalidConfig, match=expected):
         load_config(path)
-    with pytest.raises(ConfigError, match="is a folder"):
+    with pytest.raises(InvalidConfig, match="is a folder"):
         load_config(tmp_path)
 
 
@@ -135,3 +135,16 @@ def test_the_built_in_targets_defaults_are_the_default_config():
     default = yaml.safe_load((Path(__file__).parent.parent / "configs/default.yaml").read_text())
     built_in = vars(TargetsConfig())
     assert {k: v for k, v in default["targets"].items() if built_in[k] != v} == {}
+
+
+@pytest.mark.parametrize("section", ["targets", "tune", "eval"])
+def test_every_flag_a_field_names_is_an_option_of_its_command(section):
+    import typer.main
+
+    from pipeline.cli import app
+    from pipeline.config import SECTIONS
+    from stages.settings import flag_keys
+
+    command = typer.main.get_command(app).commands[section]
+    options = {option for param in command.params for option in param.opts}
+    assert flag_keys(SECTIONS[section]) and set(flag_keys(SECTIONS[section])) <= options

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stages.data import (
-    DataSettings,
+    DataSpec,
     build_held_out_sequences,
     build_sequences,
     ensure_default_data,
@@ -17,10 +17,10 @@ def tokenizer(tiny_teacher):
     return load_model(str(tiny_teacher)).tokenizer
 
 
-def settings(source, **kw) -> DataSettings:
+def settings(source, **kw) -> DataSpec:
     base = dict(max_seq_length=16, num_samples=4, num_valid_samples=2, valid_share=0.25, seed=1)
     base.update(kw)
-    return DataSettings(source=str(source), **base)
+    return DataSpec(source=str(source), **base)
 
 
 def test_default_data_is_pydoc_text_and_deterministic(tmp_path):
@@ -132,6 +132,20 @@ def test_held_out_sequences_come_from_the_test_split_when_there_is_one(tokenizer
     held_out, split = build_held_out_sequences(tokenizer, settings(text_data), count=2)
     assert split == "test" and len(held_out) == 2
     assert not _row_set(held_out) & (_row_set(train) | _row_set(valid))
+
+
+def test_eval_seed_chooses_among_the_held_out_text_the_spec_seed_decides(tokenizer, text_data):
+    spec = settings(text_data, max_seq_length=8)
+    every, _ = build_held_out_sequences(tokenizer, spec, count=0)
+    assert len(every) > 2  # so that two of them can be chosen in more than one way
+    chosen = {
+        seed: _row_set(build_held_out_sequences(tokenizer, spec, count=2, seed=seed)[0])
+        for seed in range(6)
+    }
+    assert all(rows <= _row_set(every) for rows in chosen.values())
+    assert len({frozenset(rows) for rows in chosen.values()}) > 1
+    again, _ = build_held_out_sequences(tokenizer, spec, count=2, seed=3)
+    assert _row_set(again) == chosen[3]
 
 
 def test_loss_mask_counts_completion_positions_only():

@@ -13,7 +13,7 @@ from stages.run_dir import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     MODEL_DIR,
-    SETTINGS_FILE,
+    RUN_CONFIG_FILE,
     check_run_dir,
     checkpoint_state,
     make_run_dir,
@@ -35,7 +35,7 @@ def test_a_run_folder_is_new_empty_or_ours(tmp_path):
     check_run_dir(tmp_path, {})
     (tmp_path / MARK_FILE).unlink()
     settings = {k: 1 for k in ("store", "run_dir", "student", "loss", "learning_rate")}
-    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**settings, "batch_size": 4}))
+    (tmp_path / RUN_CONFIG_FILE).write_text(json.dumps({**settings, "batch_size": 4}))
     check_run_dir(tmp_path, {})  # a run folder from before the mark
     with pytest.raises(StageError, match="overlap"):
         check_run_dir(tmp_path / "run", {"store": str(tmp_path)})

@@ -1,0 +1,29 @@
+"""The mx.distributed group, started in one place: rank 0 of 1 when not launched by mlx.launch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+
+class Distributed:
+    """This process's rank in the group, and the few collectives the stages need."""
+
+    def __init__(self) -> None:
+        self.group = mx.distributed.init()
+        self.rank, self.size = self.group.rank(), self.group.size()
+
+    def my_rows(self, rows: list[int]) -> list[int]:
+        return rows[self.rank :: self.size]
+
+    def barrier(self) -> None:
+        """Every rank waits here for the others (e.g. until rank 0 has saved the model)."""
+        if self.size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
+
+    def sum(self, value: Any) -> Any:
+        if self.size == 1:
+            return value
+        return tree_map(lambda x: mx.distributed.all_sum(x, stream=mx.cpu), value)
