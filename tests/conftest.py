@@ -167,6 +167,37 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 server (moto's standalone one) on 127.0.0.1, with test credentials in the
+    environment; yields its endpoint URL."""
+    import subprocess
+
+    pytest.importorskip("s3fs")
+    if not (BIN / "moto_server").exists():
+        pytest.skip("moto[server] is not installed")
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    port = free_ports(1)
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **credentials},
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
 def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600, **popen):
     """The real console script in a subprocess; with ranks > 1 under `mlx.launch` (ring).
     `popen` goes to subprocess.run (cwd, user, env, ...)."""
