@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import sys
 import time
 import zipfile
@@ -20,7 +19,7 @@ from pipeline.config import load_config
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.inspect import store_info, verify_store
-from tests.conftest import cli_args, free_ports, make_text_data, run_cli, wait_for_port
+from tests.conftest import cli_args, free_ports, local_server, make_text_data, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -108,26 +107,10 @@ def test_targets_refuses_to_write_into_a_zip(made, tmp_path):
 @pytest.fixture
 def http_server(made):
     port = free_ports(1)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(made["store"].parent),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.kill()
-        server.wait()
+    folder = str(made["store"].parent)
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with local_server([*command, "--directory", folder], port) as url:
+        yield url
 
 
 def test_store_served_over_http_verifies_and_tunes_like_the_folder(made, http_server, tmp_path):
