@@ -23,7 +23,6 @@ from stages.settings import above_limit_problems, representable_problems, settin
 from store.durable import paths_overlap
 from store.layout import LOGIT_DTYPES, SplitShape, logits_as_read, sequences_digest
 from store.manifest import MAX_ROWS, MAX_SEQ_LEN, MAX_TEMPERATURES, MAX_TOP_K, Manifest
-from store.records import chunks_for_shard
 from store.writer import BackgroundWriter, StoreWriter, open_store_for_writing
 
 SPLIT_ORDER = ("valid", "train")  # valid first: a short run already gives tune its validation set
@@ -270,10 +269,7 @@ def compute_targets(
         storage_options=config.storage_options,
     )
     with writer.lock_shard(shard.index, shard.count):
-        mine = {
-            split: chunks_for_shard(shape.num_chunks, shard.index, shard.count)
-            for split, shape in writer.manifest.splits.items()
-        }
+        mine = writer.shard_chunks(shard.index, shard.count)
         for repaired in writer.repair(as_arrays, mine):
             if on_repair:
                 on_repair(repaired)

@@ -96,11 +96,6 @@ class StoreLocation(ABC):
     def __str__(self) -> str:
         return self.spec
 
-    @property
-    def local_path(self) -> Path | None:
-        """The folder, for a store in a local folder; None otherwise."""
-        return None
-
     def call(self, operation: Callable[[], T], key: str = "") -> T:
         """Run a read of this store (see FsspecLocation.call: retried there)."""
         return operation()
@@ -132,10 +127,6 @@ class FolderLocation(StoreLocation):
     def __init__(self, spec: str | Path):
         self.spec = str(spec)
         self.root = Path(self.spec)
-
-    @property
-    def local_path(self) -> Path:
-        return self.root
 
     def exists(self, key: str = "") -> bool:
         return (self.root / key).exists() if key else self.root.exists()

@@ -45,6 +45,7 @@ from store.manifest import Manifest, describe_differences, read_manifest, write_
 from store.records import (
     ChunkRecord,
     array_checksum,
+    chunks_for_shard,
     missing_chunks,
     read_records,
     record_path,
@@ -324,6 +325,13 @@ class StoreWriter:
     def done_chunks(self, split: str) -> set[int]:
         return set(read_records(self.path, self.manifest)[split])
 
+    def shard_chunks(self, index: int, count: int) -> dict[str, list[int]]:
+        """split -> the chunks shard `index`/`count` computes."""
+        return {
+            split: chunks_for_shard(shape.num_chunks, index, count)
+            for split, shape in self.manifest.splits.items()
+        }
+
     def missing_chunks(self, split: str, shard_index: int = 0, shard_count: int = 1) -> list[int]:
         total = self.manifest.splits[split].num_chunks
         return missing_chunks(total, self.done_chunks(split), shard_index, shard_count)
@@ -335,13 +343,9 @@ class StoreWriter:
         in the manifest's encodings), make them durable, then record the chunk as done."""
         shape = self.manifest.splits[split]
         start, stop = shape.chunk_rows_range(chunk)
-        logits, indices = sort_topk_by_index(targets["topk_logits"], targets["topk_indices"])
-        values = shape.encode_targets(
-            {
-                "topk_logits": logits,
-                "topk_indices": indices,
-                "tail_logsumexp": targets["tail_logsumexp"],
-            }
+        values = shape.encode_targets(targets)
+        values["topk_logits"], values["topk_indices"] = sort_topk_by_index(
+            values["topk_logits"], values["topk_indices"]
         )
         group = self.root[split]
         for name in TARGET_ARRAYS:

@@ -66,7 +66,6 @@ def location(request, folder_store, zip_store):
 def test_each_kind_has_its_own_class(location):
     kind, opened = location
     assert type(opened) is KINDS[kind]
-    assert (opened.local_path is not None) == (kind == "folder")
 
 
 def test_keys_and_bytes_are_those_of_the_folder(location, folder_store):
