@@ -1,5 +1,9 @@
 """Creating a store, writing chunks atomically and durably, resuming, sharding and merging.
 
+`open_store_for_writing` is the one way in: for a folder it returns a `StoreWriter`, for a URL a
+`PublishingWriter` (store/publish.py) that writes in a local staging folder and uploads. Callers
+hand over float32 logits, integer indices and tail values; the stored encodings are layout.py's.
+
 A chunk is done when its bytes are fsynced and its record is written (both atomically). A crash at
 any moment leaves either a done chunk or one that the next run recomputes from scratch.
 """
@@ -176,7 +180,7 @@ def open_store_for_writing(
     `store` is a local folder or a URL: a URL store is made in a local staging folder under
     `staging_dir` (one per URL) and the writer returned uploads each chunk once it is done."""
     if is_url(str(store)):
-        from store.publish import PublishingWriter, staging_path
+        from store.publish import PublishingWriter, staging_path  # it builds on StoreWriter
 
         if staging_dir is None:
             raise StoreError(f"writing {store} needs a local staging folder (staging_dir)")
