@@ -29,17 +29,9 @@ from stages.settings import (
     trust_remote_code_setting,
 )
 from store.durable import paths_overlap
-from store.layout import (
-    LOGIT_DTYPES,
-    SplitShape,
-    bfloat16_bits_to_float32,
-    float32_to_bfloat16_bits,
-    sequences_digest,
-)
-from store.location import is_url
+from store.layout import LOGIT_DTYPES, SplitShape, logits_as_read, sequences_digest
 from store.manifest import MAX_ROWS, MAX_SEQ_LEN, MAX_TEMPERATURES, MAX_TOP_K, Manifest
-from store.publish import Publisher, staging_path
-from store.writer import BackgroundWriter, chunks_for_shard, open_store_for_writing
+from store.writer import BackgroundWriter, StoreWriter, open_store_for_writing
 
 SPLIT_ORDER = ("valid", "train")  # valid first: a short run already gives tune its validation set
 # The sizes a manifest may hold (checked again when a store is read).
@@ -174,24 +166,20 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
 def topk_targets(
     logits: np.ndarray, top_k: int, temperatures: list[float], logits_dtype: str
 ) -> dict[str, np.ndarray]:
-    """Top-k logits, their indices and the tail's log-sum-exp per temperature, from float32 logits.
+    """Top-k logits (float32), their indices and the tail's log-sum-exp per temperature, from
+    float32 logits; the store keeps the logits in `logits_dtype`.
 
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
     indices = np.argpartition(logits, -top_k, axis=-1)[..., -top_k:]
     values = np.take_along_axis(logits, indices, axis=-1)
-    if logits_dtype == "bfloat16":
-        stored = float32_to_bfloat16_bits(values)
-        as_read = bfloat16_bits_to_float32(stored)
-    else:
-        stored = values.astype(logits_dtype)
-        as_read = stored.astype(np.float32)
+    as_read = logits_as_read(values, logits_dtype)
     shifts = [
         _logsumexp(as_read / t) - _logsumexp(values / t) for t in map(np.float64, temperatures)
     ]
     return {
-        "topk_logits": stored,
-        "topk_indices": indices.astype(np.uint32),
+        "topk_logits": values,
+        "topk_indices": indices,
         # The head's rounding shift makes a softmax over [stored head / T, tail] give the exact
         # tail mass, and a head summing to exactly the rest (the shift is 0 for float32 logits).
         "tail_logsumexp": _tail_logsumexp(logits, indices, temperatures) + np.stack(shifts, -1),
@@ -285,24 +273,20 @@ def compute_targets(
         splits,
     )
     as_arrays = {name: _as_arrays(seqs) for name, seqs in splits.items()}
-    remote = is_url(config.store)
-    # absolute: `--store .` inside a store names that store (a path needs a name to swap)
-    local = (
-        staging_path(config.store, config.staging_dir) if remote else Path(config.store).absolute()
+    writer = open_store_for_writing(
+        config.store,
+        manifest,
+        as_arrays,
+        overwrite=overwrite,
+        staging_dir=config.staging_dir,
+        storage_options=config.storage_options,
     )
-    writer = open_store_for_writing(local, manifest, as_arrays, overwrite=overwrite)
     with writer.lock_shard(shard.index, shard.count):
-        mine = {
-            split: chunks_for_shard(shape.num_chunks, shard.index, shard.count)
-            for split, shape in writer.manifest.splits.items()
-        }
+        mine = writer.shard_chunks(shard.index, shard.count)
         for repaired in writer.repair(as_arrays, mine):
             if on_repair:
                 on_repair(repaired)
-        publisher = Publisher(config.store, config.storage_options, writer) if remote else None
-        skip = _publish_finished(publisher, writer, mine) if publisher else set()
-        on_written = publisher.publish_chunk if publisher else None
-        _compute_missing(writer, loaded.model, splits, shard, config, on_progress, skip, on_written)
+        _compute_missing(writer, loaded.model, splits, shard, config, on_progress)
     return writer.manifest
 
 
@@ -318,37 +302,23 @@ def _check_store_apart(config: TargetsConfig) -> None:
             )
 
 
-def _publish_finished(publisher: Publisher, writer, mine: dict[str, list[int]]) -> set:
-    """Upload chunks finished locally but not yet remotely; returns the chunks done remotely."""
-    done_remote = publisher.start()
-    for split, chunks in mine.items():
-        for chunk in sorted(writer.done_chunks(split) & set(chunks)):
-            if (split, chunk) not in done_remote:
-                publisher.publish_chunk(split, chunk)
-                done_remote.add((split, chunk))
-    return done_remote
-
-
 def _compute_missing(
-    writer,
+    writer: StoreWriter,
     model,
     splits,
     shard: Shard,
     config: TargetsConfig,
     on_progress,
-    skip=(),
-    on_written=None,
 ):
     todo = [
         (split, c)
         for split in SPLIT_ORDER
         for c in writer.missing_chunks(split, shard.index, shard.count)
-        if (split, c) not in skip
     ]
     total_tokens = sum(_chunk_tokens(writer.manifest, splits, s, c) for s, c in todo)
     done_tokens = 0
     model.eval()
-    with BackgroundWriter(writer, str(shard), on_written=on_written) as background:
+    with BackgroundWriter(writer, str(shard)) as background:
         for number, (split, chunk) in enumerate(todo, 1):
             start, stop = writer.manifest.splits[split].chunk_rows_range(chunk)
             background.submit(

@@ -221,20 +221,20 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
     """Cheap checks before any model is loaded; each chunk's checksum is verified as it streams."""
     records = reader.records()
     for split, shape in reader.manifest.splits.items():
-        missing = shape.num_chunks - len(records[split])
+        missing = len(reader.missing_chunks(split))
         allowed = config.incomplete_store == "wait" or (
             config.incomplete_store == "use" and split == "train" and records[split]
         )
         if missing and not allowed:
             raise StoreCorruptError(
-                f"store {reader.path} is incomplete: {missing} of {shape.num_chunks} {split} "
+                f"store {reader.location} is incomplete: {missing} of {shape.num_chunks} {split} "
                 "chunks missing; run `dwq-pipeline targets` with the same config to finish it"
                 + (", or set tune.incomplete_store=use or wait" if split == "train" else "")
             )
         absent = [c for c in records[split] if reader.missing_chunk_files(split, c)]
         if absent:
             raise StoreCorruptError(
-                f"store {reader.path} lacks the files of {len(absent)} {split} chunks "
+                f"store {reader.location} lacks the files of {len(absent)} {split} chunks "
                 f"(first: {split}/{absent[0]}; an interrupted copy?); copy the store again or "
                 "re-run `dwq-pipeline targets` with the same config to repair it"
             )

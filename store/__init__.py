@@ -1,4 +1,1 @@
-import warnings
-
-# The delta filter comes from numcodecs; zarr warns that it is outside the v3 spec on every use.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+"""The store floor: a chunked Zarr store of teacher targets, its manifest and records."""

@@ -36,7 +36,9 @@ def store_info(path: str | Path, storage_options: dict | None = None) -> StoreIn
     reader = StoreReader(path, storage_options)
     manifest = reader.manifest
     records = reader.records()
-    info = StoreInfo(path=reader.path, teacher=str(manifest.teacher.get("name", "?")), top_k=0)
+    info = StoreInfo(
+        path=str(reader.location), teacher=str(manifest.teacher.get("name", "?")), top_k=0
+    )
     for split, shape in manifest.splits.items():
         info.top_k = shape.top_k
         lengths = reader.sequences(split, verify=False)["lengths"]

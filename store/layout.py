@@ -1,4 +1,5 @@
-"""The Zarr layout: array names, shapes, chunking and codecs. One place for all of it.
+"""The store's layout: key names, array names, shapes, chunking, codecs and every stored
+encoding. One place for all of it.
 
 A store is a Zarr v3 group with one subgroup per split (`train`, `valid`). Each split holds
 `num_sequences` rows of `seq_len` tokens; the teacher sees tokens[:, :-1], so target arrays have
@@ -8,11 +9,27 @@ a chunk, so one chunk index names the same rows in every array.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-SPLITS = ("train", "valid")
+STORE_SPLITS = ("train", "valid")
+
+# Keys at the store root, beside the split groups.
+MANIFEST_FILE = "manifest.json"
+RECORDS_DIR = "records"  # records/<split>/<chunk>.json: one per completed chunk
+LOCKS_DIR = "locks"  # shard locks; never copied, packed or uploaded
+ZARR_GROUP_FILE = "zarr.json"
+SCHEMA_ATTR = "dwq_pipeline_schema"  # in the root group's attributes; also the mark of old stores
+# A store folder's own entries: all that --overwrite ever deletes from it.
+STORE_ENTRIES = (MANIFEST_FILE, ZARR_GROUP_FILE, RECORDS_DIR, LOCKS_DIR, *STORE_SPLITS)
+
+# The delta filter below is a numcodecs codec: zarr warns that it is outside the v3 spec each time
+# an array using it is opened. Matched by its message only, so every other warning still shows.
+warnings.filterwarnings(
+    "ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning
+)
 
 # Arrays written once when the store is created, and arrays written chunk by chunk by the teacher.
 SEQUENCE_ARRAYS = ("tokens", "lengths", "prompt_offsets")
@@ -32,6 +49,19 @@ def sequences_digest(sequences: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def records_dir(split: str) -> str:
+    return f"{RECORDS_DIR}/{split}"
+
+
+def record_key(split: str, chunk: int) -> str:
+    return f"{records_dir(split)}/{chunk:08d}.json"
+
+
+def chunk_key(split: str, array: str, chunk: int, ndim: int) -> str:
+    """Store key of a row chunk under zarr v3's default chunk key encoding."""
+    return "/".join([split, array, "c", str(chunk), *(["0"] * (ndim - 1))])
+
+
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """Round to nearest even, as MLX's astype(bfloat16) does, and keep the 16-bit pattern."""
     bits = values.astype(np.float32).view(np.uint32)
@@ -41,6 +71,25 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_logits(values: np.ndarray, logits_dtype: str) -> np.ndarray:
+    """Logits as stored in `logits_dtype` (bfloat16 as its bit pattern)."""
+    if logits_dtype == "bfloat16":
+        return float32_to_bfloat16_bits(values)
+    return values.astype(LOGIT_DTYPES[logits_dtype])
+
+
+def decode_logits(stored: np.ndarray, logits_dtype: str) -> np.ndarray:
+    """Stored logits back as float32."""
+    if logits_dtype == "bfloat16":
+        return bfloat16_bits_to_float32(stored)
+    return stored.astype(np.float32)
+
+
+def logits_as_read(values: np.ndarray, logits_dtype: str) -> np.ndarray:
+    """Float32 logits as a reader gets them back after storing in `logits_dtype`."""
+    return decode_logits(encode_logits(values, logits_dtype), logits_dtype)
 
 
 @dataclass(frozen=True)
@@ -68,6 +117,15 @@ class SplitShape:
     @property
     def index_dtype(self) -> str:
         return "uint16" if self.vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+    def encode_targets(self, targets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A chunk's target arrays in their stored dtypes, from float32 logits, integer indices
+        and tail values (rows unchanged)."""
+        return {
+            "topk_logits": encode_logits(targets["topk_logits"], self.logits_dtype),
+            "topk_indices": targets["topk_indices"].astype(self.index_dtype),
+            "tail_logsumexp": targets["tail_logsumexp"].astype(np.float32),
+        }
 
     def array_specs(self) -> dict[str, dict]:
         """name -> {shape, chunks, dtype, codecs} for every array of the split."""
@@ -116,18 +174,10 @@ def zarr_codec_args(spec: dict) -> dict:
     filters = codec.pop("filters", None)
     args: dict = {"compressors": [BloscCodec(**codec)]}
     if filters == "delta":
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # numcodecs warns that its codecs are not in the v3 spec
+        try:
+            from zarr.codecs.numcodecs import Delta  # zarr >= 3.1.3
+        except ImportError:
             from numcodecs.zarr3 import Delta
 
-            args["filters"] = [Delta(dtype=spec["dtype"])]
+        args["filters"] = [Delta(dtype=spec["dtype"])]
     return args
-
-
-def chunk_key(split: str, array: str, chunk: int, ndim: int) -> str:
-    """Store key of a row chunk under zarr v3's default chunk key encoding."""
-    return "/".join([split, array, "c", str(chunk), *(["0"] * (ndim - 1))])

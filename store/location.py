@@ -1,5 +1,6 @@
 """Where a store lives, for reading: a local folder, a zip file made by `store pack`, or a URL
-that fsspec reads (s3://, gs://, http(s)://, ...). All three show the same keys
+that fsspec reads (s3://, gs://, http(s)://, ...), one class each behind `StoreLocation` (as
+zarr-python has one store class per backend); `open_location` picks it. All three show the same keys
 ('manifest.json', 'records/train/00000000.json', 'train/topk_logits/c/0/0/0', ...).
 
 Writing happens in a local folder (fsync, atomic renames); `targets` to a URL computes in a local
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import time
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,59 +88,132 @@ def is_url(spec: str) -> bool:
     return "://" in spec
 
 
-class StoreLocation:
-    def __init__(self, spec: str | Path, storage_options: dict[str, Any] | None = None):
-        self.spec = str(spec)
-        self.storage_options = dict(storage_options or {})
-        self.fs: Any = None
-        self.zip: zipfile.ZipFile | None = None
-        if is_url(self.spec):
-            self.kind = "remote"
-            self._open_remote()
-        elif self.spec.endswith(".zip") and Path(self.spec).is_file():
-            self.kind = "zip"
-            try:
-                self.zip = zipfile.ZipFile(self.spec)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise StoreError(
-                    f"{self.spec} is not a readable zip ({exc}); copy it again, or pack the "
-                    "store again with `dwq-pipeline store pack`"
-                ) from exc
-            self.names = set(self.zip.namelist())
-        elif Path(self.spec).is_file():
-            raise StoreError(
-                f"{self.spec} is a file, not a store: give a store folder, a .zip made by "
-                "`dwq-pipeline store pack`, or a URL"
-            )
-        else:
-            self.kind = "local"
-            self.root = Path(self.spec)
+class StoreLocation(ABC):
+    """A store's keys, read-only, wherever it lives. `spec` is what the user named it by."""
 
-    def _open_remote(self) -> None:
-        import fsspec
-
-        try:
-            self.fs, self.root_path = fsspec.core.url_to_fs(self.spec, **self.storage_options)
-        except (ImportError, ValueError) as exc:
-            raise StoreError(f"cannot open {self.spec}: {exc}") from exc
-        self.root_path = self.root_path.rstrip("/")
+    spec: str
 
     def __str__(self) -> str:
         return self.spec
 
-    @property
-    def local_path(self) -> Path | None:
-        return self.root if self.kind == "local" else None
+    def call(self, operation: Callable[[], T], key: str = "") -> T:
+        """Run a read of this store (see FsspecLocation.call: retried there)."""
+        return operation()
+
+    @abstractmethod
+    def exists(self, key: str = "") -> bool:
+        """Is `key` there ('' for the store itself)?"""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes | None:
+        """The file's bytes, or None when it is absent."""
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        """Several files at once (concurrent requests for a remote store)."""
+        return {key: self.read_bytes(key) for key in keys}
+
+    @abstractmethod
+    def keys_under(self, prefix: str) -> dict[str, int]:
+        """Every file below `prefix`: key -> size in bytes."""
+
+    @abstractmethod
+    def zarr_store(self) -> Any:
+        """A read-only zarr store over the same keys."""
+
+
+class FolderLocation(StoreLocation):
+    """A store in a local folder."""
+
+    def __init__(self, spec: str | Path):
+        self.spec = str(spec)
+        self.root = Path(self.spec)
+
+    def exists(self, key: str = "") -> bool:
+        return (self.root / key).exists() if key else self.root.exists()
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            return (self.root / key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def keys_under(self, prefix: str) -> dict[str, int]:
+        folder = self.root / prefix
+        if not folder.is_dir():
+            return {}
+        return {
+            str(p.relative_to(self.root)): p.stat().st_size
+            for p in folder.rglob("*")
+            if p.is_file()
+        }
+
+    def zarr_store(self) -> Any:
+        import zarr
+
+        return zarr.storage.LocalStore(self.root, read_only=True)
+
+
+class ZipLocation(StoreLocation):
+    """A store packed into one zip file by `store pack`."""
+
+    def __init__(self, spec: str | Path):
+        self.spec = str(spec)
+        try:
+            self.zip = zipfile.ZipFile(self.spec)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise StoreError(
+                f"{self.spec} is not a readable zip ({exc}); copy it again, or pack the "
+                "store again with `dwq-pipeline store pack`"
+            ) from exc
+        self.names = set(self.zip.namelist())
+
+    def exists(self, key: str = "") -> bool:
+        return not key or key in self.names
+
+    def read_bytes(self, key: str) -> bytes | None:
+        if key not in self.names:
+            return None
+        try:
+            return self.zip.read(key)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:  # zlib.error too
+            raise StoreCorruptError(
+                f"{key} in {self.spec} is damaged ({exc}); copy the zip again or pack the store "
+                "again with `dwq-pipeline store pack`"
+            ) from exc
+
+    def keys_under(self, prefix: str) -> dict[str, int]:
+        start = prefix.rstrip("/") + "/"
+        return {
+            i.filename: i.file_size for i in self.zip.infolist() if i.filename.startswith(start)
+        }
+
+    def zarr_store(self) -> Any:
+        import zarr
+
+        return zarr.storage.ZipStore(self.spec, mode="r")
+
+
+class FsspecLocation(StoreLocation):
+    """A store at a URL that fsspec reads (s3://, gs://, http(s)://, ...)."""
+
+    def __init__(self, spec: str, storage_options: dict[str, Any] | None = None):
+        import fsspec
+
+        self.spec = str(spec)
+        self.storage_options = dict(storage_options or {})
+        try:
+            self.fs, root_path = fsspec.core.url_to_fs(self.spec, **self.storage_options)
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"cannot open {self.spec}: {exc}") from exc
+        self.root_path = root_path.rstrip("/")
 
     def _remote(self, key: str) -> str:
         return f"{self.root_path}/{key}" if key else self.root_path
 
     def call(self, operation: Callable[[], T], key: str = "") -> T:
-        """Run a read of this store. On object storage or HTTP, transient failures (network,
-        timeouts, throttling, 5xx) are retried with backoff, and failures are reported as what
-        they are (access denied, could not reach) rather than as a missing or damaged file."""
-        if self.kind != "remote":
-            return operation()
+        """Run a read of this store. Transient failures (network, timeouts, throttling, 5xx) are
+        retried with backoff, and failures are reported as what they are (access denied, could
+        not reach) rather than as a missing or damaged file."""
         where = f"{self.spec}/{key}" if key else self.spec
         for attempt in range(1, REMOTE_TRIES + 1):
             try:
@@ -153,56 +228,22 @@ class StoreLocation:
         raise AssertionError("unreachable")
 
     def exists(self, key: str = "") -> bool:
-        if self.kind == "local":
-            return (self.root / key).exists() if key else self.root.exists()
-        if self.kind == "zip":
-            return not key or key in self.names
         return bool(self.call(lambda: self.fs.exists(self._remote(key)), key))
 
     def read_bytes(self, key: str) -> bytes | None:
-        """The file's bytes, or None when it is absent."""
         try:
-            if self.kind == "local":
-                return (self.root / key).read_bytes()
-            if self.kind == "zip":
-                return self._read_member(key) if key in self.names else None
             return self.call(lambda: self.fs.cat_file(self._remote(key)), key)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
-    def _read_member(self, key: str) -> bytes:
-        try:
-            return self.zip.read(key)
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:  # zlib.error too
-            raise StoreCorruptError(
-                f"{key} in {self.spec} is damaged ({exc}); copy the zip again or pack the store "
-                "again with `dwq-pipeline store pack`"
-            ) from exc
-
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
-        """Several files at once (concurrent requests for a remote store)."""
-        if self.kind != "remote" or not keys:
-            return {key: self.read_bytes(key) for key in keys}
+        if not keys:
+            return {}
         paths = [self._remote(k) for k in keys]
         found = self.call(lambda: _raise_first_failure(self.fs.cat(paths, on_error="return")))
         return {key: found.get(path) for key, path in zip(keys, paths, strict=True)}
 
     def keys_under(self, prefix: str) -> dict[str, int]:
-        """Every file below `prefix`: key -> size in bytes."""
-        if self.kind == "local":
-            folder = self.root / prefix
-            if not folder.is_dir():
-                return {}
-            return {
-                str(p.relative_to(self.root)): p.stat().st_size
-                for p in folder.rglob("*")
-                if p.is_file()
-            }
-        if self.kind == "zip":
-            start = prefix.rstrip("/") + "/"
-            return {
-                i.filename: i.file_size for i in self.zip.infolist() if i.filename.startswith(start)
-            }
         try:
             found = self.call(lambda: self.fs.find(self._remote(prefix), detail=True), prefix)
         except FileNotFoundError:
@@ -210,17 +251,32 @@ class StoreLocation:
         skip = len(self.root_path) + 1
         return {path[skip:]: int(info.get("size") or 0) for path, info in found.items()}
 
-    def zarr_store(self):
-        """A read-only zarr store over the same keys."""
+    def zarr_store(self) -> Any:
         import zarr
 
-        if self.kind == "local":
-            return zarr.storage.LocalStore(self.root, read_only=True)
-        if self.kind == "zip":
-            return zarr.storage.ZipStore(self.spec, mode="r")
         return zarr.storage.FsspecStore.from_url(
             self.spec, storage_options=self.storage_options, read_only=True
         )
+
+
+def open_location(
+    store: StoreLocation | str | Path, storage_options: dict[str, Any] | None = None
+) -> StoreLocation:
+    """The location of the store named `store`: a URL, a .zip made by `store pack`, or a folder
+    (one already opened is returned as it is)."""
+    if isinstance(store, StoreLocation):
+        return store
+    spec = str(store)
+    if is_url(spec):
+        return FsspecLocation(spec, storage_options)
+    if Path(spec).is_file():
+        if spec.endswith(".zip"):
+            return ZipLocation(spec)
+        raise StoreError(
+            f"{spec} is a file, not a store: give a store folder, a .zip made by "
+            "`dwq-pipeline store pack`, or a URL"
+        )
+    return FolderLocation(spec)
 
 
 def _raise_first_failure(found: dict[str, Any]) -> dict[str, bytes | None]:

@@ -1,8 +1,9 @@
 """The manifest: what made a store and how it is laid out. Frozen, versioned, checked on load.
 
-`manifest.json` at the store root holds everything fixed at creation. Completion is recorded per
-chunk in `records/<split>/<chunk>.json` (see `ChunkRecord`), so several writers never contend for
-one file; together they are the manifest's chunk table.
+`manifest.json` at the store root holds everything fixed at creation; which chunks are done is
+recorded apart, per chunk (store/records.py). Reading and writing the manifest file stays here:
+the checks it is read with (an unreadable file is named as such, a newer schema refused) are the
+schema's own.
 """
 
 from __future__ import annotations
@@ -10,23 +11,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from store.durable import write_json_atomic
 from store.errors import ManifestError, ManifestUnreadable, StoreOutdatedError
-from store.layout import LOGIT_DTYPES, SPLITS, SplitShape
-from store.location import StoreLocation
+from store.layout import LOGIT_DTYPES, MANIFEST_FILE, STORE_SPLITS, SplitShape
+from store.location import StoreLocation, open_location
 
 # 2: `tail_logsumexp` replaced the full-vocabulary `logsumexp`, whose tail was not exact under
 # rounded logits. Older manifests still parse (so a store can be recognised and replaced), but
 # their arrays are refused by `check_current`.
 SCHEMA_VERSION = 2
-MANIFEST_FILE = "manifest.json"
-RECORDS_DIR = "records"
 # Refuse sizes that no real store has, before anything is allocated from them.
 MAX_ROWS = 1 << 26
 MAX_SEQ_LEN = 1 << 20
@@ -144,7 +141,7 @@ def _contrast(a: Any, b: Any, width: int = 40) -> str:
 
 
 def _parse_split(name: str, raw: Any) -> SplitShape:
-    if name not in SPLITS:
+    if name not in STORE_SPLITS:
         raise ManifestError(f"manifest names an unknown split {name!r}")
     if not isinstance(raw, dict) or set(raw) != set(SplitShape.__dataclass_fields__):
         raise ManifestError(f"manifest split {name!r} has the wrong fields")
@@ -169,48 +166,8 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
     return SplitShape(**raw)
 
 
-def array_checksum(values: np.ndarray) -> str:
-    """What a chunk record keeps per array: a digest of dtype, shape and bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{values.dtype.str}{values.shape}".encode())
-    digest.update(np.ascontiguousarray(values).tobytes())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class ChunkRecord:
-    """One completed chunk: written only after its data is durable."""
-
-    split: str
-    chunk: int
-    shard: str
-    manifest: str  # Manifest.digest() of the store it was written for
-    checksums: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> ChunkRecord:
-        try:
-            record = cls(
-                split=str(raw["split"]),
-                chunk=int(raw["chunk"]),
-                shard=str(raw["shard"]),
-                manifest=str(raw["manifest"]),
-                checksums={str(k): str(v) for k, v in raw["checksums"].items()},
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"malformed chunk record: {exc}") from exc
-        return record
-
-
-def as_location(store: StoreLocation | Path | str) -> StoreLocation:
-    return store if isinstance(store, StoreLocation) else StoreLocation(store)
-
-
 def read_manifest(store: StoreLocation | Path | str) -> Manifest:
-    location = as_location(store)
+    location = open_location(store)
     raw_bytes = location.read_bytes(MANIFEST_FILE)
     if raw_bytes is None:
         raise ManifestUnreadable(
@@ -229,50 +186,3 @@ def read_manifest(store: StoreLocation | Path | str) -> Manifest:
 
 def write_manifest(store_path: Path, manifest: Manifest) -> None:
     write_json_atomic(store_path / MANIFEST_FILE, manifest.to_dict())
-
-
-def record_key(split: str, chunk: int) -> str:
-    return f"{RECORDS_DIR}/{split}/{chunk:08d}.json"
-
-
-def record_path(store_path: Path, split: str, chunk: int) -> Path:
-    return store_path / record_key(split, chunk)
-
-
-def write_record(store_path: Path, record: ChunkRecord) -> None:
-    path = record_path(store_path, record.split, record.chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, record.to_dict())
-
-
-def parse_record(raw: bytes | None, split: str, manifest: Manifest) -> ChunkRecord | None:
-    """The record in `raw` if it is whole, of `split`, in range and of this manifest; else None
-    (a torn or vanished record, or one written for another manifest: the chunk is not done)."""
-    try:
-        record = ChunkRecord.from_dict(json.loads(raw))
-    except (TypeError, json.JSONDecodeError, UnicodeDecodeError, ManifestError):
-        return None
-    in_range = record.split == split and 0 <= record.chunk < manifest.splits[split].num_chunks
-    return record if in_range and record.manifest == manifest.digest else None
-
-
-def read_records(
-    store: StoreLocation | Path | str, manifest: Manifest
-) -> dict[str, dict[int, ChunkRecord]]:
-    """split -> chunk -> record, for every readable record of this manifest's chunks.
-
-    A torn record, or one written for another manifest (a store rebuilt or mixed up by a copy),
-    does not count: its chunk is not done."""
-    location = as_location(store)
-    out: dict[str, dict[int, ChunkRecord]] = {}
-    for split in manifest.splits:
-        keys = sorted(
-            k for k in location.keys_under(f"{RECORDS_DIR}/{split}") if k.endswith(".json")
-        )
-        found: dict[int, ChunkRecord] = {}
-        for raw in location.read_many(keys).values():
-            record = parse_record(raw, split, manifest)
-            if record is not None:
-                found[record.chunk] = record
-        out[split] = found
-    return out

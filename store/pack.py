@@ -16,8 +16,8 @@ from pathlib import Path
 
 from store.durable import file_in_the_way, is_mark_bytes, mark, paths_overlap
 from store.errors import StoreError
+from store.layout import LOCKS_DIR
 from store.reader import StoreReader
-from store.writer import LOCKS_DIR
 
 PACK_MARK = "pack"
 
@@ -67,8 +67,7 @@ def pack_store(
     _check_out(store, out, overwrite)
     reader = StoreReader(store, storage_options)  # refuses what is not a readable store
     keys = sorted(k for k in reader.location.keys_under("") if not k.startswith(f"{LOCKS_DIR}/"))
-    records = reader.records()
-    missing = sum(s.num_chunks - len(records[n]) for n, s in reader.manifest.splits.items())
+    missing = sum(len(reader.missing_chunks(split)) for split in reader.manifest.splits)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     written = 0
     try:

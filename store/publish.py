@@ -11,19 +11,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
 from store.errors import StoreError, StoreMismatchError
-from store.layout import TARGET_ARRAYS, chunk_key
-from store.location import StoreLocation
-from store.manifest import (
-    MANIFEST_FILE,
-    RECORDS_DIR,
-    Manifest,
-    describe_differences,
-    read_manifest,
-    read_records,
-    record_key,
-)
-from store.writer import LOCKS_DIR, StoreWriter
+from store.layout import LOCKS_DIR, MANIFEST_FILE, RECORDS_DIR, TARGET_ARRAYS, chunk_key, record_key
+from store.location import FsspecLocation
+from store.manifest import Manifest, describe_differences, read_manifest
+from store.records import read_records
+from store.writer import StoreWriter
 
 
 def staging_path(url: str, staging_dir: str | Path) -> Path:
@@ -33,7 +28,7 @@ def staging_path(url: str, staging_dir: str | Path) -> Path:
 
 class Publisher:
     def __init__(self, url: str, storage_options: dict, writer: StoreWriter):
-        self.remote = StoreLocation(url, storage_options)
+        self.remote = FsspecLocation(url, storage_options)
         self.fs, self.root = self.remote.fs, self.remote.root_path
         self.writer = writer
 
@@ -77,3 +72,54 @@ class Publisher:
             ndim = self.writer.root[split][name].ndim
             self._put(chunk_key(split, name, chunk, ndim))
         self._put(record_key(split, chunk))
+
+
+class PublishingWriter(StoreWriter):
+    """The writer of a store at a URL: chunks are written to the local staging store, then
+    uploaded. Chunks recorded in the remote store count as done."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        repaired: list[str] | None = None,
+        *,
+        url: str,
+        storage_options: dict,
+    ):
+        super().__init__(path, manifest, repaired)
+        self.publisher = Publisher(url, storage_options, self)
+        self._done_remotely: set[tuple[str, int]] | None = None
+
+    def repair(
+        self, sequences: dict[str, dict[str, np.ndarray]], chunks: dict[str, list[int]]
+    ) -> list[str]:
+        """The staging store's repair, then the remote store's: created, or checked against the
+        manifest, and each of `chunks` finished in staging but not uploaded is uploaded."""
+        repaired = super().repair(sequences, chunks)
+        done_remotely = self.done_remotely()
+        for split, mine in chunks.items():
+            for chunk in sorted(self.done_chunks(split) & set(mine)):
+                if (split, chunk) not in done_remotely:
+                    self.publisher.publish_chunk(split, chunk)
+                    done_remotely.add((split, chunk))
+        return repaired
+
+    def done_remotely(self) -> set[tuple[str, int]]:
+        """(split, chunk) of every chunk recorded in the remote store (created on first use)."""
+        if self._done_remotely is None:
+            self._done_remotely = self.publisher.start()
+        return self._done_remotely
+
+    def missing_chunks(self, split: str, shard_index: int = 0, shard_count: int = 1) -> list[int]:
+        """Chunks done neither in staging nor in the remote store."""
+        done_remotely = self.done_remotely()
+        missing = super().missing_chunks(split, shard_index, shard_count)
+        return [c for c in missing if (split, c) not in done_remotely]
+
+    def write_chunk(
+        self, split: str, chunk: int, targets: dict[str, np.ndarray], shard: str
+    ) -> None:
+        super().write_chunk(split, chunk, targets, shard)
+        self.publisher.publish_chunk(split, chunk)
+        self.done_remotely().add((split, chunk))

@@ -15,19 +15,19 @@ from store.errors import ManifestUnreadable, StoreCorruptError, StoreError
 from store.layout import (
     SEQUENCE_ARRAYS,
     TARGET_ARRAYS,
-    bfloat16_bits_to_float32,
     chunk_key,
+    decode_logits,
+    record_key,
     sequences_digest,
 )
-from store.location import StoreLocation
-from store.manifest import (
+from store.location import StoreLocation, open_location
+from store.manifest import Manifest, read_manifest
+from store.records import (
     ChunkRecord,
-    Manifest,
     array_checksum,
+    missing_chunks,
     parse_record,
-    read_manifest,
     read_records,
-    record_key,
 )
 
 
@@ -35,19 +35,16 @@ class StoreReader:
     """A store's manifest, records, sequences and chunks, from a folder, a zip or a URL."""
 
     def __init__(self, store: str | Path | StoreLocation, storage_options: dict | None = None):
-        self.location = (
-            store if isinstance(store, StoreLocation) else StoreLocation(store, storage_options)
-        )
-        self.path = str(self.location)
+        self.location = open_location(store, storage_options)
         try:  # read first: on a URL, only a read tells "absent" from "unreachable" or "denied"
             self.manifest: Manifest = read_manifest(self.location)
         except ManifestUnreadable:
             if not self.location.exists():
                 raise StoreError(
-                    f"store {self.path} does not exist; run `dwq-pipeline targets` first"
+                    f"store {self.location} does not exist; run `dwq-pipeline targets` first"
                 ) from None
             raise
-        self.manifest.check_current(self.path)
+        self.manifest.check_current(self.location)
         try:
             self.root = self.location.call(
                 lambda: zarr.open_group(self.location.zarr_store(), mode="r")
@@ -56,7 +53,7 @@ class StoreReader:
             raise
         except Exception as exc:  # zarr raises several kinds for a broken group
             raise StoreCorruptError(
-                f"store {self.path} cannot be opened by zarr ({type(exc).__name__}); copy it "
+                f"store {self.location} cannot be opened by zarr ({type(exc).__name__}); copy it "
                 "again or re-run `dwq-pipeline targets` with its config to repair it"
             ) from exc
         self._records: dict[str, dict[int, ChunkRecord]] | None = None
@@ -74,7 +71,7 @@ class StoreReader:
             except StoreCorruptError as exc:
                 if time.monotonic() > deadline:
                     raise StoreError(
-                        f"waited {timeout_s:.0f}s for chunk {split}/{chunk} of {self.path} "
+                        f"waited {timeout_s:.0f}s for chunk {split}/{chunk} of {self.location} "
                         f"({str(exc).split(';')[0]}); is targets or the copy still running? "
                         "re-run to resume"
                     ) from exc
@@ -95,6 +92,10 @@ class StoreReader:
             self._records = read_records(self.location, self.manifest)
         return self._records
 
+    def missing_chunks(self, split: str) -> list[int]:
+        """The chunks of `split` not recorded done."""
+        return missing_chunks(self.manifest.splits[split].num_chunks, self.records()[split])
+
     def sequences(self, split: str, verify: bool = True) -> dict[str, np.ndarray]:
         """A split's token rows, lengths and prompt offsets, checked against the manifest."""
         try:
@@ -105,12 +106,12 @@ class StoreReader:
             raise
         except Exception as exc:  # a truncated or garbled chunk fails in the codec
             raise StoreCorruptError(
-                f"the {split} token arrays of {self.path} cannot be decoded; "
+                f"the {split} token arrays of {self.location} cannot be decoded; "
                 "re-run `dwq-pipeline targets` with the same config to repair them"
             ) from exc
         if verify and sequences_digest(values) != self.manifest.data.get(f"{split}_digest"):
             raise StoreCorruptError(
-                f"the {split} token arrays of {self.path} differ from the manifest's digest; "
+                f"the {split} token arrays of {self.location} differ from the manifest's digest; "
                 "re-run `dwq-pipeline targets` with the same config to repair them"
             )
         return values
@@ -130,7 +131,7 @@ class StoreReader:
             raise
         except Exception as exc:  # zarr raises several kinds for missing or broken metadata
             raise StoreCorruptError(
-                f"the metadata of {split}/{name} in {self.path} is unreadable "
+                f"the metadata of {split}/{name} in {self.location} is unreadable "
                 f"({type(exc).__name__}); copy the store again or re-run `dwq-pipeline targets` "
                 "with its config to repair it"
             ) from exc
@@ -153,7 +154,7 @@ class StoreReader:
         if verify:
             record = self.records()[split].get(chunk)
             if record is None:
-                raise StoreCorruptError(f"chunk {split}/{chunk} is not complete in {self.path}")
+                raise StoreCorruptError(f"chunk {split}/{chunk} is not complete in {self.location}")
             for name, expected in record.checksums.items():
                 if array_checksum(values[name]) != expected:
                     self._raise_if_files_missing(split, chunk)
@@ -173,9 +174,7 @@ class StoreReader:
             )
 
     def logits_as_float32(self, split: str, stored: np.ndarray) -> np.ndarray:
-        if self.manifest.splits[split].logits_dtype == "bfloat16":
-            return bfloat16_bits_to_float32(stored)
-        return stored.astype(np.float32)
+        return decode_logits(stored, self.manifest.splits[split].logits_dtype)
 
 
 class _ChunkCache:

@@ -1,5 +1,9 @@
 """Creating a store, writing chunks atomically and durably, resuming, sharding and merging.
 
+`open_store_for_writing` is the one way in: for a folder it returns a `StoreWriter`, for a URL a
+`PublishingWriter` (store/publish.py) that writes in a local staging folder and uploads. Callers
+hand over float32 logits, integer indices and tail values; the stored encodings are layout.py's.
+
 A chunk is done when its bytes are fsynced and its record is written (both atomically). A crash at
 any moment leaves either a done chunk or one that the next run recomputes from scratch.
 """
@@ -28,29 +32,31 @@ from store.durable import (
     write_mark,
 )
 from store.errors import ManifestUnreadable, StoreCorruptError, StoreError, StoreMismatchError
-from store.layout import SEQUENCE_ARRAYS, SPLITS, TARGET_ARRAYS, chunk_key, zarr_codec_args
+from store.layout import (
+    LOCKS_DIR,
+    MANIFEST_FILE,
+    SCHEMA_ATTR,
+    SEQUENCE_ARRAYS,
+    STORE_ENTRIES,
+    TARGET_ARRAYS,
+    ZARR_GROUP_FILE,
+    chunk_key,
+    zarr_codec_args,
+)
 from store.location import is_url
 from store.lock import hold_lock
-from store.manifest import (
-    MANIFEST_FILE,
-    RECORDS_DIR,
+from store.manifest import Manifest, describe_differences, read_manifest, write_manifest
+from store.records import (
     ChunkRecord,
-    Manifest,
     array_checksum,
-    describe_differences,
-    read_manifest,
+    chunks_for_shard,
+    missing_chunks,
     read_records,
     record_path,
-    write_manifest,
     write_record,
 )
 
-SCHEMA_ATTR = "dwq_pipeline_schema"  # also the mark of stores written before the mark file
-LOCKS_DIR = "locks"
 STORE_MARK = "store"
-ZARR_GROUP_FILE = "zarr.json"
-# A store folder's own entries: all that --overwrite ever deletes from it.
-STORE_ENTRIES = (MANIFEST_FILE, ZARR_GROUP_FILE, RECORDS_DIR, LOCKS_DIR, *SPLITS)
 
 
 def owns_store(path: Path) -> bool:
@@ -83,11 +89,6 @@ def sort_topk_by_index(logits: np.ndarray, indices: np.ndarray) -> tuple[np.ndar
     """Order each position's top-k by vocabulary index: same data, far smaller after delta+zstd."""
     order = np.argsort(indices, axis=-1, kind="stable")
     return np.take_along_axis(logits, order, -1), np.take_along_axis(indices, order, -1)
-
-
-def chunks_for_shard(num_chunks: int, index: int, count: int) -> list[int]:
-    """Round-robin assignment: shards are disjoint and together cover every chunk."""
-    return list(range(index, num_chunks, count))
 
 
 def _check_writable(path: Path) -> None:
@@ -167,12 +168,36 @@ def _read_or_restore_manifest(path: Path, manifest: Manifest, repaired: list[str
 
 
 def open_store_for_writing(
+    store: str | Path,
+    manifest: Manifest,
+    sequences: dict[str, dict[str, np.ndarray]],
+    overwrite: bool = False,
+    staging_dir: str | Path | None = None,
+    storage_options: dict | None = None,
+) -> StoreWriter:
+    """Create the store, or reopen a matching one to resume; refuse one made differently.
+
+    `store` is a local folder or a URL: a URL store is made in a local staging folder under
+    `staging_dir` (one per URL) and the writer returned uploads each chunk once it is done."""
+    if is_url(str(store)):
+        from store.publish import PublishingWriter, staging_path  # it builds on StoreWriter
+
+        if staging_dir is None:
+            raise StoreError(f"writing {store} needs a local staging folder (staging_dir)")
+        staged = _open_folder(staging_path(str(store), staging_dir), manifest, sequences, overwrite)
+        return PublishingWriter(*staged, url=str(store), storage_options=storage_options or {})
+    # absolute: `--store .` inside a store names that store (a path needs a name to swap)
+    return StoreWriter(*_open_folder(Path(store).absolute(), manifest, sequences, overwrite))
+
+
+def _open_folder(
     path: Path,
     manifest: Manifest,
     sequences: dict[str, dict[str, np.ndarray]],
     overwrite: bool = False,
-) -> StoreWriter:
-    """Create the store, or reopen a matching one to resume; refuse one made differently."""
+) -> tuple[Path, Manifest, list[str]]:
+    """Create the store folder, or reopen a matching one; returns its path, its manifest and
+    what was repaired on the way."""
     if is_url(str(path)) or str(path).endswith(".zip"):
         raise StoreError(
             f"targets writes to a local folder or an object-store URL, not {path}: compute "
@@ -194,7 +219,7 @@ def open_store_for_writing(
             repaired.append("array metadata was missing (a partial copy?): recreated")
         if not has_mark(path, STORE_MARK):  # a store from before the mark file
             write_mark(path, STORE_MARK)
-        return StoreWriter(path, existing, repaired)
+        return path, existing, repaired
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -203,7 +228,7 @@ def open_store_for_writing(
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise StoreError(f"cannot create the store at {path}: {exc.strerror or exc}") from exc
-    return StoreWriter(path, read_manifest(path))
+    return path, read_manifest(path), repaired
 
 
 def _checked_store_path(path: Path, overwrite: bool) -> Path:
@@ -304,23 +329,28 @@ class StoreWriter:
     def done_chunks(self, split: str) -> set[int]:
         return set(read_records(self.path, self.manifest)[split])
 
+    def shard_chunks(self, index: int, count: int) -> dict[str, list[int]]:
+        """split -> the chunks shard `index`/`count` computes."""
+        return {
+            split: chunks_for_shard(shape.num_chunks, index, count)
+            for split, shape in self.manifest.splits.items()
+        }
+
     def missing_chunks(self, split: str, shard_index: int = 0, shard_count: int = 1) -> list[int]:
-        done = self.done_chunks(split)
         total = self.manifest.splits[split].num_chunks
-        return [c for c in chunks_for_shard(total, shard_index, shard_count) if c not in done]
+        return missing_chunks(total, self.done_chunks(split), shard_index, shard_count)
 
     def write_chunk(
         self, split: str, chunk: int, targets: dict[str, np.ndarray], shard: str
     ) -> None:
-        """Write one chunk's target arrays, make them durable, then record the chunk as done."""
+        """Write one chunk's target arrays (float32 logits, integer indices, tail values; stored
+        in the manifest's encodings), make them durable, then record the chunk as done."""
         shape = self.manifest.splits[split]
         start, stop = shape.chunk_rows_range(chunk)
-        logits, indices = sort_topk_by_index(targets["topk_logits"], targets["topk_indices"])
-        values = {
-            "topk_logits": logits,
-            "topk_indices": indices.astype(shape.index_dtype),
-            "tail_logsumexp": targets["tail_logsumexp"].astype(np.float32),
-        }
+        values = shape.encode_targets(targets)
+        values["topk_logits"], values["topk_indices"] = sort_topk_by_index(
+            values["topk_logits"], values["topk_indices"]
+        )
         group = self.root[split]
         for name in TARGET_ARRAYS:
             expected = (stop - start, *group[name].shape[1:])
@@ -346,16 +376,9 @@ class BackgroundWriter:
     writer is raised in the producer on its next submit or on close.
     """
 
-    def __init__(
-        self,
-        writer: StoreWriter,
-        shard: str,
-        max_pending: int = 2,
-        on_written: Callable[[str, int], None] | None = None,
-    ):
+    def __init__(self, writer: StoreWriter, shard: str, max_pending: int = 2):
         self.writer = writer
         self.shard = shard
-        self.on_written = on_written
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -367,8 +390,6 @@ class BackgroundWriter:
                 split, chunk, make_targets = item
                 try:
                     self.writer.write_chunk(split, chunk, make_targets(), self.shard)
-                    if self.on_written:
-                        self.on_written(split, chunk)
                 except BaseException as exc:  # handed to the producer thread
                     self.error = exc
 
@@ -424,15 +445,17 @@ def merge_stores(out_path: Path, inputs: Iterable[str | Path]) -> dict[str, int]
         differences = base.manifest.differences(reader.manifest)
         if differences:
             raise StoreMismatchError(
-                f"{reader.path} differs from {base.path}: {describe_differences(differences)}"
+                f"{reader.location} differs from {base.location}: "
+                f"{describe_differences(differences)}"
             )
     sequences = {split: base.sequences(split) for split in base.manifest.splits}
-    writer = open_store_for_writing(Path(out_path), base.manifest, sequences)
+    writer = StoreWriter(*_open_folder(Path(out_path), base.manifest, sequences))
     copied = {split: 0 for split in base.manifest.splits}
     for reader in readers:
         for split, records in reader.records().items():
             for chunk in sorted(set(records) - writer.done_chunks(split)):
                 targets = reader.read_targets(split, chunk, verify=True)
+                targets["topk_logits"] = reader.logits_as_float32(split, targets["topk_logits"])
                 writer.write_chunk(split, chunk, targets, records[chunk].shard)
                 copied[split] += 1
     return copied

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -165,6 +167,42 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextmanager
+def local_server(command: list[str], port: int, env: dict | None = None) -> Iterator[str]:
+    """Run the server `command` listening on 127.0.0.1:`port`; yields its http URL."""
+    import subprocess
+
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 server (moto's standalone one) on 127.0.0.1, with test credentials in the
+    environment; yields its endpoint URL."""
+    pytest.importorskip("s3fs")
+    if not (BIN / "moto_server").exists():
+        pytest.skip("moto[server] is not installed")
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    port = free_ports(1)
+    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with local_server(command, port, env={**os.environ, **credentials}) as endpoint:
+        yield endpoint
 
 
 def run_cli(*args: str, ranks: int = 1, port: int = 0, timeout: int = 600, **popen):

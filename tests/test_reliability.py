@@ -25,8 +25,8 @@ from stages.run_dir import make_run_dir
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.inspect import verify_store
-from store.manifest import record_path
 from store.reader import StoreReader
+from store.records import record_path
 from tests.conftest import ROOT, cli_args, make_text_data, run_cli, start_cli
 from tests.test_targets import assert_same_store
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import sys
 import time
 import zipfile
@@ -20,7 +19,7 @@ from pipeline.config import load_config
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.inspect import store_info, verify_store
-from tests.conftest import BIN, cli_args, free_ports, make_text_data, run_cli, wait_for_port
+from tests.conftest import cli_args, free_ports, local_server, make_text_data, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -108,26 +107,10 @@ def test_targets_refuses_to_write_into_a_zip(made, tmp_path):
 @pytest.fixture
 def http_server(made):
     port = free_ports(1)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(made["store"].parent),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.kill()
-        server.wait()
+    folder = str(made["store"].parent)
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with local_server([*command, "--directory", folder], port) as url:
+        yield url
 
 
 def test_store_served_over_http_verifies_and_tunes_like_the_folder(made, http_server, tmp_path):
@@ -141,36 +124,13 @@ def test_store_served_over_http_verifies_and_tunes_like_the_folder(made, http_se
 
 
 @pytest.fixture
-def s3_store(made, monkeypatch):
-    pytest.importorskip("s3fs")
-    if not (BIN / "moto_server").exists():
-        pytest.skip("moto[server] is not installed")
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for key, value in credentials.items():
-        monkeypatch.setenv(key, value)
-    port = free_ports(1)
-    server = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **credentials},
-    )
-    try:
-        wait_for_port(port)
-        import s3fs
+def s3_store(made, s3_endpoint):
+    import s3fs
 
-        endpoint = f"http://127.0.0.1:{port}"
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        fs.mkdir("stores")
-        fs.put(str(made["store"]), "stores/store.zarr", recursive=True)
-        yield {"url": "s3://stores/store.zarr", "endpoint": endpoint}
-    finally:
-        server.kill()
-        server.wait()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir("stores")
+    fs.put(str(made["store"]), "stores/store.zarr", recursive=True)
+    return {"url": "s3://stores/store.zarr", "endpoint": s3_endpoint}
 
 
 def test_store_on_s3_verifies_and_tunes_like_the_folder(made, s3_store, tmp_path):

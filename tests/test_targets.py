@@ -18,8 +18,7 @@ from stages.models import load_model
 from stages.targets import Progress, Shard, compute_targets, topk_targets
 from store.errors import StoreOutdatedError
 from store.inspect import store_info, verify_store
-from store.layout import TARGET_ARRAYS, bfloat16_bits_to_float32
-from store.manifest import MANIFEST_FILE
+from store.layout import MANIFEST_FILE, TARGET_ARRAYS, bfloat16_bits_to_float32, encode_logits
 from store.reader import StoreReader
 from store.writer import merge_stores
 from tests.conftest import cli_args, make_tiny_model_folder, run_cli, start_cli
@@ -155,7 +154,7 @@ def test_extracted_tail_gives_the_exact_mass_for_every_dtype_and_k(dtype):
     logits = (rng.normal(size=(2, 3, 50)) * 8).astype(np.float32)
     for k in (5, 50):  # 50: the whole vocabulary, an empty tail
         out = topk_targets(logits, k, [1.0, 2.0], dtype)
-        stored = out["topk_logits"]
+        stored = encode_logits(out["topk_logits"], dtype)
         head = (
             bfloat16_bits_to_float32(stored) if dtype == "bfloat16" else stored.astype(np.float32)
         )

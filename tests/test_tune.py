@@ -20,7 +20,7 @@ from stages.models import load_model, quantize_student, use_dequantized_matmul
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.errors import StoreCorruptError
-from store.manifest import record_path
+from store.records import record_path
 from tests.conftest import cli_args, run_cli, start_cli
 
 runner = CliRunner()
