@@ -331,7 +331,7 @@ def store_verify(store: StoreArgument, storage_option: StorageOption = None) -> 
 @guarded
 def store_pack(
     store: StoreArgument,
-    out: Annotated[Path, typer.Argument(help="The .zip file to write (outside the store).")],
+    out: Annotated[str, typer.Argument(help="The .zip file to write (outside the store).")],
     overwrite: Annotated[
         bool,
         typer.Option(help="Replace OUT if it is a zip written by store pack (nothing else is)."),
@@ -351,7 +351,7 @@ def store_pack(
 @guarded
 def store_merge(
     out: Annotated[
-        Path,
+        str,
         typer.Argument(help="Store to merge into: new, empty or a store; not one of the inputs."),
     ],
     inputs: Annotated[list[str], typer.Argument(help="Stores made with the same settings.")],

@@ -19,6 +19,35 @@ from stages.run_dir import RUN_CONFIG_FILE, read_metrics
 PLOT_FILE = "report.png"
 SUMMARY_FILE = "report.md"
 EVAL_FILE = "eval.json"
+# The marks of a report this command wrote: only such a report.md/report.png is ever replaced.
+SUMMARY_MARK = "<!-- written by dwq-pipeline report -->\n"
+PLOT_SOFTWARE = "dwq-pipeline report"  # the PNG's Software text
+
+
+def _is_our_summary(data: bytes) -> bool:
+    return data.startswith(SUMMARY_MARK.encode())
+
+
+def _is_our_plot(data: bytes) -> bool:
+    return b"Software\x00" + PLOT_SOFTWARE.encode() in data[:8192]  # a tEXt chunk near the top
+
+
+def _check_replaceable(run_dir: Path) -> None:
+    """Refuse, before anything is written, a report.md/report.png that this command did not
+    write (the user's own file of that name is never replaced)."""
+    for name, ours in ((SUMMARY_FILE, _is_our_summary), (PLOT_FILE, _is_our_plot)):
+        path = run_dir / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        try:
+            data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        except OSError:
+            data = b""
+        if not ours(data):
+            raise PipelineError(
+                f"{path} was not written by `dwq-pipeline report`; it is never replaced: move "
+                "it away first"
+            )
 
 
 @dataclass(frozen=True)
@@ -155,12 +184,14 @@ def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:
     from store.durable import write_bytes_atomic, write_text_atomic
 
     summary = summarize(run_dir)
-    write_text_atomic(run_dir / SUMMARY_FILE, "".join(f"- {line}\n" for line in summary.lines()))
+    _check_replaceable(run_dir)
+    text = "".join(f"- {line}\n" for line in summary.lines())
+    write_text_atomic(run_dir / SUMMARY_FILE, SUMMARY_MARK + text)
     try:
         figure = build_figure(summary)
     except ImportError:
         return summary, None
     png = io.BytesIO()
-    figure.savefig(png, format="png")
+    figure.savefig(png, format="png", metadata={"Software": PLOT_SOFTWARE})
     write_bytes_atomic(run_dir / PLOT_FILE, png.getvalue())
     return summary, run_dir / PLOT_FILE

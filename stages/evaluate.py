@@ -23,6 +23,7 @@ from stages.errors import InvalidConfig, ModelError, StageError
 from stages.settings import (
     above_limit_problems,
     choice_problems,
+    empty_path_problems,
     fast_matmul_setting,
     representable_problems,
     setting,
@@ -38,6 +39,7 @@ from store.durable import (
     write_json_atomic,
 )
 from store.errors import StoreError
+from store.location import local_spec
 from store.manifest import MAX_ROWS, MAX_SEQ_LEN, Manifest
 from store.reader import StoreReader
 
@@ -79,6 +81,7 @@ class EvalConfig:
         if self.seed < 0:
             problems.append(f"eval.seed must be >= 0 (got {self.seed})")
         problems += representable_problems(self, "eval")
+        problems += empty_path_problems(self, "eval", ("store", "student", "teacher", "data"))
         limits = {"num_sequences": MAX_ROWS, "batch_size": MAX_ROWS, "max_seq_length": MAX_SEQ_LEN}
         problems += above_limit_problems(self, "eval", limits)
         if problems:
@@ -124,7 +127,7 @@ def check_save_path(path: Path, config: EvalConfig) -> None:
     """Refuse, before any model runs, a `--save` path on, in or around the store or the student,
     or an existing file that is not an eval JSON this program wrote."""
     for name, other in (("store", config.store), ("student", config.student)):
-        if other and Path(other).exists() and paths_overlap(path, other):
+        if other and Path(local_spec(other)).exists() and paths_overlap(path, other):
             raise StageError(
                 f"--save {path} and the {name} {other} overlap (one is, or is inside, the "
                 "other); save the results elsewhere"

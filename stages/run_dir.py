@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,16 @@ from stages.errors import StageError
 from store.durable import (
     MARK_FILE,
     file_in_the_way,
+    foreign_entries,
     has_mark,
     paths_overlap,
+    read_mark_kind,
+    remove_owned,
     write_json_atomic,
     write_mark,
     write_text_atomic,
 )
+from store.location import local_spec
 from store.lock import hold_lock
 
 RUN_MARK = "run"
@@ -38,6 +42,31 @@ METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "tune_config.json"  # the run's TuneConfig, for reports
 LOCK_FILE = "tune.lock"
 MODEL_DIR = "model"
+CHECKPOINT_FILES = ("params.safetensors", "best.safetensors", "optimizer.safetensors", "state.json")
+# What mlx-lm's save writes into a model folder: weights, their index, config, tokenizer files
+# (save_pretrained) and the model's own *.py and generation_config.json copied over.
+_MODEL_FILE = re.compile(
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|tokenizer[^/]*|special_tokens_map\.json"
+    r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)"
+    r"|spiece\.model|[^/]+\.py|README\.md"
+)
+
+
+def _is_model_file(key: str) -> bool:
+    return bool(_MODEL_FILE.fullmatch(key))
+
+
+def _is_checkpoint_file(key: str) -> bool:
+    return key in CHECKPOINT_FILES
+
+
+# The run folder's own subfolders (and the .partial/.old of each swap): what each may hold.
+OWN_FOLDERS = {
+    f"{name}{suffix}": owned
+    for name, owned in ((MODEL_DIR, _is_model_file), (CHECKPOINT_DIR, _is_checkpoint_file))
+    for suffix in ("", ".partial", ".old")
+}
 # Keys every config file of a tune run has: how a run folder from before the mark is known.
 _LEGACY_CONFIG_KEYS = {"store", "run_dir", "student", "loss", "learning_rate", "batch_size"}
 
@@ -58,7 +87,7 @@ def check_run_dir(run_dir: Path, inputs: dict[str, str | None]) -> None:
     """Refuse, before anything is written, a run folder that is not new, empty or ours, or that
     is, contains or lies inside one of the run's `inputs` (name -> path)."""
     for name, path in inputs.items():
-        if path and Path(path).exists() and paths_overlap(run_dir, path):
+        if path and Path(local_spec(path)).exists() and paths_overlap(run_dir, path):
             raise StageError(
                 f"the run folder {run_dir} and the {name} {path} overlap (one is, or is "
                 "inside, the other); choose another --run-dir"
@@ -69,10 +98,41 @@ def check_run_dir(run_dir: Path, inputs: dict[str, str | None]) -> None:
     if blocker is not None:
         raise StageError(f"{run_dir} lies under the file {blocker}; choose another --run-dir")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
-        raise StageError(
-            f"{run_dir} is not empty and is not a tune run folder (it has no {MARK_FILE}); "
-            "choose a new or empty --run-dir"
+        kind = read_mark_kind(run_dir)
+        what = (
+            f"is a dwq-pipeline {kind}, not a tune run folder"
+            if kind
+            else f"is not empty and is not a tune run folder (it has no {MARK_FILE})"
         )
+        raise StageError(f"{run_dir} {what}; choose a new or empty --run-dir")
+    if run_dir.is_dir():
+        check_own_folders(run_dir)
+
+
+def check_own_folders(run_dir: Path) -> None:
+    """Refuse a run folder whose model/checkpoint folders (or their .old/.partial) hold a file
+    this program did not write: tune replaces and deletes those folders' own files only."""
+    for name, owned in OWN_FOLDERS.items():
+        folder = run_dir / name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise StageError(
+                f"{folder} is not a folder tune wrote (a link or a file); tune never replaces "
+                "it: move it away or choose another --run-dir"
+            )
+        foreign = foreign_entries(folder, owned)
+        if foreign:
+            raise StageError(
+                f"{folder / foreign[0]} was not written by dwq-pipeline; tune replaces only its "
+                f"own files in {name}/: move it out first or choose another --run-dir"
+            )
+
+
+def _remove_own_folder(run_dir: Path, name: str) -> None:
+    """Delete the run folder's `name` (one of OWN_FOLDERS), only its own files; a file someone
+    put there meanwhile stays (and the swap that needs the name then fails, losing nothing)."""
+    folder = run_dir / name
+    if folder.is_dir() and not folder.is_symlink():
+        remove_owned(folder, OWN_FOLDERS[name])
 
 
 def writes_run_dir(function):
@@ -113,7 +173,7 @@ def recover_checkpoint(run_dir: Path) -> None:
     folder = run_dir / CHECKPOINT_DIR
     old = run_dir / f"{CHECKPOINT_DIR}.old"
     if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_own_folder(run_dir, old.name)
     elif (old / "state.json").is_file():
         os.replace(old, folder)
 
@@ -122,7 +182,7 @@ def recover_checkpoint(run_dir: Path) -> None:
 def clear_run(run_dir: Path) -> None:
     """What --overwrite discards: the checkpoint and the metrics log, nothing else."""
     for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.partial"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+        _remove_own_folder(run_dir, name)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
@@ -139,18 +199,18 @@ def save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) 
     """Write into checkpoint.partial, then swap: a crash leaves the previous checkpoint whole."""
     final = run_dir / CHECKPOINT_DIR
     partial = run_dir / f"{CHECKPOINT_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove_own_folder(run_dir, partial.name)
     partial.mkdir(parents=True)
     mx.save_safetensors(str(partial / "params.safetensors"), dict(tree_flatten(params)))
     mx.save_safetensors(str(partial / "best.safetensors"), dict(tree_flatten(best_params)))
     mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
     write_json_atomic(partial / "state.json", state)
     old = run_dir / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_own_folder(run_dir, old.name)
     if final.exists():
         os.replace(final, old)
     os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_own_folder(run_dir, old.name)
 
 
 def checkpoint_state(run_dir: Path) -> dict | None:
@@ -306,11 +366,11 @@ def save_model(run_dir: Path, write: Callable[[Path], None]) -> Path:
     final = run_dir / MODEL_DIR
     partial = run_dir / f"{MODEL_DIR}.partial"
     old = run_dir / f"{MODEL_DIR}.old"
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove_own_folder(run_dir, partial.name)
     write(partial)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_own_folder(run_dir, old.name)
     if final.exists():
         os.replace(final, old)
     os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_own_folder(run_dir, old.name)
     return final

@@ -74,6 +74,15 @@ INT64 = 1 << 63
 MAX_STEPS = 10**9  # optimizer steps (and warm-up steps) a config may ask for
 
 
+def empty_path_problems(config: Any, section: str, names: tuple[str, ...]) -> list[str]:
+    """A path or model field given as an empty string would name the current folder."""
+    return [
+        f"{section}.{name} must not be empty"
+        for name in names
+        if isinstance(getattr(config, name), str) and not getattr(config, name).strip()
+    ]
+
+
 def representable_problems(config: Any, section: str) -> list[str]:
     """Floats must be finite and ints fit in 64 bits: NaN passes every `<`/`>` check a config
     makes, and an int beyond 64 bits crashes numpy and MLX."""

@@ -21,6 +21,7 @@ from stages.models import (
 )
 from stages.settings import (
     above_limit_problems,
+    empty_path_problems,
     identity_values,
     representable_problems,
     setting,
@@ -30,6 +31,7 @@ from stages.settings import (
 )
 from store.durable import paths_overlap
 from store.layout import LOGIT_DTYPES, SplitShape, logits_as_read, sequences_digest
+from store.location import VOLATILE_SCHEMES
 from store.manifest import MAX_ROWS, MAX_SEQ_LEN, MAX_TEMPERATURES, MAX_TOP_K, Manifest
 from store.writer import BackgroundWriter, StoreWriter, open_store_for_writing
 
@@ -108,6 +110,14 @@ class TargetsConfig:
         if self.seed < 0:
             problems.append(f"targets.seed must be >= 0 (got {self.seed})")
         problems += representable_problems(self, "targets")
+        problems += empty_path_problems(
+            self, "targets", ("teacher", "data", "store", "staging_dir")
+        )
+        if str(self.store).startswith(VOLATILE_SCHEMES):
+            problems.append(
+                f"targets.store {self.store}: a memory:// store lives only inside one process "
+                "and would be lost at exit; give a folder or an object-store URL"
+            )
         problems += above_limit_problems(self, "targets", TARGETS_LIMITS)
         if len(self.lse_temperatures) > MAX_TEMPERATURES:
             problems.append(f"targets.lse_temperatures holds more than {MAX_TEMPERATURES} values")

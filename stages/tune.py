@@ -38,6 +38,7 @@ from stages.settings import (
     MAX_STEPS,
     above_limit_problems,
     choice_problems,
+    empty_path_problems,
     fast_matmul_setting,
     identity_values,
     representable_problems,
@@ -137,6 +138,7 @@ class TuneConfig:
         if self.seed < 0:
             problems.append(f"tune.seed must be >= 0 (got {self.seed})")
         problems += representable_problems(self, "tune")
+        problems += empty_path_problems(self, "tune", ("store", "run_dir", "student"))
         problems += above_limit_problems(self, "tune", TUNE_LIMITS)
         if problems:
             raise InvalidConfig(problems)

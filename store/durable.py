@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from store.location import is_url
+from store.location import is_url, local_spec
 
 PROGRAM = "dwq-pipeline"
 MARK_FILE = ".dwq-pipeline.json"  # in a folder this program made: a store or a tune run
@@ -90,6 +89,15 @@ def write_mark(folder: Path, kind: str) -> None:
     write_json_atomic(Path(folder) / MARK_FILE, mark(kind))
 
 
+def read_mark_kind(folder: Path) -> str | None:
+    """The kind in `folder`'s mark when this program wrote it ('store', 'run', ...), else None."""
+    try:
+        raw = json.loads((Path(folder) / MARK_FILE).read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return raw.get("kind") if isinstance(raw, dict) and raw.get("program") == PROGRAM else None
+
+
 def has_mark(folder: Path, kind: str) -> bool:
     """Does `folder` carry this program's mark of `kind`? (False for anything unreadable.)"""
     try:
@@ -100,34 +108,72 @@ def has_mark(folder: Path, kind: str) -> bool:
 
 def is_ours(name: str, own: Iterable[str]) -> bool:
     """Is the folder entry `name` one of `own`, the mark, or a partial write of ours?"""
-    return name in set(own) | {MARK_FILE} or (
-        name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
-    )
+    return name in set(own) | {MARK_FILE} or is_partial_name(name)
 
 
-def foreign_entries(folder: Path, own: Iterable[str]) -> list[str]:
-    """Entries of `folder` this program did not write (sorted); [] for a missing folder."""
-    own = set(own)
+def is_partial_name(name: str) -> bool:
+    """A hidden `.NAME.PID.partial` left by `write_bytes_atomic` (or a swap) of ours."""
+    return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
+
+
+# Which files of a folder are ours: a predicate on a relative key ('train/tokens/zarr.json'; a
+# folder's key ends with '/'), or top-level names whose whole subtree is ours.
+Owned = Callable[[str], bool] | Iterable[str]
+
+
+def _owned_predicate(own: Owned) -> Callable[[str], bool]:
+    if callable(own):
+        return own
+    names = set(own)
+    return lambda key: is_ours(key.split("/")[0], names)
+
+
+def _walk(folder: Path) -> Iterable[tuple[str, Path]]:
+    """(key, path) of every entry below `folder`, parents before children; symlinks are
+    listed, never followed."""
+    for path in sorted(Path(folder).iterdir()):
+        is_folder = path.is_dir() and not path.is_symlink()
+        key = path.name + ("/" if is_folder else "")
+        yield key, path
+        if is_folder:
+            yield from ((f"{path.name}/{k}", p) for k, p in _walk(path))
+
+
+def foreign_entries(folder: Path, own: Owned) -> list[str]:
+    """Keys of entries below `folder` this program did not write (sorted, a foreign folder
+    named once, not its contents); [] for a missing folder. A symlink is never ours."""
+    is_own = _owned_predicate(own)
+    foreign: list[str] = []
     try:
-        return sorted(p.name for p in Path(folder).iterdir() if not is_ours(p.name, own))
+        for key, path in _walk(folder):
+            if any(key.startswith(f) for f in foreign):
+                continue
+            base = key.rstrip("/").rsplit("/", 1)[-1]
+            if path.is_symlink() or not (is_own(key) or is_partial_name(base)):
+                foreign.append(key)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    return sorted(foreign)
 
 
-def remove_owned(folder: Path, own: Iterable[str]) -> list[str]:
-    """Delete only our entries of `folder` (and the folder once nothing else is left in it).
-
-    Returns what was left: entries someone else put there, which are never touched."""
-    own = set(own)
-    for path in Path(folder).iterdir():
-        if is_ours(path.name, own):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+def remove_owned(folder: Path, own: Owned) -> list[str]:
+    """Delete only our entries below `folder` (each folder once nothing else is left in it; a
+    symlink `folder` is never followed). Returns what was left: entries someone else put
+    there, which are never touched."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        raise OSError(f"{folder} is not a folder of ours (a symlink or a file): left as it is")
     left = foreign_entries(folder, own)
-    if not left:
-        Path(folder).rmdir()
+    for key, path in reversed(list(_walk(folder))):
+        if any(key == f or key.startswith(f) for f in left if f.endswith("/")) or key in left:
+            continue
+        if key.endswith("/"):
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
     return left
 
 
@@ -145,8 +191,10 @@ def file_in_the_way(path: Path) -> Path | None:
 def paths_overlap(a: str | Path, b: str | Path) -> bool:
     """Are `a` and `b` the same path, or is one inside the other (symlinks resolved)?
 
-    A URL never overlaps a local path; two URLs overlap when one is a prefix of the other."""
-    a_url, b_url = is_url(str(a)), is_url(str(b))
+    A file:// URL is its local path; any other URL never overlaps a local path; two URLs
+    overlap when one is a prefix of the other."""
+    a, b = local_spec(a), local_spec(b)  # file:///x is the folder /x
+    a_url, b_url = is_url(a), is_url(b)
     if a_url or b_url:
         if not (a_url and b_url):
             return False

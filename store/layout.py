@@ -9,6 +9,7 @@ a chunk, so one chunk index names the same rows in every array.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -34,6 +35,28 @@ warnings.filterwarnings(
 # Arrays written once when the store is created, and arrays written chunk by chunk by the teacher.
 SEQUENCE_ARRAYS = ("tokens", "lengths", "prompt_offsets")
 TARGET_ARRAYS = ("topk_logits", "topk_indices", "tail_logsumexp")
+
+
+def is_store_key(key: str) -> bool:
+    """Is `key` (relative to a store folder; a folder's key ends with '/') one of the entries a
+    store of this layout holds: its group and array metadata, chunk files of its arrays,
+    chunk records, shard locks? All that --overwrite ever deletes from a store folder."""
+    return bool(_STORE_KEY.fullmatch(key))
+
+
+_STORE_KEY = re.compile(
+    "|".join(
+        [
+            r"(manifest\.json|zarr\.json|\.dwq-pipeline\.json)",
+            r"(records|locks)/",
+            rf"records/({'|'.join(STORE_SPLITS)})/(\d{{8}}\.json)?",
+            r"locks/[^/]+\.lock",
+            rf"({'|'.join(STORE_SPLITS)})/(zarr\.json)?",
+            rf"({'|'.join(STORE_SPLITS)})/({'|'.join(SEQUENCE_ARRAYS + TARGET_ARRAYS)})/"
+            r"(zarr\.json|c/(\d+/)*\d*)?",
+        ]
+    )
+)
 
 # bfloat16 has no numpy dtype: its bit pattern is stored as uint16 and viewed back on read.
 LOGIT_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}

@@ -84,8 +84,35 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
-def is_url(spec: str) -> bool:
-    return "://" in spec
+LOCAL_SCHEMES = ("file://", "local://")  # fsspec's spellings of a local path
+# fsspec protocols whose files live only in this process: a store there would vanish at exit
+VOLATILE_SCHEMES = ("memory://",)
+
+
+def local_spec(spec: str | Path) -> str:
+    """`spec` with a file:// (or local://) URL spelled as the local path it names."""
+    text = str(spec)
+    for scheme in LOCAL_SCHEMES:
+        if text.startswith(scheme):
+            from urllib.parse import unquote
+
+            path = unquote(text[len(scheme) :])
+            return path if path.startswith("/") else f"/{path}" if scheme == "file://" else path
+    return text
+
+
+def is_url(spec: str | Path) -> bool:
+    """Is `spec` a URL of a remote store (a file:// URL is a local path, not one)?"""
+    return "://" in local_spec(spec)
+
+
+def check_persistent(spec: str | Path, role: str = "--store") -> None:
+    """Refuse a URL whose files vanish when this process ends (memory://)."""
+    if str(spec).startswith(VOLATILE_SCHEMES):
+        raise StoreError(
+            f"{role} {spec}: a {str(spec).split(':')[0]}:// store lives only inside one process "
+            "and would be lost at exit; give a folder or an object-store URL"
+        )
 
 
 class StoreLocation(ABC):
@@ -182,9 +209,11 @@ class ZipLocation(StoreLocation):
             ) from exc
 
     def keys_under(self, prefix: str) -> dict[str, int]:
-        start = prefix.rstrip("/") + "/"
+        start = prefix.rstrip("/") + "/" if prefix else ""
         return {
-            i.filename: i.file_size for i in self.zip.infolist() if i.filename.startswith(start)
+            i.filename: i.file_size
+            for i in self.zip.infolist()
+            if i.filename.startswith(start) and not i.is_dir()
         }
 
     def zarr_store(self) -> Any:
@@ -266,7 +295,9 @@ def open_location(
     (one already opened is returned as it is)."""
     if isinstance(store, StoreLocation):
         return store
-    spec = str(store)
+    spec = local_spec(store)
+    if not spec.strip():
+        raise StoreError("the store path must not be empty")
     if is_url(spec):
         return FsspecLocation(spec, storage_options)
     if Path(spec).is_file():

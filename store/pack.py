@@ -17,6 +17,7 @@ from pathlib import Path
 from store.durable import file_in_the_way, is_mark_bytes, mark, paths_overlap
 from store.errors import StoreError
 from store.layout import LOCKS_DIR
+from store.location import is_url, local_spec
 from store.reader import StoreReader
 
 PACK_MARK = "pack"
@@ -63,10 +64,16 @@ def _check_out(store: str | Path, out: Path, overwrite: bool) -> None:
 def pack_store(
     store: str | Path, out: Path, storage_options: dict | None = None, overwrite: bool = False
 ) -> PackResult:
-    out = Path(out)
+    if not str(store).strip() or not str(out).strip():
+        raise StoreError("store pack: the store and the zip path must not be empty")
+    if is_url(str(out)):
+        raise StoreError(f"store pack writes a local .zip file, not {out}")
+    out = Path(local_spec(out))
     _check_out(store, out, overwrite)
     reader = StoreReader(store, storage_options)  # refuses what is not a readable store
     keys = sorted(k for k in reader.location.keys_under("") if not k.startswith(f"{LOCKS_DIR}/"))
+    if not keys:  # a pack without the store's files would pass for one
+        raise StoreError(f"store pack found no files in {store}; nothing was written")
     missing = sum(len(reader.missing_chunks(split)) for split in reader.manifest.splits)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     written = 0

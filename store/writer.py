@@ -28,6 +28,7 @@ from store.durable import (
     fsync_path,
     has_mark,
     paths_overlap,
+    read_mark_kind,
     remove_owned,
     write_mark,
 )
@@ -37,13 +38,13 @@ from store.layout import (
     MANIFEST_FILE,
     SCHEMA_ATTR,
     SEQUENCE_ARRAYS,
-    STORE_ENTRIES,
     TARGET_ARRAYS,
     ZARR_GROUP_FILE,
     chunk_key,
+    is_store_key,
     zarr_codec_args,
 )
-from store.location import is_url
+from store.location import check_persistent, is_url, local_spec
 from store.lock import hold_lock
 from store.manifest import Manifest, describe_differences, read_manifest, write_manifest
 from store.records import (
@@ -179,15 +180,24 @@ def open_store_for_writing(
 
     `store` is a local folder or a URL: a URL store is made in a local staging folder under
     `staging_dir` (one per URL) and the writer returned uploads each chunk once it is done."""
-    if is_url(str(store)):
+    store = local_spec(store)  # file:///x is the folder /x
+    check_persistent(store)
+    if is_url(store):
         from store.publish import PublishingWriter, staging_path  # it builds on StoreWriter
 
         if staging_dir is None:
             raise StoreError(f"writing {store} needs a local staging folder (staging_dir)")
         staged = _open_folder(staging_path(str(store), staging_dir), manifest, sequences, overwrite)
         return PublishingWriter(*staged, url=str(store), storage_options=storage_options or {})
-    # absolute: `--store .` inside a store names that store (a path needs a name to swap)
-    return StoreWriter(*_open_folder(Path(store).absolute(), manifest, sequences, overwrite))
+    return StoreWriter(*_open_folder(store_folder(store), manifest, sequences, overwrite))
+
+
+def store_folder(store: str | Path) -> Path:
+    """The folder a local store path names: absolute (`--store .` inside a store names that
+    store; a path needs a name to swap), and for a symlink the folder it points to (the store
+    is replaced there and the link stays a link)."""
+    path = Path(local_spec(store)).absolute()
+    return path.resolve() if path.is_symlink() else path
 
 
 def _open_folder(
@@ -239,33 +249,48 @@ def _checked_store_path(path: Path, overwrite: bool) -> Path:
     outer = enclosing_store(path)
     if outer is not None:
         raise StoreError(
-            f"{path} lies inside the store {outer}; choose a --store path outside any store"
+            f"{path} lies inside the store {outer}; choose a store path outside any store"
         )
     _check_writable(path)
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{path} is a file, not a store folder; choose another --store path")
+        raise StoreError(f"{path} is a file, not a store folder; choose another store path")
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
     if path.exists() and not owns_store(path):  # never replaced, even with --overwrite
         raise StoreError(
-            f"{path} exists and is not a dwq-pipeline store (it has no {MARK_FILE}); "
-            "choose another --store path"
+            f"{path} exists and {not_a_store_because(path)}; choose another store path"
         )
-    foreign = foreign_entries(path, STORE_ENTRIES) if overwrite else []
+    foreign = foreign_entries(path, is_store_key) if overwrite else []
     if foreign:
         raise StoreError(
-            f"store {path} also holds {', '.join(foreign[:3])}, which dwq-pipeline did not "
-            "write; --overwrite replaces only a store's own files: move those out first"
+            f"store {path} also holds {foreign[0]}, which dwq-pipeline did not write; "
+            "--overwrite replaces only a store's own files: move it out first"
         )
     return path
 
 
+def not_a_store_because(path: Path) -> str:
+    """Why the existing `path` is no store of ours, naming what it is when it is ours."""
+    kind = read_mark_kind(path)
+    if kind == "run":
+        return "is a tune run folder, not a store"
+    if kind is not None:
+        return f"is a dwq-pipeline {kind}, not a store"
+    return f"is not a dwq-pipeline store (it has no {MARK_FILE})"
+
+
 def _swap_into_place(partial: Path, path: Path, overwrite: bool) -> None:
     if overwrite and path.exists():
+        if path.is_symlink():  # store_folder resolves links: never swap or delete through one
+            raise StoreError(f"{path} is a symlink; name the store folder it points to")
         old = path.with_name(f".{path.name}.{os.getpid()}.old")
         os.replace(path, old)
-        os.replace(partial, path)
-        remove_owned(old, STORE_ENTRIES)  # a file someone put there meanwhile stays, in `old`
+        try:
+            os.replace(partial, path)
+        except OSError:
+            os.replace(old, path)  # leave everything as it was
+            raise
+        remove_owned(old, is_store_key)  # a file someone put there meanwhile stays, in `old`
         fsync_path(path.parent)
         return
     try:
@@ -433,6 +458,14 @@ def merge_stores(out_path: Path, inputs: Iterable[str | Path]) -> dict[str, int]
     inputs = list(inputs)
     if not inputs:
         raise StoreError("store merge needs at least one input store")
+    if not str(out_path).strip():
+        raise StoreError("the merged store's path must not be empty")
+    if is_url(str(out_path)):
+        raise StoreError(
+            f"store merge writes a local folder, not {out_path}: merge into a folder, then "
+            "copy or upload it"
+        )
+    out_path = store_folder(out_path)
     for source in inputs:
         if paths_overlap(out_path, source):
             raise StoreError(
@@ -449,7 +482,7 @@ def merge_stores(out_path: Path, inputs: Iterable[str | Path]) -> dict[str, int]
                 f"{describe_differences(differences)}"
             )
     sequences = {split: base.sequences(split) for split in base.manifest.splits}
-    writer = StoreWriter(*_open_folder(Path(out_path), base.manifest, sequences))
+    writer = StoreWriter(*_open_folder(out_path, base.manifest, sequences))
     copied = {split: 0 for split in base.manifest.splits}
     for reader in readers:
         for split, records in reader.records().items():

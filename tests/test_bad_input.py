@@ -96,6 +96,23 @@ def world(tiny_teacher, tmp_path_factory) -> dict:
     with_notes = root / "store-with-notes.zarr"  # a store in which a user keeps a file
     shutil.copytree(root / "store.zarr", with_notes)
     (with_notes / "notes.txt").write_text("mine")
+    deep_notes = root / "store-with-deep-notes.zarr"  # ... files of a user inside its folders
+    shutil.copytree(root / "store.zarr", deep_notes)
+    (deep_notes / "train" / "my.txt").write_text("mine")
+    (deep_notes / "records" / "notes.txt").write_text("mine")
+    (deep_notes / "train" / "tokens" / "c" / "extra").mkdir()
+    (deep_notes / "train" / "tokens" / "c" / "extra" / "f").write_text("mine")
+    runs = root / "runs"  # copies of the run in which a user keeps files
+    for name, file in (
+        ("model-notes", f"{MODEL_DIR}/my_notes.txt"),
+        ("checkpoint-notes", "checkpoint/mine.txt"),
+        ("model-old", f"{MODEL_DIR}.old/keep.txt"),
+        ("own-report", "report.md"),
+        ("own-plot", "report.png"),
+    ):
+        shutil.copytree(root / "run", runs / name)
+        (runs / name / file).parent.mkdir(exist_ok=True)
+        (runs / name / file).write_text("mine")
     return {
         "root": root,
         "overrides": overrides,
@@ -108,6 +125,8 @@ def world(tiny_teacher, tmp_path_factory) -> dict:
         "packed": root / "packed.zip",
         "users": users,
         "with_notes": with_notes,
+        "deep_notes": deep_notes,
+        "runs": runs,
         "data": data,
         "shipped_code": shipped_code,
         "marker": marker,
@@ -169,6 +188,14 @@ def resume_args(world, *extra: str) -> list[str]:
 
 def user(world, name: str) -> str:
     return str(world["users"] / name)
+
+
+def run_copy(world, name: str) -> str:
+    return str(world["runs"] / name)
+
+
+def file_url(path: Path) -> str:
+    return f"file://{path}"
 
 
 # (name, args from world, expected words in the one line)
@@ -381,6 +408,89 @@ CASES: list[tuple[str, Callable[[dict], list[str]], str]] = [
         "overlap",
     ),
     (
+        "targets --overwrite on a store holding a user's file in a split",
+        lambda w: targets(w, "--store", str(w["deep_notes"]), "--overwrite"),
+        "records/notes.txt, which dwq-pipeline did not write",
+    ),
+    (
+        "targets --overwrite on a tune run folder",
+        lambda w: targets(w, "--store", str(w["run"]), "--overwrite"),
+        "is a tune run folder, not a store",
+    ),
+    (
+        "targets store in memory (gone at exit)",
+        lambda w: targets(w, "--store", "memory://x.zarr"),
+        "lost at exit",
+    ),
+    ("targets with an empty teacher", lambda w: targets(w, "--teacher", ""), "must not be empty"),
+    ("store pack of an empty path", lambda w: ["store", "pack", "", "x.zip"], "must not be empty"),
+    ("store info of an empty path", lambda w: ["store", "info", ""], "must not be empty"),
+    (
+        "tune --overwrite with a user's file in model/",
+        lambda w: resume_args(w, "--run-dir", run_copy(w, "model-notes"), "--overwrite"),
+        "my_notes.txt was not written by dwq-pipeline",
+    ),
+    (
+        "tune --overwrite with a user's file in checkpoint/",
+        lambda w: resume_args(w, "--run-dir", run_copy(w, "checkpoint-notes"), "--overwrite"),
+        "mine.txt was not written by dwq-pipeline",
+    ),
+    (
+        "tune with a user's model.old/",
+        lambda w: resume_args(w, "--run-dir", run_copy(w, "model-old")),
+        "keep.txt was not written by dwq-pipeline",
+    ),
+    (
+        "tune into a store",
+        lambda w: tune_args(w, "--run-dir", str(w["other_store"])),
+        "is a dwq-pipeline store, not a tune run folder",
+    ),
+    (
+        "tune run folder inside the store named by a file:// URL",
+        lambda w: tune_args(w, "--store", file_url(w["store"]), "--run-dir", str(w["store"] / "x")),
+        "overlap",
+    ),
+    (
+        "store pack into the store named by a file:// URL",
+        lambda w: ["store", "pack", file_url(w["store"]), str(w["store"] / "in.zip")],
+        "lies inside it",
+    ),
+    (
+        "eval --save into the store named by a file:// URL",
+        lambda w: [
+            "eval",
+            *cli_args({**w["overrides"], "store": file_url(w["store"])}),
+            "--save",
+            str(w["store"] / "e.json"),
+        ],
+        "overlap",
+    ),
+    (
+        "store merge into its input named by a file:// URL",
+        lambda w: ["store", "merge", str(w["store"]), file_url(w["store"])],
+        "must not be, contain or lie inside",
+    ),
+    (
+        "store merge into a URL",
+        lambda w: ["store", "merge", "s3://bucket/merged.zarr", str(w["store"])],
+        "writes a local folder",
+    ),
+    (
+        "store merge into a tune run folder",
+        lambda w: ["store", "merge", str(w["run"]), str(w["store"])],
+        "is a tune run folder, not a store",
+    ),
+    (
+        "report over a user's report.md",
+        lambda w: ["report", run_copy(w, "own-report")],
+        "not written by `dwq-pipeline report`",
+    ),
+    (
+        "report over a user's report.png",
+        lambda w: ["report", run_copy(w, "own-plot")],
+        "not written by `dwq-pipeline report`",
+    ),
+    (
         "report of a user's folder",
         lambda w: ["report", user(w, "own-run")],
         "not a tune run folder",
@@ -396,6 +506,7 @@ CASES: list[tuple[str, Callable[[dict], list[str]], str]] = [
 @pytest.mark.parametrize("name, make_args, expected", CASES, ids=[c[0] for c in CASES])
 def test_mistake_is_one_clear_line_and_harms_nothing(world, name, make_args, expected):
     guarded = ("store", "run", "not_store", "other_store", "packed", "users", "with_notes")
+    guarded += ("deep_notes", "runs")
     guarded += ("teacher", "data")
     before = {key: fingerprint(world[key]) for key in guarded}
     result = runner.invoke(app, make_args(world))
@@ -456,3 +567,45 @@ def test_eval_save_replaces_only_an_eval_json(world, tmp_path):
     ours.write_text(json.dumps({"models": {}}))
     with pytest.raises(StageError, match="not an eval JSON"):
         check_save_path(ours, config)
+
+
+def test_overwrite_through_a_symlink_replaces_the_store_it_points_to(world, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(world["store"], store)
+    (tmp_path / "link").symlink_to(store)
+    seven = ("--set", "targets.seed=7", "--overwrite")
+    result = runner.invoke(app, targets(world, "--store", str(tmp_path / "link"), *seven))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == store
+    assert StoreReader(store).manifest.settings["seed"] == 7 and has_mark(store, "store")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "store.zarr"]
+
+
+def test_pack_of_a_packed_store_holds_the_same_files(world, tmp_path):
+    again = tmp_path / "again.zip"
+    result = runner.invoke(app, ["store", "pack", str(world["packed"]), str(again)])
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(world["packed"]) as first, zipfile.ZipFile(again) as second:
+        assert sorted(first.namelist()) == sorted(second.namelist())
+        assert all(first.read(n) == second.read(n) for n in first.namelist())
+    assert StoreReader(again).manifest == StoreReader(world["packed"]).manifest
+
+
+def test_a_file_url_names_the_local_folder(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, targets(world, "--store", file_url(tmp_path / "url.zarr")))
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged.zarr"
+    result = runner.invoke(app, ["store", "merge", file_url(merged), str(tmp_path / "url.zarr")])
+    assert result.exit_code == 0, result.output
+    assert StoreReader(merged).manifest == StoreReader(world["store"]).manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.zarr", "url.zarr"]
+
+
+def test_report_replaces_only_its_own_report(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    for _ in range(2):  # the second run replaces what the first wrote
+        result = runner.invoke(app, ["report", str(run)])
+        assert result.exit_code == 0, result.output
+    assert (run / "report.md").read_text().startswith("<!-- written by dwq-pipeline report")

@@ -16,13 +16,22 @@ from stages.run_dir import (
     RUN_CONFIG_FILE,
     check_run_dir,
     checkpoint_state,
+    clear_run,
     make_run_dir,
     read_metrics,
     recover_checkpoint,
     save_model,
     trim_metrics,
 )
-from store.durable import MARK_FILE, has_mark, paths_overlap, remove_owned, write_mark
+from store.durable import (
+    MARK_FILE,
+    foreign_entries,
+    has_mark,
+    paths_overlap,
+    remove_owned,
+    write_mark,
+)
+from store.layout import is_store_key
 
 
 def test_a_run_folder_is_new_empty_or_ours(tmp_path):
@@ -105,3 +114,45 @@ def test_paths_overlap_and_remove_owned(tmp_path):
     assert has_mark(folder, "store") and not has_mark(folder, "run")
     assert remove_owned(folder, ["records"]) == ["notes.txt"]
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert paths_overlap(f"file://{tmp_path}/a", tmp_path / "a" / "b")  # a file:// URL: local
+
+
+def test_a_store_folder_is_known_to_its_chunk_files(tmp_path):
+    own = ["manifest.json", "zarr.json", "train/zarr.json", "train/tokens/zarr.json"]
+    own += ["train/tokens/c/0/0", "records/train/00000003.json", "locks/shard-0-of-1.lock"]
+    users = ["train/my.txt", "records/notes.txt", "train/tokens/c/extra/f", "valid/x/zarr.json"]
+    for key in own + users:
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_text(key)
+    assert foreign_entries(tmp_path, is_store_key) == [
+        "records/notes.txt",
+        "train/my.txt",
+        "train/tokens/c/extra/",
+        "valid/x/",
+    ]
+    remove_owned(tmp_path, is_store_key)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == (
+        sorted(users)
+    )
+    link = tmp_path.parent / "link"
+    link.symlink_to(tmp_path)
+    with pytest.raises(OSError):
+        remove_owned(link, is_store_key)  # never through a symlink
+
+
+def test_tune_keeps_a_users_files_in_model_and_checkpoint(tmp_path):
+    make_run_dir(tmp_path)
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    (tmp_path / CHECKPOINT_DIR / "state.json").write_text("{}")
+    check_run_dir(tmp_path, {})
+    clear_run(tmp_path)  # only its own files: the folder goes
+    assert not (tmp_path / CHECKPOINT_DIR).exists()
+    save_model(tmp_path, lambda to: (to.mkdir(), (to / "config.json").write_text("{}")))
+    (tmp_path / MODEL_DIR / "my_notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="my_notes.txt was not written by dwq-pipeline"):
+        check_run_dir(tmp_path, {})
+    with pytest.raises(StageError):  # the swap cannot finish without deleting it: refused
+        save_model(tmp_path, lambda to: (to.mkdir(), (to / "config.json").write_text("{}")))
+        save_model(tmp_path, lambda to: (to.mkdir(), (to / "config.json").write_text("{}")))
+    kept = [p.read_text() for p in tmp_path.rglob("my_notes.txt")]
+    assert kept == ["mine"]  # (moved aside into model.old by the first swap)
