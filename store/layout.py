@@ -35,6 +35,9 @@ warnings.filterwarnings(
 # Arrays written once when the store is created, and arrays written chunk by chunk by the teacher.
 SEQUENCE_ARRAYS = ("tokens", "lengths", "prompt_offsets")
 TARGET_ARRAYS = ("topk_logits", "topk_indices", "tail_logsumexp")
+# Arrays of stores of earlier schemas (schema 1's tail): still their own files, for --overwrite.
+EARLIER_ARRAYS = ("logsumexp",)
+_ANY_ARRAY = "|".join(SEQUENCE_ARRAYS + TARGET_ARRAYS + EARLIER_ARRAYS)
 
 
 def is_store_key(key: str) -> bool:
@@ -52,7 +55,7 @@ _STORE_KEY = re.compile(
             rf"records/({'|'.join(STORE_SPLITS)})/(\d{{8}}\.json)?",
             r"locks/[^/]+\.lock",
             rf"({'|'.join(STORE_SPLITS)})/(zarr\.json)?",
-            rf"({'|'.join(STORE_SPLITS)})/({'|'.join(SEQUENCE_ARRAYS + TARGET_ARRAYS)})/"
+            rf"({'|'.join(STORE_SPLITS)})/({_ANY_ARRAY})/"
             r"(zarr\.json|c/(\d+/)*\d*)?",
         ]
     )
