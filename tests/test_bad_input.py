@@ -609,3 +609,4 @@ def test_report_replaces_only_its_own_report(world, tmp_path):
         result = runner.invoke(app, ["report", str(run)])
         assert result.exit_code == 0, result.output
     assert (run / "report.md").read_text().startswith("<!-- written by dwq-pipeline report")
+    assert b"dwq-pipeline report" in (run / "report.png").read_bytes()  # the PNG's Software text
