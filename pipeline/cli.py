@@ -62,6 +62,7 @@ EXIT_UNEXPECTED = 1  # not a known bad input: a failure we did not foresee (or a
 DEBUG_ENV = "DWQ_DEBUG"
 _debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
 _is_console = False  # run as the console command (not in-process, as tests do)
+_interrupt_reported = False  # a command said what its Ctrl-C left behind
 
 # What Ctrl-C leaves behind, per command (default: nothing was written).
 INTERRUPTED = {
@@ -106,16 +107,14 @@ def guarded(command):
         try:
             return command(*args, **kwargs)
         except TuneInterrupted as exc:
-            ui.error(str(exc))
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _report_interrupt(str(exc))
         except (PipelineError, StageError, StoreError) as exc:
             _show_traceback_if_debug()
             ui.error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             left = INTERRUPTED.get(command.__name__, "nothing was written or changed")
-            ui.error(f"interrupted; {left}")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _report_interrupt(f"interrupted; {left}")
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
@@ -124,6 +123,25 @@ def guarded(command):
             raise typer.Exit(EXIT_UNEXPECTED) from None
 
     return wrapper
+
+
+def _report_interrupt(message: str) -> None:
+    """One line and exit 130; a second Ctrl-C no longer cuts it short, and the async reads the
+    interrupt abandoned (zarr's event loop) are not reported as pending tasks at exit."""
+    global _interrupt_reported
+    _finished()
+    _quiet_abandoned_async_work()
+    ui.error(message)
+    _interrupt_reported = True
+    raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _quiet_abandoned_async_work() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task was destroyed but ..."
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 def _show_traceback_if_debug() -> None:
@@ -440,6 +458,8 @@ def main(blas_warning: str | None = None) -> None:
         code = _usage_error(exc)
     except typer.Abort:  # click's word for a Ctrl-C outside any command
         raise KeyboardInterrupt from None
+    if code == EXIT_INTERRUPTED and not _interrupt_reported:  # typer's, before the command
+        raise KeyboardInterrupt
     _finished()
     sys.exit(code if isinstance(code, int) else 0)
 

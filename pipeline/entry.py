@@ -5,7 +5,9 @@ this same entry."""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 EXIT_INTERRUPTED = 130
 
@@ -19,6 +21,8 @@ def main() -> None:
 
         run_cli(warning)
     except KeyboardInterrupt:
+        if os.environ.get("DWQ_DEBUG", "") not in ("", "0") or "--debug" in sys.argv:
+            traceback.print_exc()
         # rich may not be loaded yet: plain text, as ui.error would print it without colour
         print(
             "error: interrupted before the command started; nothing was written or changed",

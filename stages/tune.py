@@ -467,7 +467,8 @@ def tune(
         trainer = _Trainer(config, reader, student, train_chunks, dist)
         run = _start_or_resume(trainer, run_dir, on_step)
         _train_loop(trainer, run, on_step)
-        model_dir = _save_best(trainer, run, student)
+        with _stop_requests():  # every step is done: a Ctrl-C now waits for the model on disk
+            model_dir = _save_best(trainer, run, student)
     return _result(run, model_dir)
 
 
