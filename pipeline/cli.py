@@ -262,7 +262,8 @@ def tune(
         result = run_tune(cfg, overwrite=overwrite, on_step=on_step)
         _finished()
     ui.info(
-        f"tuned {result.steps} steps: validation loss {result.initial_val_loss:.4f} -> "
+        f"tuned {result.steps} step{'' if result.steps == 1 else 's'}: validation loss "
+        f"{result.initial_val_loss:.4f} -> "
         f"{result.best_val_loss:.4f} (best at step {result.best_step}); model in {result.model_dir}"
     )
     if result.warning:
