@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+try:  # newer typer vendors click: the usage errors it raises are its copy's
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 from pipeline import ui
 from pipeline.errors import PipelineError
@@ -54,6 +61,8 @@ TrustOption = Annotated[
 EXIT_UNEXPECTED = 1  # not a known bad input: a failure we did not foresee (or a bug)
 DEBUG_ENV = "DWQ_DEBUG"
 _debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+_is_console = False  # run as the console command (not in-process, as tests do)
+_interrupt_reported = False  # a command said what its Ctrl-C left behind
 
 # What Ctrl-C leaves behind, per command (default: nothing was written).
 INTERRUPTED = {
@@ -98,16 +107,14 @@ def guarded(command):
         try:
             return command(*args, **kwargs)
         except TuneInterrupted as exc:
-            ui.error(str(exc))
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _report_interrupt(str(exc))
         except (PipelineError, StageError, StoreError) as exc:
             _show_traceback_if_debug()
             ui.error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             left = INTERRUPTED.get(command.__name__, "nothing was written or changed")
-            ui.error(f"interrupted; {left}")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _report_interrupt(f"interrupted; {left}")
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
@@ -116,6 +123,25 @@ def guarded(command):
             raise typer.Exit(EXIT_UNEXPECTED) from None
 
     return wrapper
+
+
+def _report_interrupt(message: str) -> None:
+    """One line and exit 130; a second Ctrl-C no longer cuts it short, and the async reads the
+    interrupt abandoned (zarr's event loop) are not reported as pending tasks at exit."""
+    global _interrupt_reported
+    _finished()
+    _quiet_abandoned_async_work()
+    ui.error(message)
+    _interrupt_reported = True
+    raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _quiet_abandoned_async_work() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task was destroyed but ..."
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 def _show_traceback_if_debug() -> None:
@@ -200,6 +226,7 @@ def targets(
             on_progress=on_progress,
             on_repair=lambda what: ui.warn(f"repairing: {what}"),
         )
+        _finished()
     sizes = ", ".join(f"{n}: {s.num_sequences} seq" for n, s in manifest.splits.items())
     ui.info(f"targets done for shard {which} -> {cfg.store} ({sizes}, top-k {cfg.top_k})")
 
@@ -233,8 +260,10 @@ def tune(
     cfg = _stage_config("tune", config, set_, locals())
     with ui.tune_progress() as on_step:
         result = run_tune(cfg, overwrite=overwrite, on_step=on_step)
+        _finished()
     ui.info(
-        f"tuned {result.steps} steps: validation loss {result.initial_val_loss:.4f} -> "
+        f"tuned {result.steps} step{'' if result.steps == 1 else 's'}: validation loss "
+        f"{result.initial_val_loss:.4f} -> "
         f"{result.best_val_loss:.4f} (best at step {result.best_step}); model in {result.model_dir}"
     )
     if result.warning:
@@ -276,6 +305,7 @@ def evaluate(
         check_save_path(save, cfg)  # before the models run
     with ui.batch_progress("eval", enabled=not as_json) as on_batch:
         result = run_eval(cfg, on_batch=on_batch)
+        _finished()  # the --save below is written whole, Ctrl-C or not
     if save:
         save_result(save, result)
     if as_json:
@@ -342,6 +372,7 @@ def store_pack(
     from store.pack import pack_store
 
     result = pack_store(store, out, _storage_options(storage_option), overwrite=overwrite)
+    _finished()
     ui.info(f"packed {result.files} files, {result.bytes / 1e6:.1f} MB into {result.path}")
     if result.chunks_missing:
         ui.warn(f"the store is incomplete: {result.chunks_missing} chunks are not in the zip")
@@ -360,6 +391,7 @@ def store_merge(
     from store.writer import merge_stores
 
     copied = merge_stores(out, inputs)
+    _finished()
     ui.info(f"merged into {out}: " + ", ".join(f"{k} +{v} chunks" for k, v in copied.items()))
 
 
@@ -388,15 +420,52 @@ def doctor() -> None:
     ui.out.print(table)
 
 
-def main() -> None:
-    from pipeline.runtime import ensure_fast_blas, quiet_library_logs
+def _finished() -> None:
+    """The command's work is done: a Ctrl-C from now on (while the result is printed, at exit)
+    would only turn a success into a failure, so the console command ignores it; in-process
+    callers (tests) keep their handler."""
+    if _is_console:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    warning = ensure_fast_blas()
-    if warning:
-        ui.warn(warning)
+
+def _usage_error(exc: click_errors.ClickException) -> int:
+    """Click's usage errors (missing argument, unknown option, a value of the wrong type) as
+    one red line instead of a box; exit 2."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command group: its help
+        text = exc.ctx.get_help() if exc.ctx else ""  # rich help prints itself, returns ""
+        if text.strip():
+            print(text, file=sys.stderr)
+        return exc.exit_code
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click_errors.UsageError) and ctx is not None:
+        message += f" (see {ctx.command_path} --help)"
+    ui.error(message)
+    return exc.exit_code
+
+
+def main(blas_warning: str | None = None) -> None:
+    """Run the app; pipeline/entry.py's main is the console entry that calls this."""
+    from pipeline.runtime import quiet_library_logs
+
+    global _is_console
+    _is_console = True
+    if blas_warning:
+        ui.warn(blas_warning)
     quiet_library_logs()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.ClickException as exc:
+        code = _usage_error(exc)
+    except typer.Abort:  # click's word for a Ctrl-C outside any command
+        raise KeyboardInterrupt from None
+    if code == EXIT_INTERRUPTED and not _interrupt_reported:  # typer's, before the command
+        raise KeyboardInterrupt
+    _finished()
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.entry import main as console_main
+
+    console_main()

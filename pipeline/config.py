@@ -63,6 +63,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise InvalidConfig([f"override {text!r} must look like section.key=value"])
+    if not value.strip():
+        raise InvalidConfig(
+            [
+                f"override {text!r} has no value (leave the --set out for the default; "
+                f"{key.strip()}='' is an empty string)"
+            ]
+        )
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as exc:
@@ -86,6 +93,9 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any], problems: list[str]) 
     for dotted, value in overrides.items():
         if value is None:
             continue
+        if dotted in SECTIONS:
+            problems.append(f"override {dotted}=... must name a key: {dotted}.KEY=value")
+            continue
         if "." not in dotted:
             merged[dotted] = value
             continue
@@ -93,8 +103,19 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any], problems: list[str]) 
         if section not in SECTIONS:
             problems.append(f"unknown section {section!r} in override {dotted}")
             continue
-        merged.setdefault(section, {})[key] = value
+        if not isinstance(merged.setdefault(section, {}), dict):
+            continue  # load_config reports the section that is not a mapping
+        merged[section][key] = value
     return merged
+
+
+def _section_problems(raw: dict) -> list[str]:
+    """A section is a mapping of keys, or left out; `tune:` with nothing under it is null."""
+    return [
+        f"section {name!r} must be a mapping of keys or left out (got {raw[name]!r})"
+        for name in SECTIONS
+        if name in raw and not isinstance(raw[name], dict)
+    ]
 
 
 def _type_ok(hint: Any, value: Any) -> bool:
@@ -113,6 +134,28 @@ def _type_ok(hint: Any, value: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def _as_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) and `nan` as strings: a float field takes any string
+    float() reads (NaN and inf are then refused as not finite); anything else is left as is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """`value` with number-like strings read as floats where `hint` wants a float."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce(float, value) if float in typing.get_args(hint) else value
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v) for v in value]
+    return _as_float(value) if hint is float else value
 
 
 def _type_name(hint: Any) -> str:
@@ -139,6 +182,7 @@ def build_section(name: str, cls: type, values: Any, problems: list[str]) -> Any
     fields = {f.name for f in dataclasses.fields(cls)}
     typed = {}
     for key, value in values.items():
+        value = _coerce(hints[key], value) if key in fields else value
         if key not in fields:
             problems.append(f"unknown key {name}.{key} (known: {', '.join(sorted(fields))})")
         elif not _type_ok(hints[key], value):
@@ -159,12 +203,15 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> P
     problems: list[str] = []
     raw = read_yaml(path) if path is not None else {}
     raw = _apply_overrides(raw, overrides or {}, problems)
+    problems += _section_problems(raw)
+    if problems:
+        raise InvalidConfig(problems)
     allowed = set(SECTIONS) | set(SHARED_KEYS)
     for key in sorted(set(raw) - allowed):
         problems.append(f"unknown top-level key {key!r} (known: {', '.join(sorted(allowed))})")
     built = {}
     for name, cls in SECTIONS.items():
-        section = dict(raw.get(name) or {})
+        section = dict(raw.get(name, {}))
         for shared in SHARED_KEYS:
             if shared in raw and shared not in section and shared in cls.__dataclass_fields__:
                 section[shared] = raw[shared]

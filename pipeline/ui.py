@@ -54,14 +54,20 @@ class CountColumn(ProgressColumn):
         return Text(f"{self.prefix}{task.completed:,.0f}/{total}{self.unit}")
 
 
+NARROW, WIDE = 80, 120  # terminal columns below which the bar, then elapsed time, are left out
+
+
 def _progress(label: str, *columns) -> Progress:
-    """A bar with elapsed time and ETA; drawn only on a terminal."""
+    """A bar with elapsed time and ETA; drawn only on a terminal. On a narrow terminal the bar
+    shrinks, then goes, and only the time left is shown, so the counts stay whole."""
+    width = console.width
+    bar = [BarColumn(bar_width=min(40, width - NARROW + 10))] if width >= NARROW else []
+    times = [TimeElapsedColumn(), TimeRemainingColumn()] if width >= WIDE else []
     return Progress(
         TextColumn(f"[bold]{label}"),
-        BarColumn(),
+        *bar,
         *columns,
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        *(times or [TimeRemainingColumn(compact=True)]),
         console=console,
         disable=not console.is_terminal,
     )
@@ -103,7 +109,8 @@ def tune_progress() -> Iterator:
             last_val[:] = [r.val_loss]
         parts = [f"loss {r.loss:.4f}" if r.loss is not None else ""]
         parts += [f"val {last_val[0]:.4f}" if last_val else ""]
-        parts += [f"{r.tokens_per_s:,.0f} tok/s", f"{r.peak_memory_gb:.2f} GB"]
+        if console.width >= NARROW:  # the least useful, left out on a narrow terminal
+            parts += [f"{r.tokens_per_s:,.0f} tok/s", f"{r.peak_memory_gb:.2f} GB"]
         progress.update(
             task, completed=r.step, total=r.total_steps, stats="  ".join(filter(None, parts))
         )
@@ -132,7 +139,7 @@ def eval_table(result: EvalResult) -> Table:
         f"{result.num_tokens:,} tokens"
     )
     for column in ("model", "KL(teacher||model)/token", "perplexity", "top-1 = teacher"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for score in result.scores.values():
         table.add_row(
             score.name,
@@ -150,7 +157,7 @@ def config_table(config) -> Table:
 
     table = Table(title="configuration (CLI > file > default)")
     for column in ("key", "value", "meaning"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for section in fields(config):
         stage_config = getattr(config, section.name)
         for f in fields(stage_config):
@@ -161,16 +168,11 @@ def config_table(config) -> Table:
 
 def store_info_table(info: StoreInfo) -> Table:
     table = Table(title=f"store {escape(str(info.path))}", show_header=True)
-    for column in (
-        "split",
-        "sequences",
-        "tokens",
-        "chunks done",
-        "stored MB",
-        "bytes/token",
-        "ratio",
-    ):
-        table.add_column(column, justify="right")
+    headers = ("split", "sequences", "tokens", "chunks done", "stored MB", "bytes/token", "ratio")
+    if out.width < NARROW:  # whole words rather than headers cut or folded mid-word
+        headers = ("split", "seqs", "tokens", "chunks", "MB", "B/tok", "ratio")
+    for column in headers:
+        table.add_column(column, justify="right", overflow="fold")
     for split, s in info.splits.items():
         per_token = s.stored_bytes / max(1, s.tokens * s.chunks_done / max(1, s.chunks_total))
         ratio = s.raw_bytes / s.stored_bytes if s.stored_bytes else 0.0

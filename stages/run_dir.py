@@ -257,7 +257,16 @@ def _damaged_checkpoint(path: Path, why: str) -> StageError:
     )
 
 
-def load_checkpoint(run_dir: Path, optimizer, resume_key: str, store_digest: str):
+def _first_difference(saved: Any, settings: dict[str, Any]) -> str:
+    """' (tune.NAME was X, now Y)' for the first setting that differs from the saved ones."""
+    saved = saved if isinstance(saved, dict) else {}
+    name = next((k for k, v in settings.items() if k in saved and saved[k] != v), None)
+    return "" if name is None else f" (tune.{name} was {saved[name]!r}, now {settings[name]!r})"
+
+
+def load_checkpoint(
+    run_dir: Path, optimizer, resume_key: str, store_digest: str, settings: dict | None = None
+):
     """(params, best params, state) of the checkpoint, with the optimizer's state loaded; None
     without one. A checkpoint of other settings or made on another store is refused."""
     state = checkpoint_state(run_dir)
@@ -275,7 +284,8 @@ def load_checkpoint(run_dir: Path, optimizer, resume_key: str, store_digest: str
         )
     if state.get("resume_key") != resume_key:
         raise StageError(
-            f"{run_dir} holds a checkpoint of a run with other settings; "
+            f"{run_dir} holds a checkpoint of a run with other settings"
+            f"{_first_difference(state.get('settings'), settings or {})}; "
             "pass --overwrite to start over or choose another --run-dir"
         )
     loaded = {}

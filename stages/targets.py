@@ -99,7 +99,9 @@ class TargetsConfig:
             if getattr(self, name) < 0:
                 problems.append(f"targets.{name} must be >= 0 (got {getattr(self, name)})")
         if not 0.0 < self.valid_share < 1.0:
-            problems.append(f"targets.valid_share must be between 0 and 1 (got {self.valid_share})")
+            problems.append(
+                f"targets.valid_share must be strictly between 0 and 1 (got {self.valid_share})"
+            )
         if self.logits_dtype not in LOGIT_DTYPES:
             problems.append(
                 f"targets.logits_dtype must be one of {', '.join(LOGIT_DTYPES)}"

@@ -64,6 +64,8 @@ TUNE_LIMITS = {
     "group_size": 1 << 16,
 }
 
+MLX_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
+
 
 @dataclass
 class TuneConfig:
@@ -128,6 +130,9 @@ class TuneConfig:
                 problems.append(f"tune.{name} must be >= 0 (got {getattr(self, name)})")
         if self.bits >= 8:
             problems.append(f"tune.bits must be below 8 to have scales to tune (got {self.bits})")
+        if self.group_size not in MLX_GROUP_SIZES:
+            sizes = ", ".join(map(str, MLX_GROUP_SIZES))
+            problems.append(f"tune.group_size must be one of {sizes} (got {self.group_size})")
         if self.loss not in LOSSES:
             problems.append(f"tune.loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         if self.temperature <= 0 or self.learning_rate <= 0:
@@ -464,7 +469,8 @@ def tune(
         trainer = _Trainer(config, reader, student, train_chunks, dist)
         run = _start_or_resume(trainer, run_dir, on_step)
         _train_loop(trainer, run, on_step)
-        model_dir = _save_best(trainer, run, student)
+        with _stop_requests():  # every step is done: a Ctrl-C now waits for the model on disk
+            model_dir = _save_best(trainer, run, student)
     return _result(run, model_dir)
 
 
@@ -485,7 +491,14 @@ def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
     """The student, loaded with its scales and biases trainable."""
     student = _load_student(config, reader)
     if unfreeze_scales_and_biases(student.model) == 0:
-        raise ModelError("the student has no affine-quantized layers below 8 bits: nothing to tune")
+        why = (
+            ""
+            if config.student
+            else f" (tune.group_size={config.group_size} divides no teacher layer width)"
+        )
+        raise ModelError(
+            f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
+        )
     apply_fast_matmul(student.model, config.fast_matmul)
     return student
 
@@ -541,7 +554,9 @@ def _start_or_resume(trainer: _Trainer, run_dir: Path, on_step) -> _Run:
     state["train_chunks"] = trainer.train_chunks
     run = _Run(run_dir, total_steps, optimizer, params, params, state, None)
     store_digest = trainer.reader.manifest.digest
-    resumed = run_folder.load_checkpoint(run_dir, optimizer, config.resume_key(), store_digest)
+    resumed = run_folder.load_checkpoint(
+        run_dir, optimizer, config.resume_key(), store_digest, identity_values(config)
+    )
     if resumed:
         run.params, run.best_params, run.state = resumed
         run.checkpoint_step = run.state["step"]
@@ -564,6 +579,7 @@ def _save_checkpoint(trainer: _Trainer, run: _Run) -> None:
     if trainer.dist.rank == 0:
         digest = trainer.reader.manifest.digest
         saved = {**run.state, "resume_key": trainer.config.resume_key(), "store": digest}
+        saved["settings"] = identity_values(trainer.config)  # names what differs on a refusal
         run_folder.save_checkpoint(run.run_dir, run.params, run.best_params, run.optimizer, saved)
     run.checkpoint_step = run.state["step"]
 

@@ -9,6 +9,7 @@ staging folder and uploads each finished chunk (store/publish.py).
 
 from __future__ import annotations
 
+import socket
 import time
 import zipfile
 from abc import ABC, abstractmethod
@@ -33,6 +34,9 @@ _UNREACHABLE_TYPES = {
     "ConnectionClosedError",
 }
 
+# a host name that does not resolve (socket.gaierror) is an OSError but no ConnectionError
+_UNREACHABLE_ERRORS = (ConnectionError, TimeoutError, socket.gaierror, socket.herror)
+
 
 def remote_failure(exc: BaseException) -> str | None:
     """What kind of failure of object storage or HTTP `exc` is, or None when it is none of
@@ -47,7 +51,7 @@ def remote_failure(exc: BaseException) -> str | None:
         return DENIED
     if any(code in text for code in _DENIED_CODES) or status in (401, 403):
         return DENIED
-    if isinstance(exc, (ConnectionError, TimeoutError)) or names & _UNREACHABLE_TYPES:
+    if isinstance(exc, _UNREACHABLE_ERRORS) or names & _UNREACHABLE_TYPES:
         return UNREACHABLE
     if any(code in text for code in _THROTTLED_CODES):
         return THROTTLED
@@ -231,7 +235,10 @@ class FsspecLocation(StoreLocation):
         self.spec = str(spec)
         self.storage_options = dict(storage_options or {})
         try:
-            self.fs, root_path = fsspec.core.url_to_fs(self.spec, **self.storage_options)
+            # some filesystems (ftp, sftp) connect as they are made
+            self.fs, root_path = self.call(
+                lambda: fsspec.core.url_to_fs(self.spec, **self.storage_options)
+            )
         except (ImportError, ValueError) as exc:
             raise StoreError(f"cannot open {self.spec}: {exc}") from exc
         self.root_path = root_path.rstrip("/")

@@ -5,6 +5,7 @@ import pytest
 from pipeline.config import load_config, parse_override
 from stages.errors import InvalidConfig
 from stages.targets import TargetsConfig
+from tests.conftest import run_cli
 
 CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
 
@@ -51,7 +52,7 @@ def test_every_problem_is_reported_in_one_error(tmp_path):
 def test_types_are_checked_not_coerced(tmp_path):
     with pytest.raises(InvalidConfig, match="batch_size must be int"):
         load_config(None, {"targets.batch_size": True})
-    with pytest.raises(InvalidConfig, match="valid_share must be between"):
+    with pytest.raises(InvalidConfig, match="valid_share must be strictly between"):
         load_config(None, {"targets.valid_share": 1})
     assert load_config(None, {"targets.valid_share": 0.5}).targets.valid_share == 0.5
 
@@ -148,3 +149,44 @@ def test_every_flag_a_field_names_is_an_option_of_its_command(section):
     command = typer.main.get_command(app).commands[section]
     options = {option for param in command.params for option in param.opts}
     assert flag_keys(SECTIONS[section]) and set(flag_keys(SECTIONS[section])) <= options
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["targets=1"], "override targets=... must name a key: targets.KEY=value"),
+        (["tune.batch_size="], "override 'tune.batch_size=' has no value"),
+        (["targets.lse_temperatures=[nan]"], "lse_temperatures must be a finite number"),
+        (["tune.learning_rate=nan"], "tune.learning_rate must be a finite number"),
+        (["tune.learning_rate=fast"], "tune.learning_rate must be float, got 'fast'"),
+        (["targets.valid_share=0"], "valid_share must be strictly between 0 and 1"),
+        (["tune.group_size=7"], "tune.group_size must be one of 32, 64, 128 (got 7)"),
+    ],
+)
+def test_odd_override_values_are_one_config_error(sets, expected):
+    result = run_cli("config", *[arg for s in sets for arg in ("--set", s)])
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: config:") and expected in line
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["config", "tune", "targets"])
+def test_a_null_section_is_a_config_error_for_every_command(tmp_path, command):
+    path = tmp_path / "nulls.yaml"
+    path.write_text("targets: null\ntune:\n")
+    result = run_cli(command, "-c", str(path), "--set", "tune.max_steps=1")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "section 'targets' must be a mapping of keys or left out (got None)" in line
+    assert "section 'tune' must be a mapping" in line
+
+
+def test_floats_written_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("tune:\n  learning_rate: 1e-4\n  temperature: 2\n")
+    assert load_config(path).tune.learning_rate == 1e-4
+    config = load_config(None, dict([parse_override("tune.learning_rate=3E-5")]))
+    assert config.tune.learning_rate == 3e-5 and isinstance(config.tune.learning_rate, float)
+    result = run_cli("config", "-c", str(path), "--set", "targets.lse_temperatures=[1, 2e0]")
+    assert result.returncode == 0, result.stderr

@@ -91,6 +91,7 @@ def test_debug_shows_the_traceback(monkeypatch):
         (["eval"], "stages.evaluate.evaluate", "nothing was written or changed"),
         (["store", "verify", "x"], "store.inspect.verify_store", "nothing was written"),
         (["report", "x"], "pipeline.report.write_report", "nothing was written"),
+        (["store", "merge", "o", "i"], "store.writer.merge_stores", "chunks merged so far"),
     ],
 )
 def test_ctrl_c_says_what_each_command_keeps(monkeypatch, args, stage, expected):
@@ -267,6 +268,61 @@ def test_an_unreachable_http_server_is_not_a_missing_store():
     done = run_cli("store", "info", url)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "could not reach" in done.stderr and "does not exist" not in done.stderr
+
+
+def test_a_host_that_does_not_resolve_is_could_not_reach(monkeypatch):
+    monkeypatch.setattr(store.location, "BACKOFF_S", 0.0)
+    result = runner.invoke(cli.app, ["store", "info", "ftp://nowhere.invalid/x.zarr"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: could not reach ftp://nowhere.invalid/x.zarr")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["targets", "--top-k", "nan"], "Invalid value for '--top-k'"),
+        (["targets", "--top-k", "1e3"], "Invalid value for '--top-k'"),
+        (["store", "merge", "m5.zarr"], "Missing argument 'inputs'"),
+        (["tune", "--bogus"], "No such option: --bogus"),
+    ],
+)
+def test_a_usage_mistake_is_one_error_line(args, expected):
+    done = run_cli(*args)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line and "--help" in line
+
+
+@pytest.mark.parametrize("preloaded", [True, False], ids=["no-reexec", "reexec"])
+def test_ctrl_c_while_the_program_loads_is_one_line(tmp_path, preloaded):
+    """The first second goes to imports (rich, transformers, MLX) and, without OpenBLAS
+    preloaded, a re-exec: a Ctrl-C there is one line and exit 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import BIN, ROOT
+
+    env = dict(os.environ)
+    if not preloaded:
+        env.pop("LD_PRELOAD", None)
+    for delay in (0.3, 0.8):
+        proc = subprocess.Popen(
+            [str(BIN / "dwq-pipeline"), "targets", "--store", str(tmp_path / "s.zarr")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == cli.EXIT_INTERRUPTED, err
+        (line,) = err.strip().splitlines()
+        assert line.startswith("error: interrupted") and "Traceback" not in err
 
 
 # ---- what differs between two manifests --------------------------------------------------------

@@ -22,11 +22,11 @@ from tests.conftest import BIN, ROOT, cli_args, make_text_data
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def run_in_terminal(*args: str, timeout: float = 600) -> tuple[int, str]:
+def run_in_terminal(*args: str, timeout: float = 600, columns: int = 160) -> tuple[int, str]:
     """The console script with stdin, stdout and stderr on a pseudo-terminal; (exit code, screen
     text without colour codes)."""
     leader, follower = pty.openpty()
-    env = {**os.environ, "COLUMNS": "160", "LINES": "50", "TERM": "xterm-256color"}
+    env = {**os.environ, "COLUMNS": str(columns), "LINES": "50", "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen(
         [str(BIN / "dwq-pipeline"), *args],
@@ -110,6 +110,26 @@ def test_every_command_draws_on_a_real_terminal(terminal_world):
     code, screen = run_in_terminal("tune", *args, "--set=tune.loss=nonsense")
     assert code == 2 and "Traceback" not in screen, screen
     assert screen.count("error:") == 1 and "tune.loss must be one of" in screen
+
+
+def test_a_60_column_terminal_keeps_counts_losses_headers_and_errors_whole(terminal_world):
+    args, root = terminal_world["args"], terminal_world["root"]
+    narrow = [*args, f"--set=tune.run_dir={root / 'narrow-run'}", "--set=tune.max_steps=1"]
+    code, screen = run_in_terminal("targets", *args, columns=60)
+    assert_clean(code, screen)
+    code, screen = run_in_terminal("tune", *narrow, columns=60)
+    assert_clean(code, screen)
+    assert re.search(r"tune .*step 1/1 +loss [\d.]+ +val [\d.]+", screen), screen[-2000:]
+    assert "tuned 1 step:" in screen
+    for command in (["eval", *narrow], ["store", "info", str(root / "store.zarr")]):
+        code, screen = run_in_terminal(*command, columns=60)
+        assert_clean(code, screen)
+        assert "\u2026" not in screen, screen  # no header or value cut short with an ellipsis
+    code, screen = run_in_terminal("tune", *narrow, "--set=tune.loss=nonsense", columns=60)
+    assert code == 2 and screen.count("error:") == 1, screen
+    assert "tune.loss must be one of kl_topk, kl_tail, reverse_kl, js (got 'nonsense')" in (
+        screen.replace("\r\n", "")
+    )
 
 
 @pytest.fixture

@@ -202,7 +202,7 @@ def test_loss_needing_a_temperature_the_store_lacks_is_refused(tiny_store, tmp_p
 
 def test_checkpoint_from_other_settings_is_refused_then_overwritten(tiny_store, tmp_path):
     tune(tune_config(tiny_store, tmp_path / "run", max_steps=2))
-    with pytest.raises(StageError, match="other settings"):
+    with pytest.raises(StageError, match=r"other settings \(tune.learning_rate was 0.0001, now"):
         tune(tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4))
     assert (
         tune(
@@ -211,6 +211,24 @@ def test_checkpoint_from_other_settings_is_refused_then_overwritten(tiny_store, 
         ).steps
         == 2
     )
+
+
+def test_a_ctrl_c_while_the_model_is_saved_waits_for_it(tiny_store, tmp_path, monkeypatch):
+    """Every step is done: the interrupt no longer turns a finished run into a failure."""
+    import os
+    import signal
+
+    from stages import run_dir as run_folder
+
+    save_model = run_folder.save_model
+
+    def interrupted_save(run_dir, write):
+        os.kill(os.getpid(), signal.SIGINT)  # lands while the model is being written
+        return save_model(run_dir, write)
+
+    monkeypatch.setattr(run_folder, "save_model", interrupted_save)
+    result = tune(tune_config(tiny_store, tmp_path / "run", max_steps=1))
+    assert result.steps == 1 and (result.model_dir / "config.json").is_file()
 
 
 def test_cli_tune_bad_input_is_one_line(tiny_store, tmp_path):
