@@ -34,6 +34,14 @@ from stages.models import (
     use_dequantized_matmul,
     want_fast_matmul,
 )
+from stages.rounding import (
+    INITS,
+    add_rounding_offsets,
+    clip_search_init,
+    fold_rounding_offsets,
+    full_precision_weights,
+    with_rounding_steps,
+)
 from stages.settings import (
     MAX_STEPS,
     above_limit_problems,
@@ -44,6 +52,7 @@ from store.errors import StoreCorruptError
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
+LEVERS_OFF = {"train_norms": False, "learned_rounding": False, "init": "rtn"}
 INCOMPLETE = ("refuse", "use", "wait")
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
@@ -94,9 +103,34 @@ class TuneConfig:
     wait_timeout_s: float = setting(3600.0, "with incomplete_store=wait: give up after this long")
     fast_matmul: str = setting("auto", "dequantize + BLAS matmul: auto (on for CPU), on, off")
     trust_remote_code: bool = setting(False, "allow code shipped with a model folder to run")
+    train_norms: bool = setting(
+        False, "also train the norm weights and unquantized biases (saved in float, as before)"
+    )
+    learned_rounding: bool = setting(
+        False,
+        "learn each weight's rounding (AutoRound: an offset in [-0.5, 0.5] by signed gradient "
+        "steps), folded into the integers at save; needs the teacher and 8 bytes per weight",
+    )
+    rounding_lr: float = setting(
+        5e-3, "with learned_rounding: the offsets' signed step, decaying linearly to 0"
+    )
+    init: str = setting(
+        "rtn",
+        f"the starting student, one of {', '.join(INITS)}: round-to-nearest, or per-group clip "
+        "ratio of least weight error (needs the teacher)",
+    )
 
     def __post_init__(self) -> None:
         problems = []
+        if self.init not in INITS:
+            problems.append(f"tune.init must be one of {', '.join(INITS)} (got {self.init!r})")
+        if self.rounding_lr < 0:
+            problems.append(f"tune.rounding_lr must be >= 0 (got {self.rounding_lr})")
+        if self.student and self.needs_teacher_weights:
+            problems.append(
+                "tune.learned_rounding and tune.init=clip_search need the teacher's "
+                "full-precision weights: leave tune.student unset to quantize the teacher"
+            )
         positive = ("bits", "group_size", "batch_size", "grad_accumulation", "epochs")
         positive += ("val_every", "checkpoint_every", "prefetch")
         for name in positive:
@@ -127,6 +161,10 @@ class TuneConfig:
             raise InvalidConfig(problems)
 
     @property
+    def needs_teacher_weights(self) -> bool:
+        return self.learned_rounding or self.init != "rtn"
+
+    @property
     def wait_s(self) -> float | None:
         """How long the stream may wait for a chunk that is not there yet (None: never)."""
         return self.wait_timeout_s if self.incomplete_store == "wait" else None
@@ -136,6 +174,11 @@ class TuneConfig:
         skip = {"store", "storage_options", "run_dir", "prefetch", "val_every"}
         skip |= {"checkpoint_every", "fast_matmul", "incomplete_store", "wait_timeout_s"}
         kept = {k: v for k, v in asdict(self).items() if k not in skip}
+        for name, off in LEVERS_OFF.items():  # checkpoints from before the levers still resume
+            if kept[name] == off:
+                del kept[name]
+        if not self.learned_rounding:
+            del kept["rounding_lr"]
         return hashlib.blake2b(
             json.dumps(kept, sort_keys=True).encode(), digest_size=16
         ).hexdigest()
@@ -172,6 +215,7 @@ class _Student:
     tokenizer: Any
     config: dict
     source: Path | str
+    originals: dict | None = None  # the teacher's float weights, for the levers that need them
 
 
 def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
@@ -187,8 +231,9 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     else:
         teacher = str(reader.manifest.teacher.get("name", ""))
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
+        originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
         model, quantized_config = quantize_student(loaded, config.bits, config.group_size)
-        student = _Student(model, loaded.tokenizer, quantized_config, loaded.path)
+        student = _Student(model, loaded.tokenizer, quantized_config, loaded.path, originals)
     if tokenizer_fingerprint(student.tokenizer) != reader.manifest.tokenizer:
         raise ModelError(
             "the student's tokenizer differs from the one the targets were made with; "
@@ -201,6 +246,16 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
             f"{vocab}; use a student quantized from the store's teacher"
         )
     return student
+
+
+def _apply_levers(config: TuneConfig, student: _Student) -> None:
+    """A clip-searched start and trainable rounding offsets, from the teacher's weights (then
+    dropped: the offsets keep what they need)."""
+    if config.init == "clip_search":
+        clip_search_init(student.model, student.originals)
+    if config.learned_rounding:
+        add_rounding_offsets(student.model, student.originals)
+    student.originals = None
 
 
 def _check_store(reader: StoreReader, config: TuneConfig) -> None:
@@ -468,8 +523,9 @@ def tune(
         )
     _check_store(reader, config)
     student = _load_student(config, reader)
-    if unfreeze_scales_and_biases(student.model) == 0:
+    if unfreeze_scales_and_biases(student.model, config.train_norms) == 0:
         raise ModelError("the student has no affine-quantized layers below 8 bits: nothing to tune")
+    _apply_levers(config, student)
     if want_fast_matmul(config.fast_matmul):
         use_dequantized_matmul(student.model)
 
@@ -506,6 +562,8 @@ def _train(
     total_steps = config.max_steps or config.epochs * (per_epoch // config.grad_accumulation)
 
     optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
+    if config.learned_rounding:
+        optimizer = with_rounding_steps(optimizer, config.rounding_lr, total_steps)
     params = tree_map(lambda x: x.astype(mx.float32), student.model.trainable_parameters())
     optimizer.init(params)
 
@@ -612,6 +670,7 @@ def _save_student(folder: Path, student: _Student, params) -> None:
     from mlx_lm.utils import save
 
     student.model.update(params)
+    fold_rounding_offsets(student.model)
     save(
         folder, student.source, student.model, student.tokenizer, student.config, donate_model=False
     )
