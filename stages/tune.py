@@ -122,15 +122,6 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.init not in INITS:
-            problems.append(f"tune.init must be one of {', '.join(INITS)} (got {self.init!r})")
-        if self.rounding_lr < 0:
-            problems.append(f"tune.rounding_lr must be >= 0 (got {self.rounding_lr})")
-        if self.student and self.needs_teacher_weights:
-            problems.append(
-                "tune.learned_rounding and tune.init=clip_search need the teacher's "
-                "full-precision weights: leave tune.student unset to quantize the teacher"
-            )
         positive = ("bits", "group_size", "batch_size", "grad_accumulation", "epochs")
         positive += ("val_every", "checkpoint_every", "prefetch")
         for name in positive:
@@ -155,6 +146,7 @@ class TuneConfig:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
             problems.append(f"tune.seed must be >= 0 (got {self.seed})")
+        problems += _lever_problems(self)
         problems += representable_problems(self, "tune")
         problems += above_limit_problems(self, "tune", TUNE_LIMITS)
         if problems:
@@ -182,6 +174,20 @@ class TuneConfig:
         return hashlib.blake2b(
             json.dumps(kept, sort_keys=True).encode(), digest_size=16
         ).hexdigest()
+
+
+def _lever_problems(config: TuneConfig) -> list[str]:
+    problems = []
+    if config.init not in INITS:
+        problems.append(f"tune.init must be one of {', '.join(INITS)} (got {config.init!r})")
+    if config.rounding_lr < 0:
+        problems.append(f"tune.rounding_lr must be >= 0 (got {config.rounding_lr})")
+    if config.student and config.needs_teacher_weights:
+        problems.append(
+            "tune.learned_rounding and tune.init=clip_search need the teacher's full-precision "
+            "weights: leave tune.student unset to quantize the teacher"
+        )
+    return problems
 
 
 @dataclass(frozen=True)

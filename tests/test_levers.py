@@ -200,3 +200,17 @@ def test_lever_settings_are_checked_and_keyed():
     assert TuneConfig(learned_rounding=True, rounding_lr=0.1).resume_key() != (
         TuneConfig(learned_rounding=True).resume_key()
     )
+
+
+def test_levers_are_cli_settings():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["config", "--set", "tune.learned_rounding=true"])
+    assert shown.exit_code == 0, shown.output
+    for key in ("train_norms", "learned_rounding", "rounding_lr", "init"):
+        assert f"tune.{key}" in shown.output
+    refused = runner.invoke(app, ["config", "--set", "tune.init=awq"])
+    assert refused.exit_code == 2 and "tune.init must be one of" in refused.output
