@@ -1,9 +1,10 @@
 """Screening of tune's quality levers (issue 13) on the default teacher, several seeds per row.
 
-Rows: RTN, today's default tune, + train_norms, + learned_rounding, + init=clip_search, all
-combined. Columns: full-vocabulary KL(teacher || student) on the store's validation split (choose
-on this), the same on held-out test text (never seen by tuning), tune seconds (whole call: load,
-quantize, validations, save) and MLX peak memory; mean and min-max over seeds.
+Rows: RTN, today's default tune, + train_norms, + learned_rounding (AutoRound's 5e-3 and 1e-3),
++ init=clip_search, all three combined. Columns: full-vocabulary KL(teacher || student) on the
+store's validation split (choose on this), the same on held-out test text (never seen by tuning),
+tune seconds (whole call: load, quantize, validations, save) and MLX peak memory; mean and min-max
+over seeds.
 
 Small on purpose (a store of 32x128 tokens, 16 steps of batch 2, ~3 min per run on 2 cores): a
 screen, not the final benchmark. Each finished run is kept in artifacts/bench/levers/, so a rerun
@@ -40,10 +41,15 @@ RESULTS = OUT / "runs.jsonl"
 ROWS = {
     "default": {},
     "+train_norms": {"train_norms": True},
-    "+learned_rounding": {"learned_rounding": True},
+    "+learned_rounding lr 5e-3": {"learned_rounding": True, "rounding_lr": 5e-3},
     "+learned_rounding lr 1e-3": {"learned_rounding": True, "rounding_lr": 1e-3},
     "+clip_search": {"init": "clip_search"},
-    "all three": {"train_norms": True, "learned_rounding": True, "init": "clip_search"},
+    "all three": {
+        "train_norms": True,
+        "learned_rounding": True,
+        "rounding_lr": 5e-3,  # as screened, before 1e-3 was chosen
+        "init": "clip_search",
+    },
 }
 EVAL_SEQUENCES = 8
 
