@@ -377,15 +377,33 @@ def quantize_student(teacher: LoadedModel, bits: int, group_size: int) -> tuple[
         ) from exc
 
 
-def unfreeze_scales_and_biases(model: Any) -> int:
-    """Freeze all but the scales/biases of trainable quantized layers; returns how many layers."""
+def unfreeze_scales_and_biases(model: Any, train_norms: bool = False) -> int:
+    """Freeze all but the scales/biases of trainable quantized layers (and with `train_norms` the
+    floating-point weights that ship anyway: norms, unquantized biases); returns how many
+    quantized layers."""
     model.freeze()
     count = 0
     for _, module in model.named_modules():
         if is_trainable_quantized(module):
             module.unfreeze(keys=["scales", "biases"], recurse=False)
             count += 1
+        extras = float_extras(module) if train_norms else []
+        if extras:
+            module.unfreeze(keys=extras, recurse=False)
     return count
+
+
+def float_extras(module: Any) -> list[str]:
+    """A module's floating-point parameters that the norms lever trains: a norm's weight and
+    bias, a Linear's (quantized or not) bias."""
+    import mlx.nn as nn
+
+    is_norm = isinstance(module, (nn.RMSNorm, nn.LayerNorm)) or type(module).__name__.endswith(
+        "Norm"
+    )
+    keys = ("weight", "bias") if is_norm else ("bias",)
+    is_layer = is_norm or isinstance(module, (nn.Linear, nn.QuantizedLinear))
+    return [k for k in keys if is_layer and isinstance(module.get(k), mx.array)]
 
 
 class _DequantizedMatmul:

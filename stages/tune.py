@@ -34,6 +34,14 @@ from stages.models import (
     tokenizer_fingerprint,
     unfreeze_scales_and_biases,
 )
+from stages.rounding import (
+    INITS,
+    add_rounding_offsets,
+    clip_search_init,
+    fold_rounding_offsets,
+    full_precision_weights,
+    with_rounding_steps,
+)
 from stages.settings import (
     MAX_STEPS,
     above_limit_problems,
@@ -51,6 +59,7 @@ from store.errors import StoreCorruptError
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
+LEVERS_OFF = {"train_norms": False, "learned_rounding": False, "init": "rtn"}
 INCOMPLETE = ("refuse", "use", "wait")
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
@@ -117,6 +126,24 @@ class TuneConfig:
     )
     fast_matmul: str = fast_matmul_setting()
     trust_remote_code: bool = trust_remote_code_setting(identity=True)
+    train_norms: bool = setting(
+        False, "also train the norm weights and unquantized biases (saved in float, as before)"
+    )
+    learned_rounding: bool = setting(
+        False,
+        "learn each weight's rounding (AutoRound: an offset in [-0.5, 0.5] by signed gradient "
+        "steps), folded into the integers at save; needs the teacher and 8 bytes per weight",
+    )
+    rounding_lr: float = setting(
+        1e-3,
+        "with learned_rounding: the offsets' signed step, decaying linearly to 0 (1e-3 beat "
+        "AutoRound's 5e-3 on every seed of bench/levers.py)",
+    )
+    init: str = setting(
+        "rtn",
+        f"the starting student, one of {', '.join(INITS)}: round-to-nearest, or per-group clip "
+        "ratio of least weight error (needs the teacher)",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -142,6 +169,7 @@ class TuneConfig:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
             problems.append(f"tune.seed must be >= 0 (got {self.seed})")
+        problems += _lever_problems(self)
         problems += representable_problems(self, "tune")
         problems += empty_path_problems(self, "tune", ("store", "run_dir", "student"))
         problems += above_limit_problems(self, "tune", TUNE_LIMITS)
@@ -149,17 +177,45 @@ class TuneConfig:
             raise InvalidConfig(problems)
 
     @property
+    def needs_teacher_weights(self) -> bool:
+        return self.learned_rounding or self.init != "rtn"
+
+    @property
     def wait_s(self) -> float | None:
         """How long the stream may wait for a chunk that is not there yet (None: never)."""
         return self.wait_timeout_s if self.incomplete_store == "wait" else None
 
-    def resume_key(self) -> str:
-        """A digest of the settings that must match for a checkpoint to be resumed (the fields
-        that are part of the run's identity: not where things live, nor how fast)."""
+    def identity(self) -> dict[str, Any]:
+        """The run's identity: its identity fields, less the levers that are off (so that
+        checkpoints from before the levers still resume)."""
         kept = identity_values(self)
+        for name, off in LEVERS_OFF.items():
+            if kept[name] == off:
+                del kept[name]
+        if not self.learned_rounding:
+            del kept["rounding_lr"]
+        return kept
+
+    def resume_key(self) -> str:
+        """A digest of the settings that must match for a checkpoint to be resumed."""
+        kept = self.identity()
         return hashlib.blake2b(
             json.dumps(kept, sort_keys=True).encode(), digest_size=16
         ).hexdigest()
+
+
+def _lever_problems(config: TuneConfig) -> list[str]:
+    problems = []
+    if config.init not in INITS:
+        problems.append(f"tune.init must be one of {', '.join(INITS)} (got {config.init!r})")
+    if config.rounding_lr < 0:
+        problems.append(f"tune.rounding_lr must be >= 0 (got {config.rounding_lr})")
+    if config.student and config.needs_teacher_weights:
+        problems.append(
+            "tune.learned_rounding and tune.init=clip_search need the teacher's full-precision "
+            "weights: leave tune.student unset to quantize the teacher"
+        )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -193,6 +249,7 @@ class _Student:
     tokenizer: Any
     config: dict
     source: Path | str
+    originals: dict | None = None  # the teacher's float weights, for the levers that need them
 
 
 def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
@@ -208,8 +265,9 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     else:
         teacher = str(reader.manifest.teacher.get("name", ""))
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
+        originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
         model, quantized_config = quantize_student(loaded, config.bits, config.group_size)
-        student = _Student(model, loaded.tokenizer, quantized_config, loaded.path)
+        student = _Student(model, loaded.tokenizer, quantized_config, loaded.path, originals)
     if tokenizer_fingerprint(student.tokenizer) != reader.manifest.tokenizer:
         raise ModelError(
             "the student's tokenizer differs from the one the targets were made with; "
@@ -222,6 +280,16 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
             f"{vocab}; use a student quantized from the store's teacher"
         )
     return student
+
+
+def _apply_levers(config: TuneConfig, student: _Student) -> None:
+    """A clip-searched start and trainable rounding offsets, from the teacher's weights (then
+    dropped: the offsets keep what they need)."""
+    if config.init == "clip_search":
+        clip_search_init(student.model, student.originals)
+    if config.learned_rounding:
+        add_rounding_offsets(student.model, student.originals)
+    student.originals = None
 
 
 def _check_store(reader: StoreReader, config: TuneConfig) -> None:
@@ -490,7 +558,7 @@ def _check_before_loading(
 def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
     """The student, loaded with its scales and biases trainable."""
     student = _load_student(config, reader)
-    if unfreeze_scales_and_biases(student.model) == 0:
+    if unfreeze_scales_and_biases(student.model, config.train_norms) == 0:
         why = (
             ""
             if config.student
@@ -499,6 +567,7 @@ def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
         raise ModelError(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )
+    _apply_levers(config, student)
     apply_fast_matmul(student.model, config.fast_matmul)
     return student
 
@@ -548,6 +617,8 @@ def _start_or_resume(trainer: _Trainer, run_dir: Path, on_step) -> _Run:
     config, dist = trainer.config, trainer.dist
     total_steps = _total_steps(trainer)
     optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
+    if config.learned_rounding:
+        optimizer = with_rounding_steps(optimizer, config.rounding_lr, total_steps)
     params = tree_map(lambda x: x.astype(mx.float32), trainer.model.trainable_parameters())
     optimizer.init(params)
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
@@ -555,7 +626,7 @@ def _start_or_resume(trainer: _Trainer, run_dir: Path, on_step) -> _Run:
     run = _Run(run_dir, total_steps, optimizer, params, params, state, None)
     store_digest = trainer.reader.manifest.digest
     resumed = run_folder.load_checkpoint(
-        run_dir, optimizer, config.resume_key(), store_digest, identity_values(config)
+        run_dir, optimizer, config.resume_key(), store_digest, config.identity()
     )
     if resumed:
         run.params, run.best_params, run.state = resumed
@@ -579,7 +650,7 @@ def _save_checkpoint(trainer: _Trainer, run: _Run) -> None:
     if trainer.dist.rank == 0:
         digest = trainer.reader.manifest.digest
         saved = {**run.state, "resume_key": trainer.config.resume_key(), "store": digest}
-        saved["settings"] = identity_values(trainer.config)  # names what differs on a refusal
+        saved["settings"] = trainer.config.identity()  # names what differs on a refusal
         run_folder.save_checkpoint(run.run_dir, run.params, run.best_params, run.optimizer, saved)
     run.checkpoint_step = run.state["step"]
 
@@ -688,6 +759,7 @@ def _save_student(folder: Path, student: _Student, params) -> None:
     from mlx_lm.utils import save
 
     student.model.update(params)
+    fold_rounding_offsets(student.model)
     save(
         folder, student.source, student.model, student.tokenizer, student.config, donate_model=False
     )
