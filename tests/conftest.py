@@ -101,6 +101,26 @@ def make_text_data(folder: Path, repeat: int = 4, valid: int = 2) -> Path:
     return folder
 
 
+def small_run_overrides(root: Path, teacher: Path, **more) -> dict:
+    """Config overrides for a store and a tune run in `root` that take seconds: the tiny
+    teacher on text data made in `root / "data"`, 8 + 2 sequences of 17 tokens, top-16, and
+    2 tuning steps at group size 32; `more` adds or replaces keys."""
+    data = make_text_data(root / "data")
+    return {
+        "store": str(root / "store.zarr"),
+        "targets.teacher": str(teacher),
+        "targets.data": str(data),
+        "targets.top_k": 16,
+        "targets.max_seq_length": 17,
+        "targets.num_samples": 8,
+        "targets.num_valid_samples": 2,
+        "tune.run_dir": str(root / "run"),
+        "tune.group_size": 32,
+        "tune.max_steps": 2,
+        **more,
+    }
+
+
 @pytest.fixture
 def text_data(tmp_path) -> Path:
     return make_text_data(tmp_path / "data")

@@ -27,7 +27,7 @@ from store.durable import MARK_FILE, has_mark
 from store.pack import pack_store
 from store.reader import StoreReader
 from store.writer import owns_store
-from tests.conftest import cli_args, make_text_data, make_tiny_model_folder
+from tests.conftest import cli_args, make_tiny_model_folder, small_run_overrides
 
 runner = CliRunner()
 
@@ -36,20 +36,8 @@ runner = CliRunner()
 def world(tiny_teacher, tmp_path_factory) -> dict:
     """A finished store and tune run (the things a mistake must not harm), plus odd inputs."""
     root = tmp_path_factory.mktemp("bad-input")
+    overrides = small_run_overrides(root, tiny_teacher)
     data = root / "data"
-    make_text_data(data)
-    overrides = {
-        "store": str(root / "store.zarr"),
-        "targets.teacher": str(tiny_teacher),
-        "targets.data": str(data),
-        "targets.top_k": 16,
-        "targets.max_seq_length": 17,
-        "targets.num_samples": 8,
-        "targets.num_valid_samples": 2,
-        "tune.run_dir": str(root / "run"),
-        "tune.group_size": 32,
-        "tune.max_steps": 2,
-    }
     config = load_config(None, overrides)
     compute_targets(config.targets)
     tune(config.tune)

@@ -24,7 +24,7 @@ from stages.evaluate import EvalResult, ModelScore
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.pack import pack_store
-from tests.conftest import BIN, cli_args, make_text_data, run_cli
+from tests.conftest import BIN, cli_args, run_cli, small_run_overrides
 
 KINDS = ("truncated", "empty", "binary", "wrong types", "a folder")
 GARBAGE = bytes(range(256)) * 3  # NUL, control bytes and invalid UTF-8
@@ -34,20 +34,7 @@ GARBAGE = bytes(range(256)) * 3  # NUL, control bytes and invalid UTF-8
 def world(tiny_teacher, tmp_path_factory) -> dict:
     """One finished store, its packed zip and one tuned run (with an eval.json), built once."""
     root = tmp_path_factory.mktemp("malformed")
-    make_text_data(root / "data")
-    overrides = {
-        "store": str(root / "store.zarr"),
-        "targets.teacher": str(tiny_teacher),
-        "targets.data": str(root / "data"),
-        "targets.top_k": 16,
-        "targets.max_seq_length": 17,
-        "targets.num_samples": 8,
-        "targets.num_valid_samples": 2,
-        "tune.run_dir": str(root / "run"),
-        "tune.group_size": 32,
-        "tune.max_steps": 2,
-        "tune.checkpoint_every": 1,
-    }
+    overrides = small_run_overrides(root, tiny_teacher, **{"tune.checkpoint_every": 1})
     config = load_config(None, overrides)
     compute_targets(config.targets)
     tune(config.tune)

@@ -17,7 +17,7 @@ from rich.console import Console
 from pipeline import ui
 from stages.targets import Progress as TargetsProgress
 from stages.tune import StepReport
-from tests.conftest import BIN, ROOT, cli_args, make_text_data
+from tests.conftest import BIN, ROOT, cli_args, small_run_overrides
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -57,20 +57,8 @@ def run_in_terminal(*args: str, timeout: float = 600, columns: int = 160) -> tup
 @pytest.fixture(scope="module")
 def terminal_world(tiny_teacher, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("terminal")
-    overrides = {
-        "store": str(root / "store.zarr"),
-        "targets.teacher": str(tiny_teacher),
-        "targets.data": str(make_text_data(root / "data")),
-        "targets.top_k": 16,
-        "targets.max_seq_length": 17,
-        "targets.num_samples": 8,
-        "targets.num_valid_samples": 2,
-        "tune.run_dir": str(root / "run"),
-        "tune.group_size": 32,
-        "tune.max_steps": 2,
-        "tune.val_every": 1,
-        "eval.num_sequences": 2,
-    }
+    more = {"tune.val_every": 1, "eval.num_sequences": 2}
+    overrides = small_run_overrides(root, tiny_teacher, **more)
     return {"root": root, "args": cli_args(overrides)}
 
 
