@@ -16,7 +16,7 @@ from stages.errors import InvalidConfig
 from stages.models import load_model, quantize_student, unfreeze_scales_and_biases
 from stages.tune import TuneConfig, tune
 from tests import test_tune
-from tests.test_tune import saved_weights, tune_config
+from tests.test_tune import assert_kill_and_resume_is_bit_identical, saved_weights, tune_config
 
 tiny_store = test_tune.tiny_store  # the store fixture of the tune tests
 
@@ -163,24 +163,7 @@ def test_each_lever_lowers_the_validation_loss(tiny_store, tmp_path, levers):
 
 
 def test_resume_with_every_lever_on_is_bit_identical(tiny_store, tmp_path):
-    whole = tune(tune_config(tiny_store, tmp_path / "whole", **ALL_LEVERS))
-
-    class Killed(Exception):
-        pass
-
-    def die_at_step_5(report):
-        if report.step == 5:
-            raise Killed()  # like SIGKILL: no checkpoint beyond the one at step 4
-
-    with pytest.raises(Killed):
-        tune(tune_config(tiny_store, tmp_path / "resumed", **ALL_LEVERS), on_step=die_at_step_5)
-    seen = []
-    resumed = tune(tune_config(tiny_store, tmp_path / "resumed", **ALL_LEVERS), on_step=seen.append)
-    assert seen[0].step == 5
-    assert resumed.best_val_loss == whole.best_val_loss
-    a, b = saved_weights(whole.model_dir), saved_weights(resumed.model_dir)
-    assert a.keys() == b.keys()
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, **ALL_LEVERS)
 
 
 def test_lever_settings_are_checked_and_keyed():

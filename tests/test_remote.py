@@ -19,6 +19,7 @@ from pipeline.config import load_config
 from stages.targets import compute_targets
 from stages.tune import tune
 from store.inspect import store_info, verify_store
+from store.reader import StoreReader
 from tests.conftest import cli_args, free_ports, local_server, make_text_data, run_cli
 
 
@@ -172,10 +173,19 @@ def remote_records(fs, url: str) -> dict[str, str]:
     }
 
 
+def assert_same_records_as(url: str, endpoint: str, reference_store) -> None:
+    """The store at `url` verifies and holds the reference store's chunks, checksum for checksum."""
+    options = {"endpoint_url": endpoint}
+    assert verify_store(url, options) == []
+    ours, reference = StoreReader(url, options), StoreReader(reference_store)
+    for split, records in reference.records().items():
+        assert {c: r.checksums for c, r in ours.records()[split].items()} == {
+            c: r.checksums for c, r in records.items()
+        }
+
+
 def test_targets_writes_to_s3_and_resumes_from_what_is_there(made, s3_store, tmp_path):
     import s3fs
-
-    from store.reader import StoreReader
 
     url, endpoint = "s3://stores/written.zarr", s3_store["endpoint"]
 
@@ -191,13 +201,8 @@ def test_targets_writes_to_s3_and_resumes_from_what_is_there(made, s3_store, tmp
 
     done = targets_on("a")
     assert done.returncode == 0, done.stderr
+    assert_same_records_as(url, endpoint, made["store"])
     options = {"endpoint_url": endpoint}
-    assert verify_store(url, options) == []
-    ours, reference = StoreReader(url, options), StoreReader(made["store"])
-    for split, records in reference.records().items():
-        assert {c: r.checksums for c, r in ours.records()[split].items()} == {
-            c: r.checksums for c, r in records.items()
-        }
 
     # Another machine (no staging folder) resumes after two records vanished remotely.
     fs = s3fs.S3FileSystem(endpoint_url=endpoint)
@@ -224,7 +229,6 @@ def test_failed_upload_stops_cleanly_and_resumes(made, s3_store, tmp_path, monke
 
     from pipeline.cli import app
     from store.publish import Publisher
-    from store.reader import StoreReader
 
     url, endpoint = "s3://stores/failing.zarr", s3_store["endpoint"]
     overrides = {**made["overrides"], "store": url, "targets.staging_dir": str(tmp_path / "stage")}
@@ -259,10 +263,4 @@ def test_failed_upload_stops_cleanly_and_resumes(made, s3_store, tmp_path, monke
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    options = {"endpoint_url": endpoint}
-    assert verify_store(url, options) == []
-    ours, reference = StoreReader(url, options), StoreReader(made["store"])
-    for split, records in reference.records().items():
-        assert {c: r.checksums for c, r in ours.records()[split].items()} == {
-            c: r.checksums for c, r in records.items()
-        }
+    assert_same_records_as(url, endpoint, made["store"])

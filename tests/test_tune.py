@@ -100,8 +100,10 @@ def test_output_is_an_mlx_lm_model_with_tuned_scales(tiny_store, tiny_teacher, t
     assert {"loss", "learning_rate", "tokens_per_s", "peak_memory_gb"} <= set(lines[-1])
 
 
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_store, tmp_path):
-    whole = tune(tune_config(tiny_store, tmp_path / "whole"))
+def assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, **settings) -> None:
+    """A run killed at step 5 and resumed ends with the weights of an uninterrupted one, each
+    step done once."""
+    whole = tune(tune_config(tiny_store, tmp_path / "whole", **settings))
 
     class Killed(Exception):
         pass
@@ -111,16 +113,20 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_store, tmp
             raise Killed()  # like SIGKILL: no checkpoint beyond the one at step 4
 
     with pytest.raises(Killed):
-        tune(tune_config(tiny_store, tmp_path / "resumed"), on_step=die_at_step_5)
+        tune(tune_config(tiny_store, tmp_path / "resumed", **settings), on_step=die_at_step_5)
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4
     seen = []
-    resumed = tune(tune_config(tiny_store, tmp_path / "resumed"), on_step=seen.append)
+    resumed = tune(tune_config(tiny_store, tmp_path / "resumed", **settings), on_step=seen.append)
     assert seen[0].step == 5  # nothing done twice
     assert resumed.best_val_loss == whole.best_val_loss
     a, b = saved_weights(whole.model_dir), saved_weights(resumed.model_dir)
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_store, tmp_path):
+    assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path)
 
 
 def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
