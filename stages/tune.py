@@ -31,6 +31,8 @@ from stages.models import (
     output_size,
     quantization_of,
     quantize_student,
+    restore_dtypes,
+    to_compute_dtype,
     tokenizer_fingerprint,
     unfreeze_scales_and_biases,
 )
@@ -46,6 +48,7 @@ from stages.settings import (
     MAX_STEPS,
     above_limit_problems,
     choice_problems,
+    compute_dtype_setting,
     empty_path_problems,
     fast_matmul_setting,
     identity_values,
@@ -125,6 +128,10 @@ class TuneConfig:
         3600.0, "with incomplete_store=wait: give up after this long", identity=False
     )
     fast_matmul: str = fast_matmul_setting()
+    # Not in the resume key: the checkpoint's float32 parameters and optimizer state mean the
+    # same under any compute dtype (like fast_matmul, it changes only the forward's rounding),
+    # so a run started on CPU in float32 may resume on a GPU in bfloat16.
+    compute_dtype: str = compute_dtype_setting()
     trust_remote_code: bool = trust_remote_code_setting(identity=True)
     train_norms: bool = setting(
         False, "also train the norm weights and unquantized biases (saved in float, as before)"
@@ -165,6 +172,7 @@ class TuneConfig:
         if self.temperature <= 0 or self.learning_rate <= 0:
             problems.append("tune.temperature and tune.learning_rate must be > 0")
         problems += choice_problems(self, "tune", ("schedule", "fast_matmul", "incomplete_store"))
+        problems += choice_problems(self, "tune", ("compute_dtype",))
         if self.wait_timeout_s <= 0:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
@@ -250,11 +258,12 @@ class _Student:
     config: dict
     source: Path | str
     originals: dict | None = None  # the teacher's float weights, for the levers that need them
+    dtypes: dict = dataclasses.field(default_factory=dict)  # its own dtypes, kept when saved
 
 
 def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     if config.student:
-        loaded = load_model(config.student, trust_remote_code=config.trust_remote_code)
+        loaded = load_model(config.student, config.trust_remote_code, config.compute_dtype)
         if "quantization" not in loaded.config:
             raise ModelError(
                 f"student {config.student!r} is not quantized; give a quantized mlx-lm model "
@@ -262,12 +271,16 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
             )
         quantization_of(loaded.config, config.student)
         student = _Student(loaded.model, loaded.tokenizer, loaded.config, loaded.path)
+        student.dtypes = loaded.dtypes
     else:
         teacher = str(reader.manifest.teacher.get("name", ""))
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
         originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
+        # Quantized in the teacher's own dtype (as mlx-lm's convert does), then cast.
         model, quantized_config = quantize_student(loaded, config.bits, config.group_size)
+        dtypes = to_compute_dtype(model, config.compute_dtype)
         student = _Student(model, loaded.tokenizer, quantized_config, loaded.path, originals)
+        student.dtypes = dtypes
     if tokenizer_fingerprint(student.tokenizer) != reader.manifest.tokenizer:
         raise ModelError(
             "the student's tokenizer differs from the one the targets were made with; "
@@ -760,6 +773,7 @@ def _save_student(folder: Path, student: _Student, params) -> None:
 
     student.model.update(params)
     fold_rounding_offsets(student.model)
+    restore_dtypes(student.model, student.dtypes)
     save(
         folder, student.source, student.model, student.tokenizer, student.config, donate_model=False
     )
