@@ -466,9 +466,10 @@ def _check_cpu_experts(model: Any) -> None:
         return
     for _, module in model.named_modules():
         if isinstance(module, SwitchLinear) and module["weight"].dtype != mx.float32:
+            dtype = str(module["weight"].dtype).removeprefix("mlx.core.")
             raise ModelError(
-                f"this mixture-of-experts model is {module['weight'].dtype} and MLX computes "
-                "its expert layers on CPU only in float32: set compute_dtype to auto or float32"
+                f"this mixture-of-experts model is {dtype} and MLX computes its expert layers "
+                "on CPU only in float32: set compute_dtype to auto or float32"
             )
 
 

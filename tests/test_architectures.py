@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from pipeline.config import load_config
-from stages.errors import ModelError
+from stages.errors import InvalidConfig, ModelError
 from stages.evaluate import RTN, TEACHER, TUNED, evaluate
 from stages.models import load_model, quantize_student, to_compute_dtype, use_dequantized_matmul
 from stages.targets import compute_targets, teacher_logits
@@ -174,3 +174,14 @@ def test_switch_fast_path_gives_the_quantized_kernels_loss_and_gradients(bf16_te
             rtol=1e-3,
             atol=1e-5 * float(mx.abs(slow_grads[name]).max().item()),
         )
+
+
+def test_compute_dtype_is_one_key_for_every_stage_and_checked():
+    config = load_config(None, {"compute_dtype": "float32", "eval.compute_dtype": "model"})
+    assert (config.targets.compute_dtype, config.tune.compute_dtype) == ("float32", "float32")
+    assert config.eval.compute_dtype == "model"
+    assert load_config(None).tune.compute_dtype == "auto"
+    # a run's float32 parameters mean the same under any: it resumes on another device
+    assert config.tune.resume_key() == load_config(None).tune.resume_key()
+    with pytest.raises(InvalidConfig, match="tune.compute_dtype must be one of auto, float32"):
+        load_config(None, {"tune.compute_dtype": "bfloat16"})
