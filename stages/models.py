@@ -8,6 +8,7 @@ mlx-lm model folder with a tokenizer rebuilt from the GGUF metadata.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -543,3 +544,31 @@ def use_dequantized_matmul(model: Any) -> int:
             module.__class__ = swaps[type(module)]
             swapped += 1
     return swapped
+
+
+def checkpoint_blocks(model: Any) -> int:
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them (mx.checkpoint, as mlx-lm's `grad_checkpoint`); returns how many blocks.
+
+    Done per instance, by swapping each block's class for a checkpointed subclass: mlx-lm's
+    version patches the class itself, which would also change every other model of that
+    architecture in the process (a teacher, an evaluation) and nest on a second call."""
+    blocks = list(getattr(model, "layers", []))
+    for block in blocks:
+        if not getattr(type(block), "_checkpointed", False):
+            block.__class__ = _checkpointed_class(type(block))
+    return len(blocks)
+
+
+@functools.cache
+def _checkpointed_class(cls: type) -> type:
+    def __call__(self, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            self.update(params)
+            return cls.__call__(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    return type(
+        f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpointed": True}
+    )

@@ -158,6 +158,17 @@ def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
         np.testing.assert_allclose(fast[name], slow[name], rtol=2e-3, atol=1e-6, err_msg=name)
 
 
+def test_grad_checkpoint_tunes_the_same_weights(tiny_store, tmp_path):
+    plain = tune(tune_config(tiny_store, tmp_path / "plain", max_steps=2))
+    checkpointed = tune(
+        tune_config(tiny_store, tmp_path / "ckpt", max_steps=2, grad_checkpoint=True)
+    )
+    a, b = saved_weights(plain.model_dir), saved_weights(checkpointed.model_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=0, err_msg=name)
+
+
 def test_unquantized_student_is_refused(tiny_store, tiny_teacher, tmp_path):
     with pytest.raises(ModelError, match="not quantized"):
         tune(tune_config(tiny_store, tmp_path / "run", student=str(tiny_teacher)))
