@@ -8,6 +8,7 @@ import importlib
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
@@ -15,6 +16,14 @@ from stages.models import checkpoint_blocks, unfreeze_scales_and_biases, use_deq
 from stages.tune import TuneConfig
 
 LAYERS, SEQ_LEN = 12, 512
+MOE = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 64,
+    "norm_topk_prob": True,
+}
 
 
 def deep_student(model_type: str = "qwen3"):
@@ -33,6 +42,7 @@ def deep_student(model_type: str = "qwen3"):
         "rope_theta": 10000.0,
         "vocab_size": 256,
         "tie_word_embeddings": False,
+        **(MOE if model_type == "qwen3_moe" else {}),
     }
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     mx.random.seed(0)
@@ -60,9 +70,10 @@ def step(model) -> tuple[float, dict[str, np.ndarray], int]:
     return value.item(), {k: np.array(v) for k, v in tree_flatten(grads)}, peak
 
 
-def test_checkpointed_blocks_give_the_same_loss_and_gradients_in_less_memory():
-    plain_loss, plain_grads, plain_peak = step(deep_student())
-    model = deep_student()
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
+def test_checkpointed_blocks_give_the_same_loss_and_gradients_in_less_memory(model_type):
+    plain_loss, plain_grads, plain_peak = step(deep_student(model_type))
+    model = deep_student(model_type)
     assert checkpoint_blocks(model) == LAYERS
     loss, grads, peak = step(model)
     assert loss == plain_loss

@@ -158,10 +158,11 @@ def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
         np.testing.assert_allclose(fast[name], slow[name], rtol=2e-3, atol=1e-6, err_msg=name)
 
 
-def test_grad_checkpoint_tunes_the_same_weights(tiny_store, tmp_path):
-    plain = tune(tune_config(tiny_store, tmp_path / "plain", max_steps=2))
+@pytest.mark.parametrize("levers", [{}, {"learned_rounding": True, "train_norms": True}])
+def test_grad_checkpoint_tunes_the_same_weights(tiny_store, tmp_path, levers):
+    plain = tune(tune_config(tiny_store, tmp_path / "plain", max_steps=2, **levers))
     checkpointed = tune(
-        tune_config(tiny_store, tmp_path / "ckpt", max_steps=2, grad_checkpoint=True)
+        tune_config(tiny_store, tmp_path / "ckpt", max_steps=2, grad_checkpoint=True, **levers)
     )
     a, b = saved_weights(plain.model_dir), saved_weights(checkpointed.model_dir)
     assert a.keys() == b.keys()
