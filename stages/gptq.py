@@ -35,14 +35,15 @@ Batch = tuple[mx.array, mx.array]  # token rows (B, L) and their loss mask (B, L
 # ---- one layer ----------------------------------------------------------------------------------
 
 
-def inverse_hessian_factor(hessian: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of the dampened Hessian's inverse (float64 for the inversion)."""
-    h = np.asarray(hessian, dtype=np.float64).copy()
-    mean_diagonal = float(np.mean(np.diag(h)))
+def inverse_hessian_factor(hessian: mx.array) -> np.ndarray:
+    """Upper Cholesky factor of the dampened Hessian's inverse (on the CPU, as mlx-lm)."""
+    mean_diagonal = mx.mean(mx.diag(hessian)).item()
     if not mean_diagonal > 0:  # no calibration token reached the layer: plain rounding
-        return np.eye(h.shape[0])
-    h[np.diag_indices_from(h)] += DAMPING * mean_diagonal
-    return np.linalg.cholesky(np.linalg.inv(h)).T
+        return np.eye(hessian.shape[0], dtype=np.float32)
+    with mx.stream(mx.cpu):
+        dampened = hessian + DAMPING * mean_diagonal * mx.eye(hessian.shape[0])
+        inverse = mx.linalg.cholesky_inv(mx.linalg.cholesky(dampened))
+        return np.array(mx.linalg.cholesky(inverse, upper=True))
 
 
 def _group_grid(columns: np.ndarray, bits: int, dtype: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -57,27 +58,27 @@ def gptq_quantize(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(packed, scales, biases) of `weight` (out, in) by GPTQ for the inputs' Hessian (in, in);
     each group's grid is taken from its columns once the earlier columns' errors are fed in."""
-    w = np.array(weight.astype(mx.float32))
-    u = inverse_hessian_factor(np.array(hessian)).astype(np.float32)
+    w = np.array(weight.astype(mx.float32)).T.copy()  # (in, out): a column is one row here
+    u = inverse_hessian_factor(hessian.astype(mx.float32))
     top = 2**bits - 1
     codes = np.zeros(w.shape, dtype=np.float32)
     all_scales, all_biases = [], []
-    for start in range(0, w.shape[1], group_size):
+    for start in range(0, w.shape[0], group_size):
         end = start + group_size
-        scales, biases = _group_grid(w[:, start:end], bits, dtype)
+        scales, biases = _group_grid(w[start:end].T, bits, dtype)
         safe_scales = np.where(scales == 0, 1.0, scales)
-        errors = np.empty((w.shape[0], group_size), dtype=np.float32)
+        errors = np.empty((group_size, w.shape[1]), dtype=np.float32)
         for k in range(start, end):
-            q = np.clip(np.round((w[:, k] - biases) / safe_scales), 0, top)
-            codes[:, k] = q
-            error = (w[:, k] - (q * scales + biases)) / u[k, k]
-            w[:, k:end] -= np.outer(error, u[k, k:end])  # this group's later columns now
-            errors[:, k - start] = error
-        w[:, end:] -= errors @ u[start:end, end:]  # the later groups once per group
+            q = np.clip(np.round((w[k] - biases) / safe_scales), 0, top)
+            codes[k] = q
+            error = (w[k] - (q * scales + biases)) / u[k, k]
+            w[k:end] -= u[k, k:end, None] * error  # this group's later columns now
+            errors[k - start] = error
+        w[end:] -= u[start:end, end:].T @ errors  # the later groups once per group
         all_scales.append(scales)
         all_biases.append(biases)
     stack = lambda parts: mx.array(np.stack(parts, axis=1)).astype(dtype)  # noqa: E731
-    return pack_codes(mx.array(codes), bits), stack(all_scales), stack(all_biases)
+    return pack_codes(mx.array(codes.T), bits), stack(all_scales), stack(all_biases)
 
 
 # ---- Hessians of a block's layers -------------------------------------------------------------
@@ -93,15 +94,26 @@ class _Catcher(nn.Module):
         self.hessian = mx.zeros((layer.weight.shape[1],) * 2, dtype=mx.float32)
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = (x.astype(mx.float32) * self.calibration.mask[..., None]).reshape(-1, x.shape[-1])
-        self.hessian = self.hessian + rows.T @ rows
+        self.hessian = self.hessian + self.calibration.gram(x)
         return self.layer(x)
 
 
 class _Calibration:
-    """What the catchers share: the loss mask of the batch being run."""
+    """What the catchers share: the loss mask of the batch being run, and each input's X^T X
+    computed once (q/k/v, gate/up read the same input)."""
 
-    mask: mx.array
+    def __init__(self) -> None:
+        self.mask = mx.array(1.0)
+        self.grams: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def start_batch(self, mask: mx.array) -> None:
+        self.mask, self.grams = mask, {}
+
+    def gram(self, x: mx.array) -> mx.array:
+        if id(x) not in self.grams:  # x is kept alive with its entry, so its id is not reused
+            rows = (x.astype(mx.float32) * self.mask[..., None]).reshape(-1, x.shape[-1])
+            self.grams[id(x)] = (x, rows.T @ rows)
+        return self.grams[id(x)][1]
 
 
 class _Reached(Exception):
@@ -137,6 +149,15 @@ def first_block_inputs(model: Any, batches: list[Batch]) -> list[tuple]:
                 mx.eval([v for _, v in tree_flatten(reached.inputs) if isinstance(v, mx.array)])
                 caught.append(reached.inputs)
     return caught
+
+
+def _dequantized(module: nn.QuantizedLinear) -> nn.Linear:
+    """A float Linear of the quantized one's exact weight: its matmul is fast on every device."""
+    scales = module["scales"]
+    weight = mx.dequantize(
+        module["weight"], scales, module["biases"], group_size=module.group_size, bits=module.bits
+    )
+    return _float_module(module, weight.astype(scales.dtype))
 
 
 def _float_module(quantized: nn.Module, weight: mx.array) -> nn.Module:
@@ -179,10 +200,11 @@ def _swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[No
 def _run_block(block, inputs: list[tuple], batches: list[Batch], calibration) -> list[mx.array]:
     outputs = []
     for (args, kwargs), (_, mask) in zip(inputs, batches, strict=True):
-        calibration.mask = mask
+        calibration.start_batch(mask)
         out = block(*args, **kwargs)
         mx.eval(out, block.parameters())
         outputs.append(out)
+    calibration.start_batch(mx.array(1.0))
     return outputs
 
 
@@ -212,7 +234,8 @@ def _quantize_layers(
         module["weight"], module["scales"], module["biases"] = packed, scales, biases
         mx.eval(module.parameters())
     if sequential:
-        outputs = _run_block(root, inputs, batches, calibration)
+        with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
+            outputs = _run_block(root, inputs, batches, calibration)
     return outputs
 
 
