@@ -69,11 +69,11 @@ def gptq_quantize(
         safe_scales = np.where(scales == 0, 1.0, scales)
         errors = np.empty((group_size, w.shape[1]), dtype=np.float32)
         for k in range(start, end):
-            q = np.clip(np.round((w[k] - biases) / safe_scales), 0, top)
+            done = k - start  # this group's earlier errors, fed into column k as it comes
+            column = w[k] - u[start:k, k] @ errors[:done]
+            q = np.clip(np.round((column - biases) / safe_scales), 0, top)
             codes[k] = q
-            error = (w[k] - (q * scales + biases)) / u[k, k]
-            w[k:end] -= u[k, k:end, None] * error  # this group's later columns now
-            errors[k - start] = error
+            errors[done] = (column - (q * scales + biases)) / u[k, k]
         w[end:] -= u[start:end, end:].T @ errors  # the later groups once per group
         all_scales.append(scales)
         all_biases.append(biases)

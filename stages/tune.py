@@ -62,6 +62,7 @@ from store.reader import StoreReader, stream_batches
 SCHEDULES = ("cosine", "constant")
 LEVERS_OFF = {"train_norms": False, "learned_rounding": False, "init": "rtn"}
 INCOMPLETE = ("refuse", "use", "wait")
+GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden states are held
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
     "warmup_steps": MAX_STEPS,
@@ -297,9 +298,9 @@ def _apply_levers(config: TuneConfig, student: _Student, reader: StoreReader) ->
 
 
 def _calibration_batches(reader: StoreReader, config: TuneConfig) -> list[tuple]:
-    """GPTQ's calibration data: the training split's token rows as the model reads them, in
-    batches of tune.batch_size, with their loss mask (prompt and padding positions out)."""
-    seqs = reader.sequences("train")
+    """GPTQ's calibration data: the training split's first GPTQ_ROWS token rows as the model
+    reads them, in batches of tune.batch_size, with their loss mask (prompt and padding out)."""
+    seqs = {k: v[:GPTQ_ROWS] for k, v in reader.sequences("train").items()}
     tokens = seqs["tokens"]
     mask = loss_mask(seqs["lengths"], seqs["prompt_offsets"], tokens.shape[1] - 1)
     return [
