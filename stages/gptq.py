@@ -11,7 +11,9 @@ the integers, scales and biases go into the student's own QuantizedLinear layers
 The Hessians are taken block by block (the model's `layers`), each block's inputs those of the
 already re-quantized blocks before it (sequential GPTQ, as AutoGPTQ): the inputs of the first block
 are caught once, then each block is run on them, so the calibration costs about two forward passes
-and one block's Hessians in memory. Only positions of the loss mask count.
+and one block's Hessians in memory. Only positions of the loss mask count. On the default teacher
+this start measured better than Hessians from the full-precision model's inputs (mlx-lm's way):
+validation KL 0.268 vs 0.277 at 4-bit g64 (RTN 0.449), 1.31 vs 1.61 at 3-bit (RTN 2.12).
 """
 
 from __future__ import annotations
@@ -214,16 +216,14 @@ def _quantize_layers(
     weights: dict[str, mx.array],
     inputs: list[tuple],
     batches: list[Batch],
-    sequential: bool,
 ) -> list[mx.array]:
     """GPTQ for `root`'s quantized Linears at `paths` (inside root) on root's inputs, Hessians
-    from the float layers; returns root's outputs: of the re-quantized root when sequential,
-    else of the float one."""
+    from the float layers; returns the re-quantized root's outputs on the same inputs."""
     calibration = _Calibration()
     modules = dict(root.named_modules())
     catchers = {p: _Catcher(_float_module(modules[p], weights[p]), calibration) for p in paths}
     with _swapped(root, catchers):
-        outputs = _run_block(root, inputs, batches, calibration)
+        _run_block(root, inputs, batches, calibration)
     for path in paths:
         module = modules[path]
         hessian = catchers.pop(path).hessian
@@ -233,10 +233,8 @@ def _quantize_layers(
         )
         module["weight"], module["scales"], module["biases"] = packed, scales, biases
         mx.eval(module.parameters())
-    if sequential:
-        with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
-            outputs = _run_block(root, inputs, batches, calibration)
-    return outputs
+    with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
+        return _run_block(root, inputs, batches, calibration)
 
 
 def gptq_layers(model: Any, originals: dict[str, mx.array]) -> list[str]:
@@ -256,35 +254,24 @@ def _block_prefixes(model: Any) -> list[str]:
     return [paths[id(block)] + "." for block in getattr(model, "layers", [])]
 
 
-def gptq_init(
-    model: Any, originals: dict[str, mx.array], batches: list[Batch], sequential: bool = True
-) -> int:
-    """Re-quantize the student's Linears by GPTQ on the calibration batches, block by block;
-    returns how many layers were re-quantized."""
+def gptq_init(model: Any, originals: dict[str, mx.array], batches: list[Batch]) -> int:
+    """Re-quantize the student's Linears by GPTQ on the calibration batches, block by block,
+    each block's inputs from the blocks before it as re-quantized; returns how many layers."""
     todo = gptq_layers(model, originals)
     blocks = list(zip(getattr(model, "layers", []), _block_prefixes(model), strict=True))
-    float_inputs = (
-        {}
-        if sequential
-        else {
-            p: _float_module(m, originals[p])
-            for p, m in model.named_modules()
-            if isinstance(m, nn.QuantizedEmbedding) and p in originals
-        }
-    )
-    with _swapped(model, float_inputs):
-        inputs = first_block_inputs(model, batches) if blocks else []
+    inputs = first_block_inputs(model, batches) if blocks else []
     for block, prefix in blocks:
         mine = [p[len(prefix) :] for p in todo if p.startswith(prefix)]
         weights = {p: originals[prefix + p] for p in mine}
-        outputs = _quantize_layers(block, mine, weights, inputs, batches, sequential)
+        outputs = _quantize_layers(block, mine, weights, inputs, batches)
         inputs = [
             ((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs, strict=True)
         ]
-    done = {p for p in todo for _, prefix in blocks if p.startswith(prefix)}
+    done = [p for p in todo if any(p.startswith(prefix) for _, prefix in blocks)]
     rest = [p for p in todo if p not in done]  # outside the blocks (an untied lm_head)
     if rest:
-        whole = [((tokens,), {}) for tokens, _ in batches]
-        weights = {p: originals[p] for p in rest}
-        _quantize_layers(model, rest, weights, whole, batches, sequential=False)
+        modules = dict(model.named_modules())
+        with _swapped(model, {p: _dequantized(modules[p]) for p in done}):
+            whole = [((tokens,), {}) for tokens, _ in batches]
+            _quantize_layers(model, rest, {p: originals[p] for p in rest}, whole, batches)
     return len(todo)

@@ -236,9 +236,8 @@ class _Inputs(nn.Module):
         return self.layer(x)
 
 
-def float_layer_inputs(teacher: Path, batches: list[tuple]) -> dict[str, mx.array]:
-    """Each Linear of the full-precision teacher -> its inputs at the loss mask's positions."""
-    model = load_model(str(teacher)).model
+def float_layer_inputs(model, batches: list[tuple]) -> dict[str, mx.array]:
+    """Each Linear of the full-precision model -> its inputs at the loss mask's positions."""
     catchers = [
         (path, _Inputs(module))
         for path, module in model.named_modules()
@@ -264,7 +263,7 @@ def output_error(module, weight: mx.array, inputs: mx.array) -> float:
 def test_gptq_lowers_the_output_error_of_every_layer(tiny_store, tiny_teacher, bits):
     student, originals, batches, count = gptq_student(tiny_teacher, tiny_store, bits)
     rtn, _ = rtn_student(tiny_teacher, bits)
-    inputs = float_layer_inputs(tiny_teacher, batches)
+    inputs = float_layer_inputs(load_model(str(tiny_teacher)).model, batches)
     assert count == len(inputs) == 14  # every Linear; the (tied) embedding stays RTN
     rtn_modules, gptq_modules = dict(rtn.named_modules()), dict(student.named_modules())
     for path, x in inputs.items():
@@ -313,3 +312,28 @@ def test_gptq_start_saves_as_an_mlx_lm_model_of_the_rtn_format(tiny_store, tiny_
 def test_resume_with_gptq_and_rounding_is_bit_identical(tiny_store, tmp_path):
     settings = {"init": "gptq", "learned_rounding": True, "rounding_lr": 0.02}
     assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, **settings)
+
+
+def test_gptq_requantizes_an_untied_output_layer_too():
+    """A Linear outside the model's blocks (an untied lm_head) gets GPTQ on its own inputs."""
+    import mlx.nn as nn
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    args = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 96}
+    args |= {"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}
+    teacher = Model(ModelArgs(model_type="llama", tie_word_embeddings=False, **args))
+    originals = rounding.full_precision_weights(teacher)
+    student = Model(ModelArgs(model_type="llama", tie_word_embeddings=False, **args))
+    student.update(teacher.parameters())
+    nn.quantize(student, group_size=32, bits=3)
+    rtn_head = {k: student.lm_head[k] for k in ("weight", "scales", "biases")}
+    tokens = mx.random.randint(0, 96, (8, 12), key=mx.random.key(1))
+    batches = [(tokens[i : i + 4], mx.ones((4, 12))) for i in (0, 4)]
+    assert gptq.gptq_init(student, originals, batches) == 15
+    head_inputs = float_layer_inputs(teacher, batches)["lm_head"]
+    rtn = nn.QuantizedLinear(64, 96, bias=False, group_size=32, bits=3)
+    rtn.update(rtn_head)
+    weight = originals["lm_head"]
+    assert output_error(student.lm_head, weight, head_inputs) < output_error(
+        rtn, weight, head_inputs
+    )
