@@ -159,18 +159,15 @@ def _dequantized(module: nn.QuantizedLinear) -> nn.Linear:
     weight = mx.dequantize(
         module["weight"], scales, module["biases"], group_size=module.group_size, bits=module.bits
     )
-    return _float_module(module, weight.astype(scales.dtype))
+    return _float_linear(module, weight.astype(scales.dtype))
 
 
-def _float_module(quantized: nn.Module, weight: mx.array) -> nn.Module:
-    """The teacher's float layer in place of a quantized Linear or Embedding."""
-    if isinstance(quantized, nn.QuantizedEmbedding):
-        layer = nn.Embedding(*weight.shape)
-    else:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in quantized)
-        if "bias" in quantized:
-            layer.bias = quantized["bias"]
+def _float_linear(quantized: nn.Module, weight: mx.array) -> nn.Linear:
+    """A float Linear of `weight` (and the quantized layer's bias) in place of the quantized."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in quantized)
     layer.weight = weight
+    if "bias" in quantized:
+        layer.bias = quantized["bias"]
     return layer
 
 
@@ -221,7 +218,7 @@ def _quantize_layers(
     from the float layers; returns the re-quantized root's outputs on the same inputs."""
     calibration = _Calibration()
     modules = dict(root.named_modules())
-    catchers = {p: _Catcher(_float_module(modules[p], weights[p]), calibration) for p in paths}
+    catchers = {p: _Catcher(_float_linear(modules[p], weights[p]), calibration) for p in paths}
     with _swapped(root, catchers):
         _run_block(root, inputs, batches, calibration)
     for path in paths:
