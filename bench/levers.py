@@ -122,7 +122,7 @@ def kl_scores(config, records: list[dict]) -> dict[str, dict[str, float]]:
     students.update({r["name"]: fast(load_model(r["model_dir"]).model) for r in records})
     valid = TokenSequences(**StoreReader(str(STORE)).sequences("valid"))
     test, _ = build_held_out_sequences(
-        teacher.tokenizer, config.targets.data_settings(), count=EVAL_SEQUENCES
+        teacher.tokenizer, config.targets.data_spec(), count=EVAL_SEQUENCES
     )
     scores: dict[str, dict[str, float]] = {name: {} for name in students}
     for split, sequences in (("valid", valid), ("test", test)):
