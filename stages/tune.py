@@ -24,6 +24,7 @@ from stages import run_dir as run_folder
 from stages.data import loss_mask
 from stages.distributed import Distributed
 from stages.errors import InvalidConfig, ModelError, StageError
+from stages.gptq import gptq_init
 from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
     apply_fast_matmul,
@@ -65,6 +66,7 @@ from store.reader import StoreReader, stream_batches
 SCHEDULES = ("cosine", "constant")
 LEVERS_OFF = {"train_norms": False, "learned_rounding": False, "init": "rtn"}
 INCOMPLETE = ("refuse", "use", "wait")
+GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden states are held
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
     "warmup_steps": MAX_STEPS,
@@ -155,8 +157,9 @@ class TuneConfig:
     )
     init: str = setting(
         "rtn",
-        f"the starting student, one of {', '.join(INITS)}: round-to-nearest, or per-group clip "
-        "ratio of least weight error (needs the teacher)",
+        f"the starting student, one of {', '.join(INITS)}: round-to-nearest, per-group clip "
+        "ratio of least weight error, or GPTQ on the store's training tokens (the last two "
+        "need the teacher)",
     )
 
     def __post_init__(self) -> None:
@@ -227,8 +230,8 @@ def _lever_problems(config: TuneConfig) -> list[str]:
         problems.append(f"tune.rounding_lr must be >= 0 (got {config.rounding_lr})")
     if config.student and config.needs_teacher_weights:
         problems.append(
-            "tune.learned_rounding and tune.init=clip_search need the teacher's full-precision "
-            "weights: leave tune.student unset to quantize the teacher"
+            "tune.learned_rounding and tune.init=clip_search/gptq need the teacher's "
+            "full-precision weights: leave tune.student unset to quantize the teacher"
         )
     return problems
 
@@ -302,14 +305,31 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     return student
 
 
-def _apply_levers(config: TuneConfig, student: _Student) -> None:
-    """A clip-searched start and trainable rounding offsets, from the teacher's weights (then
-    dropped: the offsets keep what they need)."""
+def _apply_levers(config: TuneConfig, student: _Student, reader: StoreReader) -> None:
+    """A clip-searched or GPTQ start and trainable rounding offsets, from the teacher's weights
+    (then dropped: the offsets keep what they need)."""
     if config.init == "clip_search":
         clip_search_init(student.model, student.originals)
+    if config.init == "gptq":
+        gptq_init(student.model, student.originals, _calibration_batches(reader, config))
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)
     student.originals = None
+
+
+def _calibration_batches(reader: StoreReader, config: TuneConfig) -> list[tuple]:
+    """GPTQ's calibration data: the training split's first GPTQ_ROWS token rows as the model
+    reads them, in batches of tune.batch_size, with their loss mask (prompt and padding out)."""
+    seqs = {k: v[:GPTQ_ROWS] for k, v in reader.sequences("train").items()}
+    tokens = seqs["tokens"]
+    mask = loss_mask(seqs["lengths"], seqs["prompt_offsets"], tokens.shape[1] - 1)
+    return [
+        (
+            mx.array(tokens[i : i + config.batch_size, :-1]),
+            mx.array(mask[i : i + config.batch_size].astype(np.float32)),
+        )
+        for i in range(0, len(tokens), config.batch_size)
+    ]
 
 
 def _check_store(reader: StoreReader, config: TuneConfig) -> None:
@@ -587,7 +607,7 @@ def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
         raise ModelError(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )
-    _apply_levers(config, student)
+    _apply_levers(config, student, reader)
     apply_fast_matmul(student.model, config.fast_matmul)
     if config.grad_checkpoint:
         checkpoint_blocks(student.model)
