@@ -156,10 +156,10 @@ class TuneConfig:
         "AutoRound's 5e-3 on every seed of bench/levers.py)",
     )
     init: str = setting(
-        "rtn",
-        f"the starting student, one of {', '.join(INITS)}: round-to-nearest, per-group clip "
-        "ratio of least weight error, or GPTQ on the store's training tokens (the last two "
-        "need the teacher)",
+        "auto",
+        f"the starting student, one of auto, {', '.join(INITS)}: round-to-nearest, per-group "
+        "clip ratio of least weight error, or GPTQ on the store's training tokens (the last two "
+        "need the teacher); auto = gptq when tune quantizes the teacher, tune.student as given",
     )
 
     def __post_init__(self) -> None:
@@ -195,8 +195,16 @@ class TuneConfig:
             raise InvalidConfig(problems)
 
     @property
+    def start(self) -> str:
+        """The starting student `init` resolves to (auto: GPTQ, which beat RTN's start on every
+        seed of bench/levers.py, unless a quantized student is given)."""
+        if self.init == "auto":
+            return "rtn" if self.student else "gptq"
+        return self.init
+
+    @property
     def needs_teacher_weights(self) -> bool:
-        return self.learned_rounding or self.init != "rtn"
+        return self.learned_rounding or self.start != "rtn"
 
     @property
     def wait_s(self) -> float | None:
@@ -206,7 +214,7 @@ class TuneConfig:
     def identity(self) -> dict[str, Any]:
         """The run's identity: its identity fields, less the levers that are off (so that
         checkpoints from before the levers still resume)."""
-        kept = identity_values(self)
+        kept = identity_values(self) | {"init": self.start}
         for name, off in LEVERS_OFF.items():
             if kept[name] == off:
                 del kept[name]
@@ -224,8 +232,9 @@ class TuneConfig:
 
 def _lever_problems(config: TuneConfig) -> list[str]:
     problems = []
-    if config.init not in INITS:
-        problems.append(f"tune.init must be one of {', '.join(INITS)} (got {config.init!r})")
+    if config.init not in ("auto", *INITS):
+        choices = ", ".join(("auto", *INITS))
+        problems.append(f"tune.init must be one of {choices} (got {config.init!r})")
     if config.rounding_lr < 0:
         problems.append(f"tune.rounding_lr must be >= 0 (got {config.rounding_lr})")
     if config.student and config.needs_teacher_weights:
@@ -308,9 +317,9 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
 def _apply_levers(config: TuneConfig, student: _Student, reader: StoreReader) -> None:
     """A clip-searched or GPTQ start and trainable rounding offsets, from the teacher's weights
     (then dropped: the offsets keep what they need)."""
-    if config.init == "clip_search":
+    if config.start == "clip_search":
         clip_search_init(student.model, student.originals)
-    if config.init == "gptq":
+    if config.start == "gptq":
         gptq_init(student.model, student.originals, _calibration_batches(reader, config))
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)

@@ -193,17 +193,18 @@ def test_lever_settings_are_checked_and_keyed():
     with pytest.raises(InvalidConfig) as caught:
         TuneConfig(student="some/quantized", learned_rounding=True, init="awq", rounding_lr=-1)
     message = str(caught.value)
-    assert "tune.init must be one of rtn, clip_search" in message
+    assert "tune.init must be one of auto, rtn, clip_search" in message
     assert "tune.rounding_lr must be >= 0" in message
     assert "leave tune.student unset" in message
     with pytest.raises(InvalidConfig, match="leave tune.student unset"):
         TuneConfig(student="some/quantized", init="clip_search")
-    base = TuneConfig().resume_key()
-    # a checkpoint of a run from before the levers resumes: levers off leave the key as it was
-    assert TuneConfig(rounding_lr=0.3).resume_key() == base
+    base = TuneConfig(init="rtn").resume_key()
+    # a checkpoint of a run from before the levers resumes with init=rtn: levers off leave the
+    # key as it was
+    assert TuneConfig(init="rtn", rounding_lr=0.3).resume_key() == base
     levers = [{"train_norms": True}, {"learned_rounding": True}]
     levers += [{"init": "clip_search"}, {"init": "gptq"}]
-    keys = {TuneConfig(**lever).resume_key() for lever in levers}
+    keys = {TuneConfig(**{"init": "rtn", **lever}).resume_key() for lever in levers}
     assert len(keys) == len(levers) and base not in keys
     assert TuneConfig(learned_rounding=True, rounding_lr=0.1).resume_key() != (
         TuneConfig(learned_rounding=True).resume_key()
@@ -337,3 +338,11 @@ def test_gptq_requantizes_an_untied_output_layer_too():
     assert output_error(student.lm_head, weight, head_inputs) < output_error(
         rtn, weight, head_inputs
     )
+
+
+def test_auto_start_is_gptq_from_the_teacher_and_the_given_student_as_is():
+    assert TuneConfig().start == "gptq" and TuneConfig().needs_teacher_weights
+    given = TuneConfig(student="some/quantized")
+    assert given.start == "rtn" and not given.needs_teacher_weights  # not refused
+    assert TuneConfig().resume_key() == TuneConfig(init="gptq").resume_key()
+    assert TuneConfig(init="rtn").resume_key() != TuneConfig().resume_key()
