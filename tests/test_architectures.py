@@ -5,6 +5,7 @@ saving in bfloat16; the CPU fast path covers switch layers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def run_config(root: Path, teacher: Path, **more):
         "tune.group_size": 32,
         "tune.max_steps": 2,
         "tune.warmup_steps": 0,
+        # the loop must move every family's scales (switch layers too) from DWQ's start; the
+        # GPTQ start of the default is checked on its own below
+        "tune.init": "rtn",
         "eval.num_sequences": 2,
         **more,
     }
@@ -185,3 +189,20 @@ def test_compute_dtype_is_one_key_for_every_stage_and_checked():
     assert config.tune.resume_key() == load_config(None).tune.resume_key()
     with pytest.raises(InvalidConfig, match="tune.compute_dtype must be one of auto, float32"):
         load_config(None, {"tune.compute_dtype": "bfloat16"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_gptq_start_on_each_family_is_closer_than_rtn_and_loads(
+    bf16_teachers, tmp_path, family
+):
+    from mlx_lm import load as mlx_load
+
+    config = run_config(tmp_path, bf16_teachers[family], **{"tune.init": "auto"})
+    compute_targets(config.targets)
+    gptq = tune(config.tune)
+    rtn = tune(dataclasses.replace(config.tune, init="rtn", run_dir=str(tmp_path / "rtn")))
+    assert gptq.initial_val_loss < rtn.initial_val_loss  # the default start is closer
+    model, _ = mlx_load(str(gptq.model_dir))
+    saved = json.loads((gptq.model_dir / "config.json").read_text())["quantization"]
+    assert (saved["bits"], saved["group_size"]) == (4, 32)
+    assert mx.isfinite(model(mx.array([[1, 2, 3]]))).all().item()
