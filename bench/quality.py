@@ -25,19 +25,23 @@ were tuned on: a run cut short (or a later one after our defaults change) redoes
 missing. Delete the folder to start over.
 
 Run: `make bench` or `.venv/bin/python -m bench.quality [--bits 4 3]` (BENCH_SCALE=quick for a
-short check).
+short check). Several such processes on the same cache share the runs (each claims a run
+before it starts it): `OPENBLAS_NUM_THREADS=1` and one process per core is faster on a CPU,
+since most of MLX's CPU work outside the matmuls runs on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ from stages.evaluate import EvalConfig, held_out_sequences, score_models
 from stages.models import load_model
 from stages.targets import compute_targets
 from stages.tune import TuneConfig, tune
+from store.lock import LockedError
 
 ROOT = Path(__file__).parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -64,6 +69,7 @@ FULL_SEEDS, FULL_LEARNING_RATES = (123, 7, 2026), (1e-6, 1e-5, 3e-5, 1e-4, 3e-4)
 SEEDS = by_scale(FULL_SEEDS[:2], FULL_SEEDS)
 LEARNING_RATES = by_scale((1e-5, 1e-4), FULL_LEARNING_RATES)
 FINALISTS = by_scale(1, 2)  # rates that get every seed after the first seed's round
+CLAIM_POLL_S = 15  # how often a bench process looks for runs another one is doing
 CACHE = ROOT / "artifacts" / "bench" / by_scale("quality-quick", "quality")
 QUICK = {
     "targets.num_samples": 4,
@@ -125,6 +131,25 @@ class RunCache:
         base.load_weights(list(changed.items()), strict=False)
         return Run(base.parameters(), float(meta["seconds"]), json.loads(meta["info"]))
 
+    def claim(self, name: str) -> bool:
+        """True when this process may run `name`: no other live bench process claimed it."""
+        claim = self.folder / f"{name}.claim"
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(claim.read_text() or 0), 0)
+                return False  # another bench process is running it
+            except (ProcessLookupError, ValueError):
+                claim.unlink(missing_ok=True)  # its process died: take it over
+                return self.claim(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+    def release(self, name: str) -> None:
+        (self.folder / f"{name}.claim").unlink(missing_ok=True)
+
     def save(self, name: str, params: dict, seconds: float, info: dict | None = None) -> Run:
         changed = {
             key: value
@@ -153,69 +178,93 @@ def saved_model_params(model_dir: Path, base, rtn: dict) -> dict:
     return base.parameters()
 
 
-def our_runs(config, tmp: Path, bits: int, group_size: int, base, setup: float, steps: int, cache):
-    """`tune` with the default settings, once per seed; the final parameters of each (with
+def run_each(cache: RunCache, base, jobs: dict[str, Callable[[], tuple]]) -> tuple[dict, int]:
+    """Each job's Run, from the cache or run here ((params, seconds, info) = job()); several
+    bench processes on the same cache share the work: each claims a job before starting it and
+    at the end waits for the ones others claimed. Returns (runs by name, how many ran here)."""
+    done, pending = 0, list(jobs)
+    while pending:
+        for name in list(pending):
+            if cache.path(name).exists():
+                pending.remove(name)
+            elif cache.claim(name):
+                try:
+                    cache.save(name, *jobs[name]())
+                finally:
+                    cache.release(name)
+                pending.remove(name)
+                done += 1
+        if pending:
+            time.sleep(CLAIM_POLL_S)
+    return {name: cache.load(name, base) for name in jobs}, done
+
+
+def our_jobs(config, tmp: Path, bits: int, group_size: int, base, setup: float, steps: int, cache):
+    """`tune` with the default settings, once per seed: (jobs by name, names by seed). With
     validation at start and end only, the saved model is the final one unless the end
-    validated worse than the start: `best_step` in the details says which)."""
+    validated worse than the start: `best_step` in the details says which."""
     rtn = base.parameters()
-    runs, done = {}, 0
+
+    def job(tune_config: TuneConfig, run_dir: Path):
+        tic = time.perf_counter()
+        result = tune(dataclasses.replace(tune_config, run_dir=str(run_dir)))
+        seconds = time.perf_counter() - tic - setup
+        assert result.steps == steps, (result.steps, steps)  # the same budget as mlx-lm's
+        params = saved_model_params(result.model_dir, base, rtn)
+        shutil.rmtree(run_dir)  # made by this bench; the cache keeps what counts
+        return params, seconds, {"best_step": result.best_step, "steps": result.steps}
+
+    names, jobs = {}, {}
     for seed in SEEDS:
         settings = dict(
-            bits=bits,
-            group_size=group_size,
-            seed=seed,
-            val_every=NEVER,
-            checkpoint_every=NEVER,
+            bits=bits, group_size=group_size, seed=seed, val_every=NEVER, checkpoint_every=NEVER
         )
         tune_config = dataclasses.replace(config.tune, **settings)
-        name = f"ours-{settings_digest(tune_config)}-{cache.tag}-seed{seed}"
-        runs[seed] = cache.load(name, base)
-        if runs[seed] is None:
-            run_dir = tmp / name  # a run cut short resumes from its checkpoint
-            tune_config = dataclasses.replace(tune_config, run_dir=str(run_dir))
-            tic = time.perf_counter()
-            result = tune(tune_config)
-            seconds = time.perf_counter() - tic - setup
-            assert result.steps == steps, (result.steps, steps)  # the same budget as mlx-lm's
-            params = saved_model_params(result.model_dir, base, rtn)
-            info = {"best_step": result.best_step, "steps": result.steps}
-            runs[seed] = cache.save(name, params, seconds, info)
-            shutil.rmtree(run_dir)  # made by this bench, kept in the cache now
-            done += 1
-    base.update(rtn)
-    return runs, done
+        names[seed] = f"ours-{settings_digest(tune_config)}-{cache.tag}-seed{seed}"
+        jobs[names[seed]] = functools.partial(job, tune_config, tmp / names[seed])
+    return jobs, names
 
 
-def mlx_lm_run(stored: StoredTargets, base, batch_size: int, rate: float, seed: int, cache):
-    """mlx-lm's dwq_quantize from the RTN student at one learning rate and seed (cached)."""
-    name = f"mlx-lm-{cache.tag}-lr{rate:g}-seed{seed}"
-    run = cache.load(name, base)
-    if run is not None:
-        return run, 0
-    base.update(cache.rtn_tree)
+def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache) -> tuple:
+    """mlx-lm's dwq_quantize from the RTN student at each (learning rate, seed) of `pairs`:
+    (jobs by name, names by pair)."""
     train, valid = stored.rows("train"), stored.rows("valid")
-    seconds = run_mlx_lm_dwq(base, stored, train, valid, batch_size, rate, seed)
-    return cache.save(name, base.parameters(), seconds), 1
+
+    def job(rate: float, seed: int):
+        base.update(cache.rtn_tree)
+        seconds = run_mlx_lm_dwq(base, stored, train, valid, batch_size, rate, seed)
+        return base.parameters(), seconds, {}
+
+    names = {pair: f"mlx-lm-{cache.tag}-lr{pair[0]:g}-seed{pair[1]}" for pair in pairs}
+    return {names[p]: functools.partial(job, *p) for p in pairs}, names
 
 
-def mlx_lm_sweep(stored, base, batch_size: int, cache, teacher, valid) -> tuple:
-    """The two-round sweep: every rate at the first seed, then every seed of the finalists.
-    Returns (best rate, runs by rate and seed, validation KLs by rate, runs done here)."""
-    runs: dict[float, dict[int, Run]] = {rate: {} for rate in LEARNING_RATES}
-    done = 0
-    for rate in LEARNING_RATES:
-        runs[rate][SEEDS[0]], did = mlx_lm_run(stored, base, batch_size, rate, SEEDS[0], cache)
-        done += did
-    valid_kl = score_valid(teacher, base, runs, valid)
+def both_sides(config, quantization, base, setup, steps, cache, stored, teacher, valid, tmp):
+    """Our runs and mlx-lm's two-round sweep (every rate at the first seed, with our runs: one
+    round of work for the bench processes to share; then every seed of the finalists).
+    Returns (ours by seed, best rate, mlx-lm runs by rate and seed, valid KLs by rate, runs done
+    here)."""
+    bits, group_size = quantization
+    ours_jobs, ours_names = our_jobs(config, tmp, bits, group_size, base, setup, steps, cache)
+    batch = config.tune.batch_size
+    screen = [(rate, SEEDS[0]) for rate in LEARNING_RATES]
+    screen_jobs, screen_names = mlx_lm_jobs(stored, base, batch, screen, cache)
+    first, done = run_each(cache, base, ours_jobs | screen_jobs)
+    ours = {seed: first[name] for seed, name in ours_names.items()}
+    theirs: dict[float, dict[int, Run]] = {rate: {} for rate in LEARNING_RATES}
+    for (rate, seed), name in screen_names.items():
+        theirs[rate][seed] = first[name]
+    valid_kl = score_valid(teacher, base, theirs, valid)
     finalists = sorted(LEARNING_RATES, key=lambda rate: valid_kl[rate][0])[:FINALISTS]
-    for rate in finalists:
-        for seed in SEEDS[1:]:
-            runs[rate][seed], did = mlx_lm_run(stored, base, batch_size, rate, seed, cache)
-            done += did
-    valid_kl = score_valid(teacher, base, runs, valid)
+    pairs = [(rate, seed) for rate in finalists for seed in SEEDS[1:]]
+    more_jobs, more_names = mlx_lm_jobs(stored, base, batch, pairs, cache)
+    more, did = run_each(cache, base, more_jobs)
+    for (rate, seed), name in more_names.items():
+        theirs[rate][seed] = more[name]
+    valid_kl = score_valid(teacher, base, theirs, valid)
     best = min(finalists, key=lambda rate: float(np.mean(valid_kl[rate])))
     base.update(cache.rtn_tree)
-    return best, runs, valid_kl, done
+    return ours, best, theirs, valid_kl, done + did
 
 
 def score_valid(teacher, base, runs: dict, valid: TokenSequences) -> dict[float, list[float]]:
@@ -254,17 +303,10 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
     run_work, full_run = rows * seq_len, full[0] * full[1]
 
     tic = time.perf_counter()
-    ours, done = our_runs(config, tmp, bits, group_size, base, setup, steps, cache)
-    clock.add(
-        time.perf_counter() - tic - done * setup,
-        max(done, 1) * run_work,
-        done and full_run * len(FULL_SEEDS),
+    ours, best, theirs, valid_kl, done = both_sides(
+        config, (bits, group_size), base, setup, steps, cache, stored, teacher, valid, tmp
     )
-    tic = time.perf_counter()
-    best, theirs, valid_kl, done = mlx_lm_sweep(
-        stored, base, config.tune.batch_size, cache, teacher, valid
-    )
-    full_runs = len(FULL_LEARNING_RATES) + 2 * (len(FULL_SEEDS) - 1)
+    full_runs = len(FULL_SEEDS) + len(FULL_LEARNING_RATES) + 2 * (len(FULL_SEEDS) - 1)
     clock.add(time.perf_counter() - tic, max(done, 1) * run_work, done and full_run * full_runs)
 
     test, split = held_out_sequences(
@@ -395,6 +437,16 @@ def ratios(result: dict, budget: tuple[int, int, int]) -> list[Ratio]:
     ]
 
 
+def make_store(config) -> None:
+    """The bench's store, made or finished here, or by another bench process (wait for it)."""
+    while True:
+        try:
+            compute_targets(config.targets)
+            return
+        except LockedError:
+            time.sleep(CLAIM_POLL_S)
+
+
 def parse_bits(argv: list[str] | None) -> tuple[tuple[int, int], ...]:
     parser = argparse.ArgumentParser(description="quality against mlx-lm's DWQ")
     parser.add_argument("--bits", type=int, nargs="+", default=[b for b, _ in QUANTIZATIONS])
@@ -410,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     results, rows_out = [], []
     tmp = CACHE / "tmp"
     config = bench_config(CACHE / "store.zarr", overrides)
-    compute_targets(config.targets)
+    make_store(config)
     targets = config.targets
     steps = targets.num_samples // config.tune.batch_size
     budget = (targets.num_samples, targets.max_seq_length, steps)
