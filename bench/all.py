@@ -24,7 +24,14 @@ from rich.table import Table
 
 from bench.common import SCALES, Ratio, bench_scale, ratio_table, wide_console
 
-SCRIPTS = ("bench.blas", "bench.targets", "bench.tune", "bench.quality", "bench.remote")
+SCRIPTS = (
+    "bench.blas",
+    "bench.targets",
+    "bench.tune",
+    "bench.memory",
+    "bench.quality",
+    "bench.remote",
+)
 REPORT = Path("artifacts/bench/report.json")
 
 

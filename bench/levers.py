@@ -1,16 +1,16 @@
 """Screening of tune's quality levers (issue 13) on the default teacher, several seeds per row.
 
 Rows: RTN, today's default tune, + train_norms, + learned_rounding (AutoRound's 5e-3 and 1e-3),
-+ init=clip_search, all three combined. Columns: full-vocabulary KL(teacher || student) on the
-store's validation split (choose on this), the same on held-out test text (never seen by tuning),
-tune seconds (whole call: load, quantize, validations, save) and MLX peak memory; mean and min-max
-over seeds.
++ init=clip_search, all three combined, + init=gptq (alone and with learned rounding). Columns:
+full-vocabulary KL(teacher || student) on the store's validation split (choose on this), the same
+on held-out test text (never seen by tuning), tune seconds (whole call: load, quantize,
+validations, save) and MLX peak memory; mean and min-max over seeds.
 
 Small on purpose (a store of 32x128 tokens, 16 steps of batch 2, ~3 min per run on 2 cores): a
 screen, not the final benchmark. Each finished run is kept in artifacts/bench/levers/, so a rerun
 only does what is missing; runs go seed by seed, so a cut-short screen still has every row.
 
-Run: `.venv/bin/python -m bench.levers [--seeds 123 7 42] [--steps 16] [--rows ...]`.
+Run: `.venv/bin/python -m bench.levers [--seeds 123 7 42] [--steps 16] [--bits 4] [--rows ...]`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ ROWS = {
     "+learned_rounding lr 5e-3": {"learned_rounding": True, "rounding_lr": 5e-3},
     "+learned_rounding lr 1e-3": {"learned_rounding": True, "rounding_lr": 1e-3},
     "+clip_search": {"init": "clip_search"},
+    "+init=gptq": {"init": "gptq"},
+    "+init=gptq +learned_rounding lr 1e-3": {
+        "init": "gptq",
+        "learned_rounding": True,
+        "rounding_lr": 1e-3,
+    },
     "all three": {
         "train_norms": True,
         "learned_rounding": True,
@@ -54,7 +60,7 @@ ROWS = {
 EVAL_SEQUENCES = 8
 
 
-def bench_config(steps: int):
+def bench_config(steps: int, bits: int = 4):
     overrides = {
         "store": str(STORE),
         "targets.num_samples": 32,
@@ -63,12 +69,14 @@ def bench_config(steps: int):
         "tune.max_steps": steps,
         "tune.val_every": steps,
         "tune.checkpoint_every": steps,
+        "tune.bits": bits,
     }
     return load_config(ROOT / "configs" / "default.yaml", overrides)
 
 
-def run_name(row: str, seed: int) -> str:
-    return f"{row.replace('+', 'with-').replace(' ', '-')}-s{seed}"
+def run_name(row: str, seed: int, bits: int = 4) -> str:
+    at_bits = "" if bits == 4 else f"-b{bits}"  # 4-bit runs keep their names from before --bits
+    return f"{row.replace('+', 'with-').replace(' ', '-')}-s{seed}{at_bits}"
 
 
 def finished_runs() -> dict[str, dict]:
@@ -79,7 +87,7 @@ def finished_runs() -> dict[str, dict]:
 
 
 def tune_once(config, row: str, seed: int, steps: int) -> dict:
-    name = run_name(row, seed)
+    name = run_name(row, seed, config.tune.bits)
     settings = replace(config.tune, **ROWS[row], seed=seed, run_dir=str(OUT / "runs" / name))
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -89,6 +97,7 @@ def tune_once(config, row: str, seed: int, steps: int) -> dict:
         "row": row,
         "seed": seed,
         "steps": steps,
+        "bits": config.tune.bits,
         "model_dir": str(result.model_dir),
         "tune_s": time.perf_counter() - start,
         "peak_gb": mx.get_peak_memory() / 1e9,
@@ -113,7 +122,7 @@ def kl_scores(config, records: list[dict]) -> dict[str, dict[str, float]]:
     students.update({r["name"]: fast(load_model(r["model_dir"]).model) for r in records})
     valid = TokenSequences(**StoreReader(str(STORE)).sequences("valid"))
     test, _ = build_held_out_sequences(
-        teacher.tokenizer, config.targets.data_settings(), count=EVAL_SEQUENCES
+        teacher.tokenizer, config.targets.data_spec(), count=EVAL_SEQUENCES
     )
     scores: dict[str, dict[str, float]] = {name: {} for name in students}
     for split, sequences in (("valid", valid), ("test", test)):
@@ -132,7 +141,8 @@ def spread(values: list[float], digits: int = 4) -> str:
 def table(records: list[dict], scores: dict, steps: int) -> Table:
     seeds = sorted({r["seed"] for r in records})
     out = Table(
-        title=f"tune levers, default teacher, 4-bit g64, 32x128 tokens, {steps} steps of batch 2",
+        title=f"tune levers, default teacher, {records[0].get('bits', 4)}-bit g64, 32x128 tokens, "
+        f"{steps} steps of batch 2",
         caption=f"mean (min-max) over seeds {seeds}; KL = full-vocabulary KL(teacher || student) "
         f"per token at T=1; test: {EVAL_SEQUENCES} held-out sequences",
     )
@@ -158,21 +168,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[123, 7, 42])
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--bits", type=int, default=4, help="the student's bits (group 64)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    config = bench_config(args.steps)
+    config = bench_config(args.steps, args.bits)
     compute_targets(config.targets)  # resumes: a finished store is only checked
     done = finished_runs()
     for seed in args.seeds:
         for row in args.rows:
-            name = run_name(row, seed)
+            name = run_name(row, seed, args.bits)
             if name not in done or done[name]["steps"] != args.steps:
                 done[name] = tune_once(config, row, seed, args.steps)
                 print(f"{name}: {done[name]['tune_s']:.0f} s", flush=True)
-    records = [done[run_name(row, seed)] for seed in args.seeds for row in args.rows]
+    records = [done[run_name(row, seed, args.bits)] for seed in args.seeds for row in args.rows]
     scores = kl_scores(config, records)
-    (OUT / "scores.json").write_text(json.dumps(scores, indent=2))
+    (OUT / f"scores-b{args.bits}.json").write_text(json.dumps(scores, indent=2))
     Console().print(table(records, scores, args.steps))
 
 

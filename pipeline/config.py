@@ -24,7 +24,7 @@ from stages.targets import TargetsConfig
 from stages.tune import TuneConfig
 
 SECTIONS: dict[str, type] = {"targets": TargetsConfig, "tune": TuneConfig, "eval": EvalConfig}
-SHARED_KEYS = ("store", "storage_options")
+SHARED_KEYS = ("store", "storage_options", "compute_dtype")
 
 
 @dataclass(frozen=True)

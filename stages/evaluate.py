@@ -23,6 +23,7 @@ from stages.errors import InvalidConfig, ModelError, StageError
 from stages.settings import (
     above_limit_problems,
     choice_problems,
+    compute_dtype_setting,
     empty_path_problems,
     fast_matmul_setting,
     representable_problems,
@@ -67,6 +68,7 @@ class EvalConfig:
         "follows the store's targets.seed)",
     )
     fast_matmul: str = fast_matmul_setting()
+    compute_dtype: str = compute_dtype_setting()
     trust_remote_code: bool = trust_remote_code_setting()
 
     def __post_init__(self) -> None:
@@ -77,7 +79,7 @@ class EvalConfig:
             problems.append(f"eval.num_sequences must be >= 0 (got {self.num_sequences})")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             problems.append(f"eval.max_seq_length must be >= 2 (got {self.max_seq_length})")
-        problems += choice_problems(self, "eval", ("fast_matmul",))
+        problems += choice_problems(self, "eval", ("fast_matmul", "compute_dtype"))
         if self.seed < 0:
             problems.append(f"eval.seed must be >= 0 (got {self.seed})")
         problems += representable_problems(self, "eval")
@@ -283,19 +285,22 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     manifest = _store_manifest(config)
     made_with = dict(manifest.settings) if manifest else {}
     teacher_spec = config.teacher or made_with["teacher"]
-    tuned = models.load_model(config.student, trust_remote_code=config.trust_remote_code)
+    trust, dtype = config.trust_remote_code, config.compute_dtype
+    tuned = models.load_model(config.student, trust, dtype)
     if not tuned.config.get("quantization"):
         raise ModelError(f"student {config.student!r} is not quantized: nothing to compare")
     bits, group_size = models.quantization_of(tuned.config, config.student)
-    teacher = models.load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
+    teacher = models.load_model(teacher_spec, trust, dtype)
     teacher_vocab = models.tokenizer_fingerprint(teacher.tokenizer)
     if teacher_vocab != models.tokenizer_fingerprint(tuned.tokenizer):
         raise ModelError(
             "the student's tokenizer differs from the teacher's; they cannot be compared"
         )
     _check_output_sizes(teacher.model, tuned.model, manifest)
-    rtn_source = models.load_model(teacher_spec, trust_remote_code=config.trust_remote_code)
+    # Quantized in the teacher's own dtype, as tune's starting student is, then cast.
+    rtn_source = models.load_model(teacher_spec, trust)
     rtn, _ = models.quantize_student(rtn_source, bits, group_size)
+    models.to_compute_dtype(rtn, dtype)
 
     sequences, split = _held_out(config, made_with, teacher.tokenizer)
     tic = time.perf_counter()

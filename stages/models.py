@@ -8,12 +8,13 @@ mlx-lm model folder with a tokenizer rebuilt from the GGUF metadata.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,15 @@ class LoadedModel:
     tokenizer: Any
     config: dict
     path: Path
+    # Every parameter's dtype as stored, before any cast to the compute dtype.
+    dtypes: dict[str, mx.Dtype] = field(default_factory=dict)
+
+    @property
+    def cast_to(self) -> str | None:
+        """The dtype the model computes in when a cast at load changed it ("float32"); None when
+        it computes as stored."""
+        changed = self.dtypes and parameter_dtypes(self.model) != self.dtypes
+        return "float32" if changed else None
 
 
 def file_sha256(path: Path, block: int = 1 << 22) -> str:
@@ -238,7 +248,11 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
-def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    spec: str, trust_remote_code: bool = False, compute_dtype: str | None = None
+) -> LoadedModel:
+    """The model, tokenizer and config.json of `spec`, its float parameters cast as the
+    compute_dtype setting `compute_dtype` asks (None: as stored, for a model only quantized)."""
     from mlx_lm.utils import load
 
     path = resolve_model_path(spec)
@@ -256,7 +270,8 @@ def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
     except Exception as exc:  # mlx-lm raises many types for missing/odd models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {spec!r}: {first_line}") from exc
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=Path(path))
+    dtypes = to_compute_dtype(model, compute_dtype) if compute_dtype else parameter_dtypes(model)
+    return LoadedModel(model, tokenizer, config, Path(path), dtypes)
 
 
 def _refuse_shipped_code(folder: Path) -> None:
@@ -290,13 +305,15 @@ def _digest_json(value: Any) -> str:
     ).hexdigest()
 
 
-def weights_digest(model: Any) -> str:
-    """Digest over every parameter's name, dtype, shape and bytes."""
+def weights_digest(model: Any, dtypes: dict[str, mx.Dtype] | None = None) -> str:
+    """Digest over every parameter's name, dtype, shape and bytes, each taken in its `dtypes`
+    entry when given (the dtype as stored: a cast to float32 for computing is undone exactly)."""
     import numpy as np
     from mlx.utils import tree_flatten
 
     digest = hashlib.blake2b(digest_size=16)
     for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        value = value.astype(dtypes[name]) if dtypes and name in dtypes else value
         if value.dtype == mx.bfloat16:
             value = value.view(mx.uint16)
         digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
@@ -310,7 +327,7 @@ def teacher_fingerprint(spec: str, loaded: LoadedModel) -> dict:
         "name": spec,
         "model_type": str(config.get("model_type", "?")),
         "config_digest": _digest_json(config),
-        "weights_digest": weights_digest(loaded.model),
+        "weights_digest": weights_digest(loaded.model, loaded.dtypes),
     }
 
 
@@ -406,6 +423,57 @@ def float_extras(module: Any) -> list[str]:
     return [k for k in keys if is_layer and isinstance(module.get(k), mx.array)]
 
 
+COMPUTE_DTYPES = ("auto", "float32", "model")
+
+
+def wants_float32(choice: str) -> bool:
+    """`auto` means float32 on CPU, where MLX multiplies bfloat16 at 3-8 GFLOPS (float32 with
+    BLAS: 270+) and its gather_mm (mixture-of-experts layers) takes only float32; elsewhere the
+    model's own dtype."""
+    return choice == "float32" or (choice == "auto" and mx.default_device() == mx.cpu)
+
+
+def parameter_dtypes(model: Any) -> dict[str, mx.Dtype]:
+    from mlx.utils import tree_flatten
+
+    return {name: value.dtype for name, value in tree_flatten(model.parameters())}
+
+
+def to_compute_dtype(model: Any, choice: str) -> dict[str, mx.Dtype]:
+    """Cast the model's floating-point parameters to float32 when the compute_dtype setting
+    `choice` wants it; returns every parameter's dtype before (what `restore_dtypes` puts back
+    for saving). Scales and biases of quantized layers are cast too: the integers stay."""
+    dtypes = parameter_dtypes(model)
+    if wants_float32(choice):
+        model.set_dtype(mx.float32)
+    else:
+        _check_cpu_experts(model)
+    return dtypes
+
+
+def restore_dtypes(model: Any, dtypes: dict[str, mx.Dtype]) -> None:
+    """Cast every parameter named in `dtypes` back to its dtype there (the model's own)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    flat = tree_flatten(model.parameters())
+    model.update(tree_unflatten([(k, v.astype(dtypes.get(k, v.dtype))) for k, v in flat]))
+
+
+def _check_cpu_experts(model: Any) -> None:
+    """MLX's CPU gather_mm computes only in float32: refuse before a forward dies inside it."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if mx.default_device() != mx.cpu:
+        return
+    for _, module in model.named_modules():
+        if isinstance(module, SwitchLinear) and module["weight"].dtype != mx.float32:
+            dtype = str(module["weight"].dtype).removeprefix("mlx.core.")
+            raise ModelError(
+                f"this mixture-of-experts model is {dtype} and MLX computes its expert layers "
+                "on CPU only in float32: set compute_dtype to auto or float32"
+            )
+
+
 class _DequantizedMatmul:
     """Mixin: compute with a dequantized weight and a BLAS matmul.
 
@@ -438,8 +506,10 @@ def apply_fast_matmul(model: Any, choice: str) -> None:
 
 
 def use_dequantized_matmul(model: Any) -> int:
-    """Switch every quantized Linear/Embedding to the dequantize + matmul path; returns count."""
+    """Switch every quantized Linear/Embedding/SwitchLinear (mixture-of-experts) to the dequantize
+    + matmul path; returns count."""
     import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
     class DequantizedLinear(_DequantizedMatmul, nn.QuantizedLinear):
         def __call__(self, x: mx.array) -> mx.array:
@@ -450,13 +520,55 @@ def use_dequantized_matmul(model: Any) -> int:
         def as_linear(self, x: mx.array) -> mx.array:
             return x @ self._weight().T
 
+    class DequantizedSwitchLinear(_DequantizedMatmul, QuantizedSwitchLinear):
+        """Every expert's weight dequantized, then gather_mm: experts are picked per token, so
+        all of them are needed (each as float32: MLX's CPU gather_mm takes nothing else)."""
+
+        def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False):
+            weight = self._weight().astype(mx.float32).swapaxes(-1, -2)
+            y = mx.gather_mm(
+                x.astype(mx.float32), weight, rhs_indices=indices, sorted_indices=sorted_indices
+            ).astype(x.dtype)
+            return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
+
+    swaps = {
+        nn.QuantizedLinear: DequantizedLinear,
+        nn.QuantizedEmbedding: DequantizedEmbedding,
+        QuantizedSwitchLinear: DequantizedSwitchLinear,
+    }
     swapped = 0
     for _, module in model.named_modules():
         # Swapping the class keeps parameters, freeze state and saving exactly as they were.
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = DequantizedLinear
-            swapped += 1
-        elif type(module) is nn.QuantizedEmbedding:
-            module.__class__ = DequantizedEmbedding
+        # (An nvfp4 layer with a global scale keeps MLX's kernel: dequantize would need it.)
+        if type(module) in swaps and getattr(module, "global_scale", None) is None:
+            module.__class__ = swaps[type(module)]
             swapped += 1
     return swapped
+
+
+def checkpoint_blocks(model: Any) -> int:
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them (mx.checkpoint, as mlx-lm's `grad_checkpoint`); returns how many blocks.
+
+    Done per instance, by swapping each block's class for a checkpointed subclass: mlx-lm's
+    version patches the class itself, which would also change every other model of that
+    architecture in the process (a teacher, an evaluation) and nest on a second call."""
+    blocks = list(getattr(model, "layers", []))
+    for block in blocks:
+        if not getattr(type(block), "_checkpointed", False):
+            block.__class__ = _checkpointed_class(type(block))
+    return len(blocks)
+
+
+@functools.cache
+def _checkpointed_class(cls: type) -> type:
+    def __call__(self, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            self.update(params)
+            return cls.__call__(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    return type(
+        f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpointed": True}
+    )

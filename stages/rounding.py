@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from stages.models import is_trainable_quantized
 
-INITS = ("rtn", "clip_search")
+INITS = ("rtn", "clip_search", "gptq")
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 OFFSET, RESIDUAL = "rounding_offset", "rounding_residual"
 OFFSET_BOUND = 0.5

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, field, fields
 from typing import Any
 
-from stages.models import FAST_MATMUL
+from stages.models import COMPUTE_DTYPES, FAST_MATMUL
 
 
 def setting(
@@ -58,6 +58,17 @@ def trust_remote_code_setting(identity: bool = False) -> Any:
 def fast_matmul_setting() -> Any:
     help = "dequantize + BLAS matmul: auto (on for CPU), on, off"
     return setting("auto", help, identity=False, choices=FAST_MATMUL)
+
+
+def compute_dtype_setting() -> Any:
+    """Not an identity as written: `auto` means different dtypes on different devices, and a
+    float32 model computes alike under every choice. A store records the dtype it resolved to
+    (TargetsConfig.store_identity); a tune run resumes under any (see TuneConfig)."""
+    help = (
+        "dtype the models compute in: auto (float32 on CPU, the model's own elsewhere), "
+        "float32, or model (its own); saved models keep their own dtype"
+    )
+    return setting("auto", help, identity=False, choices=COMPUTE_DTYPES)
 
 
 def choice_problems(config: Any, section: str, names: tuple[str, ...]) -> list[str]:

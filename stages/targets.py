@@ -21,6 +21,8 @@ from stages.models import (
 )
 from stages.settings import (
     above_limit_problems,
+    choice_problems,
+    compute_dtype_setting,
     empty_path_problems,
     identity_values,
     representable_problems,
@@ -87,6 +89,7 @@ class TargetsConfig:
     )
     seed: int = setting(123, "seed for the sequence selection")
     trust_remote_code: bool = trust_remote_code_setting()
+    compute_dtype: str = compute_dtype_setting()
 
     def __post_init__(self) -> None:
         problems = []
@@ -111,6 +114,7 @@ class TargetsConfig:
             problems.append("targets.lse_temperatures must be a non-empty list of positive numbers")
         if self.seed < 0:
             problems.append(f"targets.seed must be >= 0 (got {self.seed})")
+        problems += choice_problems(self, "targets", ("compute_dtype",))
         problems += representable_problems(self, "targets")
         problems += empty_path_problems(
             self, "targets", ("teacher", "data", "store", "staging_dir")
@@ -137,10 +141,13 @@ class TargetsConfig:
             mask_prompt=self.mask_prompt,
         )
 
-    def store_identity(self) -> dict:
+    def store_identity(self, cast_to: str | None = None) -> dict:
         """The settings that decide the store's content (not where it lives or who computes
-        it): the manifest's `settings`."""
-        return identity_values(self)
+        it): the manifest's `settings`. `cast_to`: the dtype the teacher computed in when a cast
+        changed it from its own (its logits differ slightly); absent when it computed as stored,
+        as in every store made before the setting."""
+        kept = identity_values(self)
+        return {**kept, "compute_dtype": cast_to} if cast_to else kept
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ def build_manifest(
     tokenizer: dict,
     vocab_size: int,
     splits: dict[str, TokenSequences],
+    cast_to: str | None = None,
 ) -> Manifest:
     shapes = {
         name: SplitShape(
@@ -256,7 +264,7 @@ def build_manifest(
         teacher=teacher,
         tokenizer=tokenizer,
         data=data,
-        settings=config.store_identity(),
+        settings=config.store_identity(cast_to),
         splits=shapes,
     )
 
@@ -272,7 +280,7 @@ def compute_targets(
 
     Chunks an earlier run finished are re-verified first: damaged ones are computed again."""
     _check_store_apart(config)
-    loaded = load_model(config.teacher, trust_remote_code=config.trust_remote_code)
+    loaded = load_model(config.teacher, config.trust_remote_code, config.compute_dtype)
     train, valid = build_sequences(loaded.tokenizer, config.data_spec())
     vocab_size = output_vocab_size(loaded)
     _check_against_model(config, vocab_size, train)
@@ -283,6 +291,7 @@ def compute_targets(
         tokenizer_fingerprint(loaded.tokenizer),
         vocab_size,
         splits,
+        loaded.cast_to,
     )
     as_arrays = {name: _as_arrays(seqs) for name, seqs in splits.items()}
     writer = open_store_for_writing(

@@ -24,13 +24,17 @@ from stages import run_dir as run_folder
 from stages.data import loss_mask
 from stages.distributed import Distributed
 from stages.errors import InvalidConfig, ModelError, StageError
+from stages.gptq import gptq_init
 from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
     apply_fast_matmul,
+    checkpoint_blocks,
     load_model,
     output_size,
     quantization_of,
     quantize_student,
+    restore_dtypes,
+    to_compute_dtype,
     tokenizer_fingerprint,
     unfreeze_scales_and_biases,
 )
@@ -46,6 +50,7 @@ from stages.settings import (
     MAX_STEPS,
     above_limit_problems,
     choice_problems,
+    compute_dtype_setting,
     empty_path_problems,
     fast_matmul_setting,
     identity_values,
@@ -61,6 +66,7 @@ from store.reader import StoreReader, stream_batches
 SCHEDULES = ("cosine", "constant")
 LEVERS_OFF = {"train_norms": False, "learned_rounding": False, "init": "rtn"}
 INCOMPLETE = ("refuse", "use", "wait")
+GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden states are held
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
     "warmup_steps": MAX_STEPS,
@@ -125,7 +131,17 @@ class TuneConfig:
         3600.0, "with incomplete_store=wait: give up after this long", identity=False
     )
     fast_matmul: str = fast_matmul_setting()
+    # Not in the resume key: the checkpoint's float32 parameters and optimizer state mean the
+    # same under any compute dtype (like fast_matmul, it changes only the forward's rounding),
+    # so a run started on CPU in float32 may resume on a GPU in bfloat16.
+    compute_dtype: str = compute_dtype_setting()
     trust_remote_code: bool = trust_remote_code_setting(identity=True)
+    grad_checkpoint: bool = setting(
+        False,
+        "recompute each transformer block's activations in the backward pass instead of "
+        "keeping them (less memory, ~1/3 more compute; same loss and gradients)",
+        identity=False,
+    )
     train_norms: bool = setting(
         False, "also train the norm weights and unquantized biases (saved in float, as before)"
     )
@@ -140,9 +156,10 @@ class TuneConfig:
         "AutoRound's 5e-3 on every seed of bench/levers.py)",
     )
     init: str = setting(
-        "rtn",
-        f"the starting student, one of {', '.join(INITS)}: round-to-nearest, or per-group clip "
-        "ratio of least weight error (needs the teacher)",
+        "auto",
+        f"the starting student, one of auto, {', '.join(INITS)}: round-to-nearest, per-group "
+        "clip ratio of least weight error, or GPTQ on the store's training tokens (the last two "
+        "need the teacher); auto = gptq when tune quantizes the teacher, tune.student as given",
     )
 
     def __post_init__(self) -> None:
@@ -165,6 +182,7 @@ class TuneConfig:
         if self.temperature <= 0 or self.learning_rate <= 0:
             problems.append("tune.temperature and tune.learning_rate must be > 0")
         problems += choice_problems(self, "tune", ("schedule", "fast_matmul", "incomplete_store"))
+        problems += choice_problems(self, "tune", ("compute_dtype",))
         if self.wait_timeout_s <= 0:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
@@ -177,8 +195,16 @@ class TuneConfig:
             raise InvalidConfig(problems)
 
     @property
+    def start(self) -> str:
+        """The starting student `init` resolves to (auto: GPTQ, which beat RTN's start on every
+        seed of bench/levers.py, unless a quantized student is given)."""
+        if self.init == "auto":
+            return "rtn" if self.student else "gptq"
+        return self.init
+
+    @property
     def needs_teacher_weights(self) -> bool:
-        return self.learned_rounding or self.init != "rtn"
+        return self.learned_rounding or self.start != "rtn"
 
     @property
     def wait_s(self) -> float | None:
@@ -188,7 +214,7 @@ class TuneConfig:
     def identity(self) -> dict[str, Any]:
         """The run's identity: its identity fields, less the levers that are off (so that
         checkpoints from before the levers still resume)."""
-        kept = identity_values(self)
+        kept = identity_values(self) | {"init": self.start}
         for name, off in LEVERS_OFF.items():
             if kept[name] == off:
                 del kept[name]
@@ -206,14 +232,15 @@ class TuneConfig:
 
 def _lever_problems(config: TuneConfig) -> list[str]:
     problems = []
-    if config.init not in INITS:
-        problems.append(f"tune.init must be one of {', '.join(INITS)} (got {config.init!r})")
+    if config.init not in ("auto", *INITS):
+        choices = ", ".join(("auto", *INITS))
+        problems.append(f"tune.init must be one of {choices} (got {config.init!r})")
     if config.rounding_lr < 0:
         problems.append(f"tune.rounding_lr must be >= 0 (got {config.rounding_lr})")
     if config.student and config.needs_teacher_weights:
         problems.append(
-            "tune.learned_rounding and tune.init=clip_search need the teacher's full-precision "
-            "weights: leave tune.student unset to quantize the teacher"
+            "tune.learned_rounding and tune.init=clip_search/gptq need the teacher's "
+            "full-precision weights: leave tune.student unset to quantize the teacher"
         )
     return problems
 
@@ -250,11 +277,12 @@ class _Student:
     config: dict
     source: Path | str
     originals: dict | None = None  # the teacher's float weights, for the levers that need them
+    dtypes: dict = dataclasses.field(default_factory=dict)  # its own dtypes, kept when saved
 
 
 def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     if config.student:
-        loaded = load_model(config.student, trust_remote_code=config.trust_remote_code)
+        loaded = load_model(config.student, config.trust_remote_code, config.compute_dtype)
         if "quantization" not in loaded.config:
             raise ModelError(
                 f"student {config.student!r} is not quantized; give a quantized mlx-lm model "
@@ -262,12 +290,16 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
             )
         quantization_of(loaded.config, config.student)
         student = _Student(loaded.model, loaded.tokenizer, loaded.config, loaded.path)
+        student.dtypes = loaded.dtypes
     else:
         teacher = str(reader.manifest.teacher.get("name", ""))
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
         originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
+        # Quantized in the teacher's own dtype (as mlx-lm's convert does), then cast.
         model, quantized_config = quantize_student(loaded, config.bits, config.group_size)
+        dtypes = to_compute_dtype(model, config.compute_dtype)
         student = _Student(model, loaded.tokenizer, quantized_config, loaded.path, originals)
+        student.dtypes = dtypes
     if tokenizer_fingerprint(student.tokenizer) != reader.manifest.tokenizer:
         raise ModelError(
             "the student's tokenizer differs from the one the targets were made with; "
@@ -282,14 +314,31 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     return student
 
 
-def _apply_levers(config: TuneConfig, student: _Student) -> None:
-    """A clip-searched start and trainable rounding offsets, from the teacher's weights (then
-    dropped: the offsets keep what they need)."""
-    if config.init == "clip_search":
+def _apply_levers(config: TuneConfig, student: _Student, reader: StoreReader) -> None:
+    """A clip-searched or GPTQ start and trainable rounding offsets, from the teacher's weights
+    (then dropped: the offsets keep what they need)."""
+    if config.start == "clip_search":
         clip_search_init(student.model, student.originals)
+    if config.start == "gptq":
+        gptq_init(student.model, student.originals, _calibration_batches(reader, config))
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)
     student.originals = None
+
+
+def _calibration_batches(reader: StoreReader, config: TuneConfig) -> list[tuple]:
+    """GPTQ's calibration data: the training split's first GPTQ_ROWS token rows as the model
+    reads them, in batches of tune.batch_size, with their loss mask (prompt and padding out)."""
+    seqs = {k: v[:GPTQ_ROWS] for k, v in reader.sequences("train").items()}
+    tokens = seqs["tokens"]
+    mask = loss_mask(seqs["lengths"], seqs["prompt_offsets"], tokens.shape[1] - 1)
+    return [
+        (
+            mx.array(tokens[i : i + config.batch_size, :-1]),
+            mx.array(mask[i : i + config.batch_size].astype(np.float32)),
+        )
+        for i in range(0, len(tokens), config.batch_size)
+    ]
 
 
 def _check_store(reader: StoreReader, config: TuneConfig) -> None:
@@ -567,8 +616,10 @@ def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
         raise ModelError(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )
-    _apply_levers(config, student)
+    _apply_levers(config, student, reader)
     apply_fast_matmul(student.model, config.fast_matmul)
+    if config.grad_checkpoint:
+        checkpoint_blocks(student.model)
     return student
 
 
@@ -760,6 +811,7 @@ def _save_student(folder: Path, student: _Student, params) -> None:
 
     student.model.update(params)
     fold_rounding_offsets(student.model)
+    restore_dtypes(student.model, student.dtypes)
     save(
         folder, student.source, student.model, student.tokenizer, student.config, donate_model=False
     )

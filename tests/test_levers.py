@@ -7,14 +7,16 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from stages import rounding
+from stages import gptq, rounding
 from stages.errors import InvalidConfig
 from stages.models import load_model, quantize_student, unfreeze_scales_and_biases
-from stages.tune import TuneConfig, tune
+from stages.tune import TuneConfig, _calibration_batches, tune
+from store.reader import StoreReader
 from tests import test_tune
 from tests.test_tune import assert_kill_and_resume_is_bit_identical, saved_weights, tune_config
 
@@ -29,11 +31,22 @@ ALL_LEVERS = {
 SHORT = {"max_steps": 4, "epochs": 1}
 
 
-def rtn_student(teacher: Path):
+def rtn_student(teacher: Path, bits: int = 4):
     loaded = load_model(str(teacher))
     originals = rounding.full_precision_weights(loaded.model)
-    model, _ = quantize_student(loaded, bits=4, group_size=32)
+    model, _ = quantize_student(loaded, bits=bits, group_size=32)
     return model, originals
+
+
+def gptq_student(teacher: Path, store: Path, bits: int):
+    """The GPTQ start as tune makes it: RTN re-quantized on the store's training rows."""
+    model, originals = rtn_student(teacher, bits)
+    batches = calibration_batches(store)
+    return model, originals, batches, gptq.gptq_init(model, originals, batches)
+
+
+def calibration_batches(store: Path) -> list[tuple]:
+    return _calibration_batches(StoreReader(str(store)), tune_config(store, Path("unused")))
 
 
 def norm_weights(weights: dict) -> dict:
@@ -151,10 +164,20 @@ def test_zero_effect_levers_save_the_rtn_student(tiny_store, tiny_teacher, tmp_p
         {"train_norms": True},
         {"learned_rounding": True, "rounding_lr": 0.02},
         {"init": "clip_search"},
+        {"init": "gptq"},
+        {"init": "gptq", "learned_rounding": True},  # at the default rounding_lr
         ALL_LEVERS,
         {**ALL_LEVERS, "fast_matmul": "off"},
     ],
-    ids=["norms", "rounding", "clip_search", "all", "all-without-fast-matmul"],
+    ids=[
+        "norms",
+        "rounding",
+        "clip_search",
+        "gptq",
+        "gptq-and-rounding",
+        "all",
+        "all-without-fast-matmul",
+    ],
 )
 def test_each_lever_lowers_the_validation_loss(tiny_store, tmp_path, levers):
     result = tune(tune_config(tiny_store, tmp_path / "run", **levers))
@@ -170,16 +193,19 @@ def test_lever_settings_are_checked_and_keyed():
     with pytest.raises(InvalidConfig) as caught:
         TuneConfig(student="some/quantized", learned_rounding=True, init="awq", rounding_lr=-1)
     message = str(caught.value)
-    assert "tune.init must be one of rtn, clip_search" in message
+    assert "tune.init must be one of auto, rtn, clip_search" in message
     assert "tune.rounding_lr must be >= 0" in message
     assert "leave tune.student unset" in message
     with pytest.raises(InvalidConfig, match="leave tune.student unset"):
         TuneConfig(student="some/quantized", init="clip_search")
-    base = TuneConfig().resume_key()
-    # a checkpoint of a run from before the levers resumes: levers off leave the key as it was
-    assert TuneConfig(rounding_lr=0.3).resume_key() == base
-    for lever in ({"train_norms": True}, {"learned_rounding": True}, {"init": "clip_search"}):
-        assert TuneConfig(**lever).resume_key() != base
+    base = TuneConfig(init="rtn").resume_key()
+    # a checkpoint of a run from before the levers resumes with init=rtn: levers off leave the
+    # key as it was
+    assert TuneConfig(init="rtn", rounding_lr=0.3).resume_key() == base
+    levers = [{"train_norms": True}, {"learned_rounding": True}]
+    levers += [{"init": "clip_search"}, {"init": "gptq"}]
+    keys = {TuneConfig(**{"init": "rtn", **lever}).resume_key() for lever in levers}
+    assert len(keys) == len(levers) and base not in keys
     assert TuneConfig(learned_rounding=True, rounding_lr=0.1).resume_key() != (
         TuneConfig(learned_rounding=True).resume_key()
     )
@@ -197,3 +223,126 @@ def test_levers_are_cli_settings():
         assert f"tune.{key}" in shown.output
     refused = runner.invoke(app, ["config", "--set", "tune.init=awq"])
     assert refused.exit_code == 2 and "tune.init must be one of" in refused.output
+
+
+class _Inputs(nn.Module):
+    """Runs a float Linear and keeps its inputs."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.seen = layer, []
+
+    def __call__(self, x):
+        self.seen.append(x)
+        return self.layer(x)
+
+
+def float_layer_inputs(model, batches: list[tuple]) -> dict[str, mx.array]:
+    """Each Linear of the full-precision model -> its inputs at the loss mask's positions."""
+    catchers = [
+        (path, _Inputs(module))
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    model.update_modules(tree_unflatten(catchers))
+    for tokens, _ in batches:
+        model(tokens)
+    kept = mx.array(np.flatnonzero(np.concatenate([np.array(mask) for _, mask in batches])))
+    rows = lambda seen: mx.concatenate(seen).reshape(-1, seen[0].shape[-1])  # noqa: E731
+    return {path: rows(c.seen)[kept] for path, c in catchers}
+
+
+def output_error(module, weight: mx.array, inputs: mx.array) -> float:
+    restored = mx.dequantize(
+        module["weight"], module["scales"], module["biases"], module.group_size, module.bits
+    )
+    diff = inputs @ (restored.astype(mx.float32) - weight).T
+    return (diff * diff).sum().item()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_lowers_the_output_error_of_every_layer(tiny_store, tiny_teacher, bits):
+    student, originals, batches, count = gptq_student(tiny_teacher, tiny_store, bits)
+    rtn, _ = rtn_student(tiny_teacher, bits)
+    inputs = float_layer_inputs(load_model(str(tiny_teacher)).model, batches)
+    assert count == len(inputs) == 14  # every Linear; the (tied) embedding stays RTN
+    rtn_modules, gptq_modules = dict(rtn.named_modules()), dict(student.named_modules())
+    for path, x in inputs.items():
+        weight = originals[path]
+        before = output_error(rtn_modules[path], weight, x)
+        after = output_error(gptq_modules[path], weight, x)
+        assert after < before, path
+    embedding = "model.embed_tokens"
+    for key in ("weight", "scales", "biases"):
+        assert np.array_equal(
+            np.array(gptq_modules[embedding][key]), np.array(rtn_modules[embedding][key])
+        )
+
+
+def test_gptq_start_saves_as_an_mlx_lm_model_of_the_rtn_format(tiny_store, tiny_teacher, tmp_path):
+    """With a zero learning rate and zero rounding steps, tune saves the GPTQ start itself (its
+    rounding offsets composed and folded): an ordinary 3-bit mlx-lm model."""
+    from mlx_lm import generate
+    from mlx_lm import load as mlx_load
+
+    settings = {"init": "gptq", "learned_rounding": True, "rounding_lr": 0.0, "bits": 3}
+    run = tune_config(tiny_store, tmp_path / "run", learning_rate=1e-12, **settings, **SHORT)
+    result = tune(run)
+    student, _, _, _ = gptq_student(tiny_teacher, tiny_store, bits=3)
+    saved = saved_weights(result.model_dir)
+    expected = {k: np.array(v) for k, v in tree_flatten(student.parameters())}
+    assert saved.keys() == expected.keys()
+    assert all(np.array_equal(saved[k], expected[k]) for k in expected)
+    rtn, _ = rtn_student(tiny_teacher, bits=3)
+    rtn_weights = {k: np.array(v) for k, v in tree_flatten(rtn.parameters())}
+    assert all(saved[k].shape == rtn_weights[k].shape for k in rtn_weights)
+    assert all(saved[k].dtype == rtn_weights[k].dtype for k in rtn_weights)
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["quantization"]["bits"] == 3 and config["quantization"]["group_size"] == 32
+    loaded, tokenizer = mlx_load(str(result.model_dir))
+    for path, module in loaded.named_modules():
+        if hasattr(module, "bits"):
+            assert (module.bits, module.group_size) == (3, 32), path
+            codes = np.array(rounding.unpack_codes(module["weight"], 3, 32))
+            assert codes.min() >= 0 and codes.max() <= 7 and np.array_equal(codes, codes.round())
+    tokens = mx.array([[1, 5, 9, 42, 7, 3, 100, 11]])
+    np.testing.assert_allclose(np.array(loaded(tokens)), np.array(student(tokens)), atol=1e-5)
+    assert isinstance(generate(loaded, tokenizer, "The quick", max_tokens=4), str)
+
+
+def test_resume_with_gptq_and_rounding_is_bit_identical(tiny_store, tmp_path):
+    settings = {"init": "gptq", "learned_rounding": True, "rounding_lr": 0.02}
+    assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, **settings)
+
+
+def test_gptq_requantizes_an_untied_output_layer_too():
+    """A Linear outside the model's blocks (an untied lm_head) gets GPTQ on its own inputs."""
+    import mlx.nn as nn
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    args = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 96}
+    args |= {"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}
+    teacher = Model(ModelArgs(model_type="llama", tie_word_embeddings=False, **args))
+    originals = rounding.full_precision_weights(teacher)
+    student = Model(ModelArgs(model_type="llama", tie_word_embeddings=False, **args))
+    student.update(teacher.parameters())
+    nn.quantize(student, group_size=32, bits=3)
+    rtn_head = {k: student.lm_head[k] for k in ("weight", "scales", "biases")}
+    tokens = mx.random.randint(0, 96, (8, 12), key=mx.random.key(1))
+    batches = [(tokens[i : i + 4], mx.ones((4, 12))) for i in (0, 4)]
+    assert gptq.gptq_init(student, originals, batches) == 15
+    head_inputs = float_layer_inputs(teacher, batches)["lm_head"]
+    rtn = nn.QuantizedLinear(64, 96, bias=False, group_size=32, bits=3)
+    rtn.update(rtn_head)
+    weight = originals["lm_head"]
+    assert output_error(student.lm_head, weight, head_inputs) < output_error(
+        rtn, weight, head_inputs
+    )
+
+
+def test_auto_start_is_gptq_from_the_teacher_and_the_given_student_as_is():
+    assert TuneConfig().start == "gptq" and TuneConfig().needs_teacher_weights
+    given = TuneConfig(student="some/quantized")
+    assert given.start == "rtn" and not given.needs_teacher_weights  # not refused
+    assert TuneConfig().resume_key() == TuneConfig(init="gptq").resume_key()
+    assert TuneConfig(init="rtn").resume_key() != TuneConfig().resume_key()

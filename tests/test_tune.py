@@ -46,18 +46,20 @@ def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
     return store
 
 
+TUNE_SETTINGS = {
+    "tune.group_size": 32,
+    "tune.learning_rate": 1e-4,
+    "tune.warmup_steps": 1,
+    "tune.batch_size": 4,
+    "tune.val_every": 3,
+    "tune.checkpoint_every": 2,
+    "tune.init": "rtn",  # the loop's tests start where DWQ does; tests/test_levers.py has gptq
+}
+
+
 def tune_config(store: Path, run_dir: Path, **extra):
-    overrides = {
-        "store": str(store),
-        "tune.run_dir": str(run_dir),
-        "tune.group_size": 32,
-        "tune.learning_rate": 1e-4,
-        "tune.warmup_steps": 1,
-        "tune.batch_size": 4,
-        "tune.epochs": 2,
-        "tune.val_every": 3,
-        "tune.checkpoint_every": 2,
-    }
+    overrides = {"store": str(store), "tune.run_dir": str(run_dir), "tune.epochs": 2}
+    overrides |= TUNE_SETTINGS
     overrides.update({f"tune.{k}": v for k, v in extra.items()})
     return load_config(None, overrides).tune
 
@@ -158,6 +160,18 @@ def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
         np.testing.assert_allclose(fast[name], slow[name], rtol=2e-3, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("levers", [{}, {"learned_rounding": True, "train_norms": True}])
+def test_grad_checkpoint_tunes_the_same_weights(tiny_store, tmp_path, levers):
+    plain = tune(tune_config(tiny_store, tmp_path / "plain", max_steps=2, **levers))
+    checkpointed = tune(
+        tune_config(tiny_store, tmp_path / "ckpt", max_steps=2, grad_checkpoint=True, **levers)
+    )
+    a, b = saved_weights(plain.model_dir), saved_weights(checkpointed.model_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=0, err_msg=name)
+
+
 def test_unquantized_student_is_refused(tiny_store, tiny_teacher, tmp_path):
     with pytest.raises(ModelError, match="not quantized"):
         tune(tune_config(tiny_store, tmp_path / "run", student=str(tiny_teacher)))
@@ -245,16 +259,6 @@ def test_cli_tune_bad_input_is_one_line(tiny_store, tmp_path):
     assert len(result.output.strip().splitlines()) == 1
     result = runner.invoke(app, ["tune", "--store", str(tiny_store), "--set", "tune.loss=l2"])
     assert result.exit_code == 2 and "tune.loss must be one of" in result.output
-
-
-TUNE_SETTINGS = {
-    "tune.group_size": 32,
-    "tune.learning_rate": 1e-4,
-    "tune.warmup_steps": 1,
-    "tune.batch_size": 4,
-    "tune.val_every": 3,
-    "tune.checkpoint_every": 2,
-}
 
 
 def test_two_ranks_match_one_process(tiny_store, tmp_path):

@@ -1,0 +1,274 @@
+"""The GPTQ starting student of `tune` (`tune.init=gptq`; Frantar et al. 2022, as mlx-lm's
+mlx_lm/quant/gptq.py): each quantized Linear is re-quantized from the teacher's weight column by
+column, each column's rounding error fed back into the columns not yet quantized through the
+Cholesky factor of the inverse Hessian of the layer's inputs, so the layer's output error on the
+calibration tokens is what is minimised, not the weight error.
+
+Unlike mlx-lm's, it keeps the RTN student's bits (any width, 3 included), group size and affine
+mode: only the Linears that the RTN student quantized are re-quantized, embeddings stay RTN, and
+the integers, scales and biases go into the student's own QuantizedLinear layers.
+
+The Hessians are taken block by block (the model's `layers`), each block's inputs those of the
+already re-quantized blocks before it (sequential GPTQ, as AutoGPTQ): the inputs of the first block
+are caught once, then each block is run on them, so the calibration costs about two forward passes
+and one block's Hessians in memory. Only positions of the loss mask count. On the default teacher
+this start measured better than Hessians from the full-precision model's inputs (mlx-lm's way):
+validation KL 0.268 vs 0.277 at 4-bit g64 (RTN 0.449), 1.31 vs 1.61 at 3-bit (RTN 2.12).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from stages.models import is_trainable_quantized
+from stages.rounding import pack_codes
+
+DAMPING = 1e-2  # of the Hessian's mean diagonal, as mlx-lm
+Batch = tuple[mx.array, mx.array]  # token rows (B, L) and their loss mask (B, L)
+
+
+# ---- one layer ----------------------------------------------------------------------------------
+
+
+def inverse_hessian_factor(hessian: mx.array) -> np.ndarray:
+    """Upper Cholesky factor of the dampened Hessian's inverse (on the CPU, as mlx-lm)."""
+    mean_diagonal = mx.mean(mx.diag(hessian)).item()
+    if not mean_diagonal > 0:  # no calibration token reached the layer: plain rounding
+        return np.eye(hessian.shape[0], dtype=np.float32)
+    with mx.stream(mx.cpu):
+        dampened = hessian + DAMPING * mean_diagonal * mx.eye(hessian.shape[0])
+        inverse = mx.linalg.cholesky_inv(mx.linalg.cholesky(dampened))
+        return np.array(mx.linalg.cholesky(inverse, upper=True))
+
+
+def _group_grid(columns: np.ndarray, bits: int, dtype: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A group's affine scales and biases as mlx computes them, rounded to the stored dtype."""
+    _, scales, biases = mx.quantize(mx.array(columns), group_size=columns.shape[1], bits=bits)
+    as_stored = (np.array(v.astype(dtype).astype(mx.float32))[:, 0] for v in (scales, biases))
+    return tuple(as_stored)
+
+
+def gptq_quantize(
+    weight: mx.array, hessian: mx.array, bits: int, group_size: int, dtype: mx.Dtype
+) -> tuple[mx.array, mx.array, mx.array]:
+    """(packed, scales, biases) of `weight` (out, in) by GPTQ for the inputs' Hessian (in, in);
+    each group's grid is taken from its columns once the earlier columns' errors are fed in."""
+    w = np.array(weight.astype(mx.float32)).T.copy()  # (in, out): a column is one row here
+    u = inverse_hessian_factor(hessian.astype(mx.float32))
+    top = 2**bits - 1
+    codes = np.zeros(w.shape, dtype=np.float32)
+    all_scales, all_biases = [], []
+    for start in range(0, w.shape[0], group_size):
+        end = start + group_size
+        scales, biases = _group_grid(w[start:end].T, bits, dtype)
+        safe_scales = np.where(scales == 0, 1.0, scales)
+        errors = np.empty((group_size, w.shape[1]), dtype=np.float32)
+        for k in range(start, end):
+            done = k - start  # this group's earlier errors, fed into column k as it comes
+            column = w[k] - u[start:k, k] @ errors[:done]
+            q = np.clip(np.round((column - biases) / safe_scales), 0, top)
+            codes[k] = q
+            errors[done] = (column - (q * scales + biases)) / u[k, k]
+        w[end:] -= u[start:end, end:].T @ errors  # the later groups once per group
+        all_scales.append(scales)
+        all_biases.append(biases)
+    stack = lambda parts: mx.array(np.stack(parts, axis=1)).astype(dtype)  # noqa: E731
+    return pack_codes(mx.array(codes.T), bits), stack(all_scales), stack(all_biases)
+
+
+# ---- Hessians of a block's layers -------------------------------------------------------------
+
+
+class _Catcher(nn.Module):
+    """Runs the float layer and adds X^T X of its inputs at the positions of the loss mask."""
+
+    def __init__(self, layer: nn.Module, calibration: _Calibration):
+        super().__init__()
+        self.layer = layer
+        self.calibration = calibration
+        self.hessian = mx.zeros((layer.weight.shape[1],) * 2, dtype=mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.hessian = self.hessian + self.calibration.gram(x)
+        return self.layer(x)
+
+
+class _Calibration:
+    """What the catchers share: the loss mask of the batch being run, and each input's X^T X
+    computed once (q/k/v, gate/up read the same input)."""
+
+    def __init__(self) -> None:
+        self.mask = mx.array(1.0)
+        self.grams: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def start_batch(self, mask: mx.array) -> None:
+        self.mask, self.grams = mask, {}
+
+    def gram(self, x: mx.array) -> mx.array:
+        if id(x) not in self.grams:  # x is kept alive with its entry, so its id is not reused
+            rows = (x.astype(mx.float32) * self.mask[..., None]).reshape(-1, x.shape[-1])
+            self.grams[id(x)] = (x, rows.T @ rows)
+        return self.grams[id(x)][1]
+
+
+class _Reached(Exception):
+    """Raised by the first block to hand back its inputs and stop the forward pass."""
+
+    def __init__(self, inputs: tuple):
+        self.inputs = inputs
+
+
+@contextmanager
+def _stops_at(block: nn.Module) -> Iterator[None]:
+    """The block, while inside, raises _Reached with its call's arguments instead of running."""
+    original = type(block)
+
+    def reached(self, *args, **kwargs):
+        raise _Reached((args, kwargs))
+
+    block.__class__ = type(original.__name__, (original,), {"__call__": reached})
+    try:
+        yield
+    finally:
+        block.__class__ = original
+
+
+def first_block_inputs(model: Any, batches: list[Batch]) -> list[tuple]:
+    """(args, kwargs) of the first block's call for each batch, the model's forward cut there."""
+    caught = []
+    with _stops_at(model.layers[0]):
+        for tokens, _ in batches:
+            try:
+                model(tokens)
+            except _Reached as reached:
+                mx.eval([v for _, v in tree_flatten(reached.inputs) if isinstance(v, mx.array)])
+                caught.append(reached.inputs)
+    return caught
+
+
+def _dequantized(module: nn.QuantizedLinear) -> nn.Linear:
+    """A float Linear of the quantized one's exact weight: its matmul is fast on every device."""
+    scales = module["scales"]
+    weight = mx.dequantize(
+        module["weight"], scales, module["biases"], group_size=module.group_size, bits=module.bits
+    )
+    return _float_linear(module, weight.astype(scales.dtype))
+
+
+def _float_linear(quantized: nn.Module, weight: mx.array) -> nn.Linear:
+    """A float Linear of `weight` (and the quantized layer's bias) in place of the quantized."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in quantized)
+    layer.weight = weight
+    if "bias" in quantized:
+        layer.bias = quantized["bias"]
+    return layer
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, name = path.split(".")
+    parent = root
+    for part in parents:
+        parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
+    if isinstance(parent, list):
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+@contextmanager
+def _swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Modules of `root` (by path) replaced while inside, the originals put back after."""
+    modules = dict(root.named_modules())
+    kept = {path: modules[path] for path in replacements}
+    for path, module in replacements.items():
+        _set_module(root, path, module)
+    try:
+        yield
+    finally:
+        for path, module in kept.items():
+            _set_module(root, path, module)
+
+
+def _run_block(block, inputs: list[tuple], batches: list[Batch], calibration) -> list[mx.array]:
+    outputs = []
+    for (args, kwargs), (_, mask) in zip(inputs, batches, strict=True):
+        calibration.start_batch(mask)
+        out = block(*args, **kwargs)
+        mx.eval(out, block.parameters())
+        outputs.append(out)
+    calibration.start_batch(mx.array(1.0))
+    return outputs
+
+
+def _quantize_layers(
+    root: nn.Module,
+    paths: list[str],
+    weights: dict[str, mx.array],
+    inputs: list[tuple],
+    batches: list[Batch],
+) -> list[mx.array]:
+    """GPTQ for `root`'s quantized Linears at `paths` (inside root) on root's inputs, Hessians
+    from the float layers; returns the re-quantized root's outputs on the same inputs."""
+    calibration = _Calibration()
+    modules = dict(root.named_modules())
+    catchers = {p: _Catcher(_float_linear(modules[p], weights[p]), calibration) for p in paths}
+    with _swapped(root, catchers):
+        _run_block(root, inputs, batches, calibration)
+    for path in paths:
+        module = modules[path]
+        hessian = catchers.pop(path).hessian
+        dtype = module["scales"].dtype
+        packed, scales, biases = gptq_quantize(
+            weights[path], hessian, module.bits, module.group_size, dtype
+        )
+        module["weight"], module["scales"], module["biases"] = packed, scales, biases
+        mx.eval(module.parameters())
+    with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
+        return _run_block(root, inputs, batches, calibration)
+
+
+def gptq_layers(model: Any, originals: dict[str, mx.array]) -> list[str]:
+    """The Linears that the student quantized (affine, below 8 bits) with a known teacher
+    weight; embeddings and anything else stay as they are."""
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.QuantizedLinear)
+        and is_trainable_quantized(module)
+        and path in originals
+    ]
+
+
+def _block_prefixes(model: Any) -> list[str]:
+    paths = {id(module): path for path, module in model.named_modules()}
+    return [paths[id(block)] + "." for block in getattr(model, "layers", [])]
+
+
+def gptq_init(model: Any, originals: dict[str, mx.array], batches: list[Batch]) -> int:
+    """Re-quantize the student's Linears by GPTQ on the calibration batches, block by block,
+    each block's inputs from the blocks before it as re-quantized; returns how many layers."""
+    todo = gptq_layers(model, originals)
+    blocks = list(zip(getattr(model, "layers", []), _block_prefixes(model), strict=True))
+    inputs = first_block_inputs(model, batches) if blocks else []
+    for block, prefix in blocks:
+        mine = [p[len(prefix) :] for p in todo if p.startswith(prefix)]
+        weights = {p: originals[prefix + p] for p in mine}
+        outputs = _quantize_layers(block, mine, weights, inputs, batches)
+        inputs = [
+            ((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs, strict=True)
+        ]
+    done = [p for p in todo if any(p.startswith(prefix) for _, prefix in blocks)]
+    rest = [p for p in todo if p not in done]  # outside the blocks (an untied lm_head)
+    if rest:
+        modules = dict(model.named_modules())
+        with _swapped(model, {p: _dequantized(modules[p]) for p in done}):
+            whole = [((tokens,), {}) for tokens, _ in batches]
+            _quantize_layers(model, rest, {p: originals[p] for p in rest}, whole, batches)
+    return len(todo)

@@ -1,0 +1,99 @@
+"""tune.grad_checkpoint: each transformer block recomputed in the backward pass gives the same
+loss and gradients with a lower peak memory, and touches only the model it is applied to."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.utils import quantize_model
+
+from stages.models import checkpoint_blocks, unfreeze_scales_and_biases, use_dequantized_matmul
+from stages.tune import TuneConfig
+
+LAYERS, SEQ_LEN = 12, 512
+MOE = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 64,
+    "norm_topk_prob": True,
+}
+
+
+def deep_student(model_type: str = "qwen3"):
+    """A random 4-bit student with many thin layers, on the CPU fast path (whose dequantized
+    float32 weights are kept for the backward pass unless checkpointed)."""
+    config = {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "num_hidden_layers": LAYERS,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": SEQ_LEN,
+        "rope_theta": 10000.0,
+        "vocab_size": 256,
+        "tie_word_embeddings": False,
+        **(MOE if model_type == "qwen3_moe" else {}),
+    }
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    quantize_model(model, config, group_size=32, bits=4)
+    use_dequantized_matmul(model)
+    unfreeze_scales_and_biases(model)
+    return model
+
+
+def step(model) -> tuple[float, dict[str, np.ndarray], int]:
+    """Loss, gradients and MLX's peak memory of one training step."""
+    tokens = mx.array(np.random.default_rng(0).integers(0, 256, (2, SEQ_LEN + 1)))
+
+    def loss(params):
+        model.update(params)
+        return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+    params = model.trainable_parameters()
+    mx.eval(params)
+    mx.reset_peak_memory()
+    value, grads = mx.value_and_grad(loss)(params)
+    mx.eval(value, grads)
+    peak = mx.get_peak_memory()
+    return value.item(), {k: np.array(v) for k, v in tree_flatten(grads)}, peak
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
+def test_checkpointed_blocks_give_the_same_loss_and_gradients_in_less_memory(model_type):
+    plain_loss, plain_grads, plain_peak = step(deep_student(model_type))
+    model = deep_student(model_type)
+    assert checkpoint_blocks(model) == LAYERS
+    loss, grads, peak = step(model)
+    assert loss == plain_loss
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        np.testing.assert_allclose(grad, plain_grads[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert peak < 0.6 * plain_peak, (peak, plain_peak)
+
+
+def test_checkpointing_changes_only_that_model_and_only_once():
+    checkpointed, plain = deep_student(), deep_student()
+    checkpoint_blocks(checkpointed)
+    checkpoint_blocks(checkpointed)  # a second call does not nest
+    block = type(checkpointed.layers[0])
+    assert block.__bases__ == (type(plain.layers[0]),)
+    assert type(plain.layers[0]).__call__ is not block.__call__
+    # Saving sees the same parameter names either way.
+    names = lambda m: [k for k, _ in tree_flatten(m.parameters())]  # noqa: E731
+    assert names(checkpointed) == names(plain)
+
+
+def test_grad_checkpoint_is_not_part_of_the_resume_key():
+    assert TuneConfig(grad_checkpoint=True).resume_key() == TuneConfig().resume_key()
