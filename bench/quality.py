@@ -7,8 +7,10 @@ the same matmul path (dequantize + BLAS), at 4-bit and 3-bit group 64:
 - RTN: the teacher quantized round-to-nearest (mlx-lm's `quantize_model`), not tuned;
 - ours: `tune` with configs/default.yaml's settings;
 - mlx-lm: `dwq_quantize` with its optimizer as its command builds it (bias-corrected Adam,
-  constant rate, T=2) at each learning rate of a sweep; its best rate is the one with the lowest
-  mean KL on the validation rows (the store's valid split), never on the test rows.
+  constant rate, T=2) at each learning rate of a sweep, in two rounds: every rate with the first
+  seed, then the FINALISTS rates with the lowest validation KL get every other seed; its best
+  rate is the finalist with the lowest mean KL over all seeds on the validation rows (the
+  store's valid split), never on the test rows.
 
 Neither side keeps a best-by-validation checkpoint: both are scored with their final parameters
 (ours read from the run's last checkpoint; `dwq_quantize` leaves its last in the model). Every
@@ -17,21 +19,36 @@ full-vocabulary KL(teacher || student) per token, perplexity and top-1 agreement
 teacher, on the default data's test split as `dwq-pipeline eval` draws it, and tune seconds
 (validation at start and end included, model loading excluded).
 
-Run: `make bench` or `.venv/bin/python -m bench.quality` (BENCH_SCALE=quick for a short check).
+Each finished run's parameters are kept in artifacts/bench/quality/ (quality-quick/ for the quick
+scale), keyed by side, bits, learning rate or tune settings, and seed, next to the store they
+were tuned on: a run cut short (or a later one after our defaults change) redoes only what is
+missing. Delete the folder to start over.
+
+Run: `make bench` or `.venv/bin/python -m bench.quality [--bits 4 3]` (BENCH_SCALE=quick for a
+short check). Several such processes on the same cache share the runs (each claims a run
+before it starts it): `OPENBLAS_NUM_THREADS=1` and one process per core is faster on a CPU,
+since most of MLX's CPU work outside the matmuls runs on one thread.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import hashlib
+import json
 import math
-import tempfile
+import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from rich.table import Table
 
 from bench.common import FullTime, Ratio, by_scale, report, report_details, wide_console
@@ -41,14 +58,19 @@ from stages.data import TokenSequences
 from stages.evaluate import EvalConfig, held_out_sequences, score_models
 from stages.models import load_model
 from stages.targets import compute_targets
-from stages.tune import tune
+from stages.tune import TuneConfig, tune
+from store.lock import LockedError
 
-DEFAULT_CONFIG = Path("configs/default.yaml")
+ROOT = Path(__file__).parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 QUANTIZATIONS = ((4, 64), (3, 64))
 FULL_SEEDS, FULL_LEARNING_RATES = (123, 7, 2026), (1e-6, 1e-5, 3e-5, 1e-4, 3e-4)
 # Quick: the same code on a sliver (its figures mean nothing): fewer seeds, two rates to choose.
 SEEDS = by_scale(FULL_SEEDS[:2], FULL_SEEDS)
 LEARNING_RATES = by_scale((1e-5, 1e-4), FULL_LEARNING_RATES)
+FINALISTS = by_scale(1, 2)  # rates that get every seed after the first seed's round
+CLAIM_POLL_S = 15  # how often a bench process looks for runs another one is doing
+CACHE = ROOT / "artifacts" / "bench" / by_scale("quality-quick", "quality")
 QUICK = {
     "targets.num_samples": 4,
     "targets.max_seq_length": 32,
@@ -65,6 +87,7 @@ class Run:
 
     params: dict
     seconds: float
+    info: dict = dataclasses.field(default_factory=dict)
 
 
 class WithParams:
@@ -89,45 +112,171 @@ def bench_config(store: Path, overrides: dict) -> Any:
     return load_config(DEFAULT_CONFIG, {**overrides, "store": str(store)})
 
 
-def our_runs(config, tmp: Path, bits: int, group_size: int, base, setup: float, steps: int):
-    """`tune` with the default settings, once per seed; the final parameters of each."""
+class RunCache:
+    """Finished runs on disk: the parameters that differ from the RTN student, and seconds."""
+
+    def __init__(self, folder: Path, rtn: dict, tag: str) -> None:
+        self.folder, self.tag = folder, tag
+        self.rtn_tree, self.rtn = rtn, dict(tree_flatten(rtn))
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def load(self, name: str, base) -> Run | None:
+        if not self.path(name).exists():
+            return None
+        changed, meta = mx.load(str(self.path(name)), return_metadata=True)
+        base.update(self.rtn_tree)
+        base.load_weights(list(changed.items()), strict=False)
+        return Run(base.parameters(), float(meta["seconds"]), json.loads(meta["info"]))
+
+    def claim(self, name: str) -> bool:
+        """True when this process may run `name`: no other live bench process claimed it."""
+        claim = self.folder / f"{name}.claim"
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(claim.read_text() or 0), 0)
+                return False  # another bench process is running it
+            except (ProcessLookupError, ValueError):
+                claim.unlink(missing_ok=True)  # its process died: take it over
+                return self.claim(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+    def release(self, name: str) -> None:
+        (self.folder / f"{name}.claim").unlink(missing_ok=True)
+
+    def save(self, name: str, params: dict, seconds: float, info: dict | None = None) -> Run:
+        changed = {
+            key: value
+            for key, value in tree_flatten(params)
+            if key not in self.rtn or not mx.array_equal(value, self.rtn[key]).item()
+        }
+        partial = self.path(name).with_suffix(".partial.safetensors")
+        meta = {"seconds": repr(seconds), "info": json.dumps(info or {})}
+        mx.save_safetensors(str(partial), changed, metadata=meta)
+        os.replace(partial, self.path(name))
+        return Run(params, seconds, info or {})
+
+
+def settings_digest(config: TuneConfig) -> str:
+    """Our side's cache key: every setting that changes the student (store and seed aside)."""
+    kept = {k: v for k, v in config.identity().items() if k not in ("store", "seed")}
+    return hashlib.blake2b(json.dumps(kept, sort_keys=True).encode(), digest_size=6).hexdigest()
+
+
+def saved_model_params(model_dir: Path, base, rtn: dict) -> dict:
+    """The saved student's parameters, put into the shared model (weights too: a start other
+    than RTN changes the integers)."""
+    base.update(rtn)
+    for file in sorted(model_dir.glob("*.safetensors")):
+        base.load_weights(list(mx.load(str(file)).items()), strict=False)
+    return base.parameters()
+
+
+def run_each(cache: RunCache, base, jobs: dict[str, Callable[[], tuple]]) -> tuple[dict, int]:
+    """Each job's Run, from the cache or run here ((params, seconds, info) = job()); several
+    bench processes on the same cache share the work: each claims a job before starting it and
+    at the end waits for the ones others claimed. Returns (runs by name, how many ran here)."""
+    done, pending = 0, list(jobs)
+    while pending:
+        for name in list(pending):
+            if cache.path(name).exists():
+                pending.remove(name)
+            elif cache.claim(name):
+                try:
+                    cache.save(name, *jobs[name]())
+                finally:
+                    cache.release(name)
+                pending.remove(name)
+                done += 1
+        if pending:
+            time.sleep(CLAIM_POLL_S)
+    return {name: cache.load(name, base) for name in jobs}, done
+
+
+def our_jobs(config, tmp: Path, bits: int, group_size: int, base, setup: float, steps: int, cache):
+    """`tune` with the default settings, once per seed: (jobs by name, names by seed). With
+    validation at start and end only, the saved model is the final one unless the end
+    validated worse than the start: `best_step` in the details says which."""
     rtn = base.parameters()
-    runs = {}
-    for seed in SEEDS:
-        run_dir = tmp / f"ours-{bits}-{seed}"
-        settings = dict(
-            run_dir=str(run_dir),
-            bits=bits,
-            group_size=group_size,
-            seed=seed,
-            val_every=NEVER,
-            checkpoint_every=NEVER,
-        )
+
+    def job(tune_config: TuneConfig, run_dir: Path):
         tic = time.perf_counter()
-        done = tune(dataclasses.replace(config.tune, **settings))
+        result = tune(dataclasses.replace(tune_config, run_dir=str(run_dir)))
         seconds = time.perf_counter() - tic - setup
-        assert done.steps == steps, (done.steps, steps)  # the same budget as mlx-lm's
-        base.update(rtn)
-        final = mx.load(str(run_dir / "checkpoint" / "params.safetensors"))
-        base.load_weights(list(final.items()), strict=False)
-        runs[seed] = Run(base.parameters(), seconds)
-    base.update(rtn)
-    return runs
+        assert result.steps == steps, (result.steps, steps)  # the same budget as mlx-lm's
+        params = saved_model_params(result.model_dir, base, rtn)
+        shutil.rmtree(run_dir)  # made by this bench; the cache keeps what counts
+        return params, seconds, {"best_step": result.best_step, "steps": result.steps}
+
+    names, jobs = {}, {}
+    for seed in SEEDS:
+        settings = dict(
+            bits=bits, group_size=group_size, seed=seed, val_every=NEVER, checkpoint_every=NEVER
+        )
+        tune_config = dataclasses.replace(config.tune, **settings)
+        names[seed] = f"ours-{settings_digest(tune_config)}-{cache.tag}-seed{seed}"
+        jobs[names[seed]] = functools.partial(job, tune_config, tmp / names[seed])
+    return jobs, names
 
 
-def mlx_lm_runs(stored: StoredTargets, base, batch_size: int) -> dict[float, dict[int, Run]]:
-    """mlx-lm's dwq_quantize from the same RTN student at each learning rate and seed."""
-    rtn = base.parameters()
+def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache) -> tuple:
+    """mlx-lm's dwq_quantize from the RTN student at each (learning rate, seed) of `pairs`:
+    (jobs by name, names by pair)."""
     train, valid = stored.rows("train"), stored.rows("valid")
-    runs: dict[float, dict[int, Run]] = {}
-    for rate in LEARNING_RATES:
-        runs[rate] = {}
-        for seed in SEEDS:
-            base.update(rtn)
-            seconds = run_mlx_lm_dwq(base, stored, train, valid, batch_size, rate, seed)
-            runs[rate][seed] = Run(base.parameters(), seconds)
-    base.update(rtn)
-    return runs
+
+    def job(rate: float, seed: int):
+        base.update(cache.rtn_tree)
+        seconds = run_mlx_lm_dwq(base, stored, train, valid, batch_size, rate, seed)
+        return base.parameters(), seconds, {}
+
+    names = {pair: f"mlx-lm-{cache.tag}-lr{pair[0]:g}-seed{pair[1]}" for pair in pairs}
+    return {names[p]: functools.partial(job, *p) for p in pairs}, names
+
+
+def both_sides(config, quantization, base, setup, steps, cache, stored, teacher, valid, tmp):
+    """Our runs and mlx-lm's two-round sweep (every rate at the first seed, with our runs: one
+    round of work for the bench processes to share; then every seed of the finalists).
+    Returns (ours by seed, best rate, mlx-lm runs by rate and seed, valid KLs by rate, runs done
+    here)."""
+    bits, group_size = quantization
+    ours_jobs, ours_names = our_jobs(config, tmp, bits, group_size, base, setup, steps, cache)
+    batch = config.tune.batch_size
+    screen = [(rate, SEEDS[0]) for rate in LEARNING_RATES]
+    screen_jobs, screen_names = mlx_lm_jobs(stored, base, batch, screen, cache)
+    first, done = run_each(cache, base, ours_jobs | screen_jobs)
+    ours = {seed: first[name] for seed, name in ours_names.items()}
+    theirs: dict[float, dict[int, Run]] = {rate: {} for rate in LEARNING_RATES}
+    for (rate, seed), name in screen_names.items():
+        theirs[rate][seed] = first[name]
+    valid_kl = score_valid(teacher, base, theirs, valid)
+    finalists = sorted(LEARNING_RATES, key=lambda rate: valid_kl[rate][0])[:FINALISTS]
+    pairs = [(rate, seed) for rate in finalists for seed in SEEDS[1:]]
+    more_jobs, more_names = mlx_lm_jobs(stored, base, batch, pairs, cache)
+    more, did = run_each(cache, base, more_jobs)
+    for (rate, seed), name in more_names.items():
+        theirs[rate][seed] = more[name]
+    valid_kl = score_valid(teacher, base, theirs, valid)
+    best = min(finalists, key=lambda rate: float(np.mean(valid_kl[rate])))
+    base.update(cache.rtn_tree)
+    return ours, best, theirs, valid_kl, done + did
+
+
+def score_valid(teacher, base, runs: dict, valid: TokenSequences) -> dict[float, list[float]]:
+    candidates = {
+        f"{rate:g} {seed}": run.params
+        for rate, by_seed in runs.items()
+        for seed, run in by_seed.items()
+    }
+    scores = score(teacher, base, candidates, valid)
+    return {
+        rate: [scores[f"{rate:g} {seed}"].kl for seed in by_seed] for rate, by_seed in runs.items()
+    }
 
 
 def score(teacher, base, students: dict[str, dict], sequences: TokenSequences) -> dict:
@@ -147,30 +296,18 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
     base = rtn_student(bits, group_size)
     setup = time.perf_counter() - tic
     rtn = base.parameters()
+    cache = RunCache(CACHE / "runs", rtn, f"{bits}g{group_size}")
     stored = StoredTargets(store)
+    valid = valid_sequences(store)
     full = full_budget()
-    train_work, full_train = rows * seq_len * len(SEEDS), full[0] * full[1] * len(FULL_SEEDS)
+    run_work, full_run = rows * seq_len, full[0] * full[1]
 
     tic = time.perf_counter()
-    ours = our_runs(config, tmp, bits, group_size, base, setup, steps)
-    clock.add(time.perf_counter() - tic - len(SEEDS) * setup, train_work, full_train)
-    sweep = len(LEARNING_RATES), len(FULL_LEARNING_RATES)
-    with clock.part(train_work * sweep[0], full_train * sweep[1]):
-        theirs = mlx_lm_runs(stored, base, config.tune.batch_size)
-
-    valid = valid_sequences(store)
-    candidates = {
-        f"mlx-lm {rate:g} {seed}": run.params
-        for rate, by_seed in theirs.items()
-        for seed, run in by_seed.items()
-    }
-    scored = len(SEEDS) * len(LEARNING_RATES), len(FULL_SEEDS) * len(FULL_LEARNING_RATES)
-    with clock.part(len(valid) * seq_len * scored[0], full[2] * full[1] * scored[1]):
-        valid_scores = score(teacher, base, candidates, valid)
-    valid_kl = {
-        rate: [valid_scores[f"mlx-lm {rate:g} {seed}"].kl for seed in SEEDS] for rate in theirs
-    }
-    best = min(LEARNING_RATES, key=lambda rate: float(np.mean(valid_kl[rate])))
+    ours, best, theirs, valid_kl, done = both_sides(
+        config, (bits, group_size), base, setup, steps, cache, stored, teacher, valid, tmp
+    )
+    full_runs = len(FULL_SEEDS) + len(FULL_LEARNING_RATES) + 2 * (len(FULL_SEEDS) - 1)
+    clock.add(time.perf_counter() - tic, max(done, 1) * run_work, done and full_run * full_runs)
 
     test, split = held_out_sequences(
         EvalConfig(store=str(store), num_sequences=config.eval.num_sequences), teacher.tokenizer
@@ -187,6 +324,8 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
         "split": split,
         "test_tokens": int(test.loss_mask().sum()),
         "best_learning_rate": best,
+        "ours_settings": settings_digest(dataclasses.replace(config.tune, bits=bits)),
+        "ours_best_step": [run.info.get("best_step") for run in ours.values()],
         "valid_kl": {f"{rate:g}": values for rate, values in valid_kl.items()},
         "scores": {name: vars(value) for name, value in test_scores.items()},
         "ours_seconds": [run.seconds for run in ours.values()],
@@ -298,33 +437,50 @@ def ratios(result: dict, budget: tuple[int, int, int]) -> list[Ratio]:
     ]
 
 
-def main() -> None:
+def make_store(config) -> None:
+    """The bench's store, made or finished here, or by another bench process (wait for it)."""
+    while True:
+        try:
+            compute_targets(config.targets)
+            return
+        except LockedError:
+            time.sleep(CLAIM_POLL_S)
+
+
+def parse_bits(argv: list[str] | None) -> tuple[tuple[int, int], ...]:
+    parser = argparse.ArgumentParser(description="quality against mlx-lm's DWQ")
+    parser.add_argument("--bits", type=int, nargs="+", default=[b for b, _ in QUANTIZATIONS])
+    chosen = parser.parse_args(argv).bits
+    return tuple(q for q in QUANTIZATIONS if q[0] in chosen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quantizations = parse_bits(argv)
     clock = FullTime("quality")
     overrides = by_scale(QUICK, {})
     console = wide_console()
     results, rows_out = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        config = bench_config(tmp / "q.zarr", overrides)
-        compute_targets(config.targets)
-        targets = config.targets
-        steps = targets.num_samples // config.tune.batch_size
-        budget = (targets.num_samples, targets.max_seq_length, steps)
-        teacher = load_model("default")
-        for bits, group_size in QUANTIZATIONS:
-            result = one_quantization(
-                bits,
-                group_size,
-                config=config,
-                store=Path(targets.store),
-                tmp=tmp,
-                teacher=teacher,
-                clock=clock,
-                budget=budget,
-            )
-            results.append(result)
-            console.print(table(result, budget))
-            rows_out += ratios(result, budget)
+    tmp = CACHE / "tmp"
+    config = bench_config(CACHE / "store.zarr", overrides)
+    make_store(config)
+    targets = config.targets
+    steps = targets.num_samples // config.tune.batch_size
+    budget = (targets.num_samples, targets.max_seq_length, steps)
+    teacher = load_model("default")
+    for bits, group_size in quantizations:
+        result = one_quantization(
+            bits,
+            group_size,
+            config=config,
+            store=Path(targets.store),
+            tmp=tmp,
+            teacher=teacher,
+            clock=clock,
+            budget=budget,
+        )
+        results.append(result)
+        console.print(table(result, budget))
+        rows_out += ratios(result, budget)
     assert all(math.isfinite(r.ours) for r in rows_out)
     report_details("quality", {"budget": budget, "seeds": SEEDS, "results": results})
     report("quality vs mlx-lm DWQ, same rows, tokens, steps and kernels (one run)", rows_out)
