@@ -22,7 +22,7 @@ from stages.targets import compute_targets, teacher_logits
 from stages.tune import tune
 from store.errors import StoreMismatchError
 from store.reader import StoreReader
-from tests.conftest import make_text_data
+from tests.conftest import small_run_overrides
 from tests.tiny_models import make_arch_model_folder
 
 FAMILIES = {"llama": None, "qwen3": 70_000, "qwen3_moe": None}  # name -> vocabulary (None: 384)
@@ -39,16 +39,6 @@ def bf16_teachers(tmp_path_factory) -> dict[str, Path]:
 
 def run_config(root: Path, teacher: Path, **more):
     overrides = {
-        "store": str(root / "store.zarr"),
-        "targets.teacher": str(teacher),
-        "targets.data": str(make_text_data(root / "data")),
-        "targets.top_k": 16,
-        "targets.max_seq_length": 17,
-        "targets.num_samples": 8,
-        "targets.num_valid_samples": 2,
-        "tune.run_dir": str(root / "run"),
-        "tune.group_size": 32,
-        "tune.max_steps": 2,
         "tune.warmup_steps": 0,
         # the loop must move every family's scales (switch layers too) from DWQ's start; the
         # GPTQ start of the default is checked on its own below
@@ -56,7 +46,7 @@ def run_config(root: Path, teacher: Path, **more):
         "eval.num_sequences": 2,
         **more,
     }
-    return load_config(None, overrides)
+    return load_config(None, small_run_overrides(root, teacher, **overrides))
 
 
 def float_dtypes(folder: Path) -> dict[str, mx.Dtype]:
