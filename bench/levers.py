@@ -1,7 +1,9 @@
 """Screening of tune's quality levers (issue 13) on the default teacher, several seeds per row.
 
-Rows: RTN, today's default tune, + train_norms, + learned_rounding (AutoRound's 5e-3 and 1e-3),
-+ init=clip_search, all three combined, + init=gptq (alone and with learned rounding). Columns:
+Rows: RTN, tune from RTN's start (DWQ's; tune's default before init=auto), + train_norms,
++ learned_rounding (AutoRound's 5e-3 and 1e-3), + init=clip_search, all three combined,
++ init=gptq (alone and with learned rounding); every row but those setting init starts from RTN.
+Columns:
 full-vocabulary KL(teacher || student) on the store's validation split (choose on this), the same
 on held-out test text (never seen by tuning), tune seconds (whole call: load, quantize,
 validations, save) and MLX peak memory; mean and min-max over seeds.
@@ -38,8 +40,9 @@ ROOT = Path(__file__).parent.parent
 OUT = ROOT / "artifacts" / "bench" / "levers"
 STORE = OUT / "store.zarr"
 RESULTS = OUT / "runs.jsonl"
+# Every row is a lever on DWQ's start (bench_config pins init=rtn) unless it sets init itself.
 ROWS = {
-    "default": {},
+    "RTN start": {},
     "+train_norms": {"train_norms": True},
     "+learned_rounding lr 5e-3": {"learned_rounding": True, "rounding_lr": 5e-3},
     "+learned_rounding lr 1e-3": {"learned_rounding": True, "rounding_lr": 1e-3},
@@ -70,6 +73,7 @@ def bench_config(steps: int, bits: int = 4):
         "tune.val_every": steps,
         "tune.checkpoint_every": steps,
         "tune.bits": bits,
+        "tune.init": "rtn",
     }
     return load_config(ROOT / "configs" / "default.yaml", overrides)
 

@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 from bench.common import FullTime, Ratio, report
-from bench.tune import FULL, SEQ_LEN, STEPS, make_store, setup_seconds, tokens_per_s
+from bench.tune import (
+    FULL,
+    LOOP_SETTINGS,
+    SEQ_LEN,
+    STEPS,
+    make_store,
+    setup_seconds,
+    tokens_per_s,
+)
 from stages.tune import TuneConfig, tune
 
 CREDENTIALS = {
@@ -55,7 +63,7 @@ def main() -> None:
             fs = s3fs.S3FileSystem(endpoint_url=endpoint)
             fs.mkdir("bench")
             fs.put(str(store), "bench/s.zarr", recursive=True)
-            settings = dict(max_steps=STEPS, val_every=10**6)
+            settings = dict(max_steps=STEPS, **LOOP_SETTINGS)
             tic = time.perf_counter()
             tune(TuneConfig(store=str(store), run_dir=str(tmp / "warm"), **settings))
             tune(TuneConfig(store=str(store), run_dir=str(tmp / "local"), **settings))
