@@ -92,6 +92,14 @@ class Ratio:
         return GOAL_TESTS[op](self.ratio, float(value))
 
 
+def spread(values: list[float], fmt: str = "{:.4f}") -> str:
+    """A figure over seeds: "mean (min-max)", or the one value."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    mean = fmt.format(sum(values) / len(values))
+    return f"{mean} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
 def ratio_table(title: str, rows: list[Ratio], caption: str = "") -> Table:
     table = Table(title=title, caption=caption or None)
     for column in ("measure", "baseline", "ours", "ratio", "goal", "met"):

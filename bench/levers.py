@@ -24,10 +24,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import spread
 from pipeline.config import load_config
 from stages.data import TokenSequences, build_held_out_sequences
 from stages.evaluate import score_models
@@ -136,12 +136,6 @@ def kl_scores(config, records: list[dict]) -> dict[str, dict[str, float]]:
     return scores
 
 
-def spread(values: list[float], digits: int = 4) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def table(records: list[dict], scores: dict, steps: int) -> Table:
     seeds = sorted({r["seed"] for r in records})
     out = Table(
@@ -162,8 +156,8 @@ def table(records: list[dict], scores: dict, steps: int) -> Table:
             str(len(mine)),
             spread([scores[r["name"]]["valid"] for r in mine]),
             spread([scores[r["name"]]["test"] for r in mine]),
-            spread([r["tune_s"] for r in mine], 0),
-            spread([r["peak_gb"] for r in mine], 2),
+            spread([r["tune_s"] for r in mine], "{:.0f}"),
+            spread([r["peak_gb"] for r in mine], "{:.2f}"),
         )
     return out
 

@@ -51,7 +51,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 from rich.table import Table
 
-from bench.common import FullTime, Ratio, by_scale, report, report_details, wide_console
+from bench.common import (
+    FullTime,
+    Ratio,
+    by_scale,
+    report,
+    report_details,
+    spread,
+    wide_console,
+)
 from bench.tune import StoredTargets, rtn_student, run_mlx_lm_dwq
 from pipeline.config import load_config
 from stages.data import TokenSequences
@@ -99,13 +107,6 @@ class WithParams:
     def __call__(self, tokens: mx.array) -> mx.array:
         self.model.update(self.params)
         return self.model(tokens)
-
-
-def spread(values: list[float], fmt: str = "{:.4f}") -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    mean = fmt.format(float(np.mean(values)))
-    return f"{mean} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def bench_config(store: Path, overrides: dict) -> Any:
