@@ -25,9 +25,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
-from stages.models import is_trainable_quantized
+from stages.models import dequantized_weight, is_trainable_quantized
 from stages.rounding import pack_codes
 
 DAMPING = 1e-2  # of the Hessian's mean diagonal, as mlx-lm
@@ -155,11 +155,7 @@ def first_block_inputs(model: Any, batches: list[Batch]) -> list[tuple]:
 
 def _dequantized(module: nn.QuantizedLinear) -> nn.Linear:
     """A float Linear of the quantized one's exact weight: its matmul is fast on every device."""
-    scales = module["scales"]
-    weight = mx.dequantize(
-        module["weight"], scales, module["biases"], group_size=module.group_size, bits=module.bits
-    )
-    return _float_linear(module, weight.astype(scales.dtype))
+    return _float_linear(module, dequantized_weight(module))
 
 
 def _float_linear(quantized: nn.Module, weight: mx.array) -> nn.Linear:
@@ -171,29 +167,16 @@ def _float_linear(quantized: nn.Module, weight: mx.array) -> nn.Linear:
     return layer
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, name = path.split(".")
-    parent = root
-    for part in parents:
-        parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
-    if isinstance(parent, list):
-        parent[int(name)] = module
-    else:
-        setattr(parent, name, module)
-
-
 @contextmanager
 def _swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
     """Modules of `root` (by path) replaced while inside, the originals put back after."""
     modules = dict(root.named_modules())
-    kept = {path: modules[path] for path in replacements}
-    for path, module in replacements.items():
-        _set_module(root, path, module)
+    kept = [(path, modules[path]) for path in replacements]
+    root.update_modules(tree_unflatten(list(replacements.items())))
     try:
         yield
     finally:
-        for path, module in kept.items():
-            _set_module(root, path, module)
+        root.update_modules(tree_unflatten(kept))
 
 
 def _run_block(block, inputs: list[tuple], batches: list[Batch], calibration) -> list[mx.array]:

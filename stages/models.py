@@ -474,6 +474,18 @@ def _check_cpu_experts(model: Any) -> None:
             )
 
 
+def dequantized_weight(module: Any) -> mx.array:
+    """A quantized layer's weight in floating point (its scales' dtype), as mlx dequantizes it."""
+    return mx.dequantize(
+        module["weight"],
+        module["scales"],
+        module.get("biases"),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
+
+
 class _DequantizedMatmul:
     """Mixin: compute with a dequantized weight and a BLAS matmul.
 
@@ -481,14 +493,23 @@ class _DequantizedMatmul:
     BLAS; mx.dequantize is differentiable in scales and biases, so gradients are the same."""
 
     def _weight(self) -> mx.array:
-        return mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
+        return dequantized_weight(self)
+
+
+class LinearFromWeight:
+    """Mixin for a quantized Linear whose float weight `self._weight()` builds: x @ W.T (+ bias)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self._weight().T
+        return y + self["bias"] if "bias" in self else y
+
+
+class HeadFromWeight:
+    """Mixin for a quantized Embedding whose float weight `self._weight()` builds: its use as
+    the tied output head, x @ W.T."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self._weight().T
 
 
 FAST_MATMUL = ("auto", "on", "off")
@@ -511,14 +532,11 @@ def use_dequantized_matmul(model: Any) -> int:
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-    class DequantizedLinear(_DequantizedMatmul, nn.QuantizedLinear):
-        def __call__(self, x: mx.array) -> mx.array:
-            y = x @ self._weight().T
-            return y + self["bias"] if "bias" in self else y
+    class DequantizedLinear(_DequantizedMatmul, LinearFromWeight, nn.QuantizedLinear):
+        pass
 
-    class DequantizedEmbedding(_DequantizedMatmul, nn.QuantizedEmbedding):
-        def as_linear(self, x: mx.array) -> mx.array:
-            return x @ self._weight().T
+    class DequantizedEmbedding(_DequantizedMatmul, HeadFromWeight, nn.QuantizedEmbedding):
+        pass
 
     class DequantizedSwitchLinear(_DequantizedMatmul, QuantizedSwitchLinear):
         """Every expert's weight dequantized, then gather_mm: experts are picked per token, so

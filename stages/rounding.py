@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from stages.models import is_trainable_quantized
+from stages.models import HeadFromWeight, LinearFromWeight, is_trainable_quantized
 
 INITS = ("rtn", "clip_search", "gptq")
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -161,18 +161,13 @@ class _RoundedWeight:
         return weight.astype(self["scales"].dtype)
 
 
-class RoundedLinear(_RoundedWeight, nn.QuantizedLinear):
-    def __call__(self, x: mx.array) -> mx.array:
-        y = x @ self._weight().T
-        return y + self["bias"] if "bias" in self else y
+class RoundedLinear(_RoundedWeight, LinearFromWeight, nn.QuantizedLinear):
+    pass
 
 
-class RoundedEmbedding(_RoundedWeight, nn.QuantizedEmbedding):
+class RoundedEmbedding(_RoundedWeight, HeadFromWeight, nn.QuantizedEmbedding):
     def __call__(self, x: mx.array) -> mx.array:
         return self._weight(x)
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        return x @ self._weight().T
 
 
 _ROUNDED = {nn.QuantizedLinear: RoundedLinear, nn.QuantizedEmbedding: RoundedEmbedding}
