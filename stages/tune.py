@@ -181,8 +181,8 @@ class TuneConfig:
             problems.append(f"tune.loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         if self.temperature <= 0 or self.learning_rate <= 0:
             problems.append("tune.temperature and tune.learning_rate must be > 0")
-        problems += choice_problems(self, "tune", ("schedule", "fast_matmul", "incomplete_store"))
-        problems += choice_problems(self, "tune", ("compute_dtype",))
+        chosen = ("schedule", "fast_matmul", "incomplete_store", "compute_dtype")
+        problems += choice_problems(self, "tune", chosen)
         if self.wait_timeout_s <= 0:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
