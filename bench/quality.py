@@ -260,9 +260,11 @@ def both_sides(config, quantization, base, setup, steps, cache, stored, teacher,
     pairs = [(rate, seed) for rate in finalists for seed in SEEDS[1:]]
     more_jobs, more_names = mlx_lm_jobs(stored, base, batch, pairs, cache)
     more, did = run_each(cache, base, more_jobs)
+    new_runs: dict[float, dict[int, Run]] = {rate: {} for rate in finalists}
     for (rate, seed), name in more_names.items():
-        theirs[rate][seed] = more[name]
-    valid_kl = score_valid(teacher, base, theirs, valid)
+        theirs[rate][seed] = new_runs[rate][seed] = more[name]
+    for rate, kls in score_valid(teacher, base, new_runs, valid).items():
+        valid_kl[rate] += kls  # the first seed's is scored already; seeds stay in order
     best = min(finalists, key=lambda rate: float(np.mean(valid_kl[rate])))
     base.update(cache.rtn_tree)
     return ours, best, theirs, valid_kl, done + did
