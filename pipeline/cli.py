@@ -258,8 +258,10 @@ def tune(
     from stages.tune import tune as run_tune
 
     cfg = _stage_config("tune", config, set_, locals())
-    with ui.tune_progress() as on_step:
-        result = run_tune(cfg, overwrite=overwrite, on_step=on_step)
+    with ui.tune_progress() as display:
+        result = run_tune(
+            cfg, overwrite=overwrite, on_step=display.on_step, on_phase=display.on_phase
+        )
         _finished()
     ui.info(
         f"tuned {result.steps} step{'' if result.steps == 1 else 's'}: validation loss "

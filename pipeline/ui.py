@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
@@ -93,9 +94,18 @@ def targets_progress() -> Iterator:
         yield update
 
 
+@dataclass(frozen=True)
+class TuneDisplay:
+    """The tune stage's two callbacks: each step's report, and what runs before the first."""
+
+    on_step: Callable[[TuneStep], None]
+    on_phase: Callable[[str], None]
+
+
 @contextmanager
-def tune_progress() -> Iterator:
-    """Loss, validation loss, tokens/s, ETA and memory; yields the stage's on_step callback."""
+def tune_progress() -> Iterator[TuneDisplay]:
+    """Loss, validation loss, tokens/s, ETA and memory; before the first step, what is running
+    (loading, GPTQ's blocks, the first validation: minutes on a big model)."""
     progress = _progress(
         "tune",
         CountColumn(prefix="step "),
@@ -104,7 +114,10 @@ def tune_progress() -> Iterator:
     task = progress.add_task("tune", total=None, stats="")
     last_val: list[float] = []
 
-    def update(r: TuneStep) -> None:
+    def on_phase(text: str) -> None:
+        progress.update(task, stats=f"{text}…")
+
+    def on_step(r: TuneStep) -> None:
         if r.val_loss is not None:
             last_val[:] = [r.val_loss]
         parts = [f"loss {r.loss:.4f}" if r.loss is not None else ""]
@@ -116,7 +129,7 @@ def tune_progress() -> Iterator:
         )
 
     with progress:
-        yield update
+        yield TuneDisplay(on_step, on_phase)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ validation KL 0.268 vs 0.277 at 4-bit g64 (RTN 0.449), 1.31 vs 1.61 at 3-bit (RT
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -234,13 +234,21 @@ def _block_prefixes(model: Any) -> list[str]:
     return [paths[id(block)] + "." for block in getattr(model, "layers", [])]
 
 
-def gptq_init(model: Any, originals: dict[str, mx.array], batches: list[Batch]) -> int:
+def gptq_init(
+    model: Any,
+    originals: dict[str, mx.array],
+    batches: list[Batch],
+    on_block: Callable[[int, int], None] | None = None,
+) -> int:
     """Re-quantize the student's Linears by GPTQ on the calibration batches, block by block,
-    each block's inputs from the blocks before it as re-quantized; returns how many layers."""
+    each block's inputs from the blocks before it as re-quantized; returns how many layers.
+    on_block(done, total) is called before each block."""
     todo = gptq_layers(model, originals)
     blocks = list(zip(getattr(model, "layers", []), _block_prefixes(model), strict=True))
     inputs = first_block_inputs(model, batches) if blocks else []
-    for block, prefix in blocks:
+    for number, (block, prefix) in enumerate(blocks):
+        if on_block:
+            on_block(number + 1, len(blocks))
         mine = [p[len(prefix) :] for p in todo if p.startswith(prefix)]
         weights = {p: originals[prefix + p] for p in mine}
         outputs = _quantize_layers(block, mine, weights, inputs, batches)

@@ -314,13 +314,18 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     return student
 
 
-def _apply_levers(config: TuneConfig, student: _Student, reader: StoreReader) -> None:
+def _apply_levers(
+    config: TuneConfig, student: _Student, reader: StoreReader, phase: Callable[[str], None]
+) -> None:
     """A clip-searched or GPTQ start and trainable rounding offsets, from the teacher's weights
     (then dropped: the offsets keep what they need)."""
     if config.start == "clip_search":
+        phase("clip search start")
         clip_search_init(student.model, student.originals)
     if config.start == "gptq":
-        gptq_init(student.model, student.originals, _calibration_batches(reader, config))
+        batches = _calibration_batches(reader, config)
+        on_block = lambda done, total: phase(f"GPTQ start: block {done}/{total}")  # noqa: E731
+        gptq_init(student.model, student.originals, batches, on_block)
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)
     student.originals = None
@@ -574,17 +579,20 @@ def tune(
     config: TuneConfig,
     overwrite: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Tune the student's scales and biases on the store's targets; save an mlx-lm model."""
+    """Tune the student's scales and biases on the store's targets; save an mlx-lm model.
+    on_phase names what runs before the first step (loading, GPTQ block by block, validating)."""
     reader = StoreReader(config.store, config.storage_options)
     run_dir = Path(config.run_dir)
     dist = Distributed()
+    phase = on_phase if on_phase and dist.rank == 0 else lambda text: None
     _check_before_loading(config, reader, run_dir, dist)
-    student = _prepare_student(config, reader)
+    student = _prepare_student(config, reader, phase)
     with _claimed_run_dir(run_dir, dist, overwrite):
         train_chunks = _train_chunks(reader, config, run_dir)
         trainer = _Trainer(config, reader, student, train_chunks, dist)
-        run = _start_or_resume(trainer, run_dir, on_step)
+        run = _start_or_resume(trainer, run_dir, on_step, phase)
         _train_loop(trainer, run, on_step)
         with _stop_requests():  # every step is done: a Ctrl-C now waits for the model on disk
             model_dir = _save_best(trainer, run, student)
@@ -604,8 +612,11 @@ def _check_before_loading(
     _check_store(reader, config)
 
 
-def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
+def _prepare_student(
+    config: TuneConfig, reader: StoreReader, phase: Callable[[str], None]
+) -> _Student:
     """The student, loaded with its scales and biases trainable."""
+    phase("loading the student" if config.student else "loading and quantizing the teacher")
     student = _load_student(config, reader)
     if unfreeze_scales_and_biases(student.model, config.train_norms) == 0:
         why = (
@@ -616,7 +627,7 @@ def _prepare_student(config: TuneConfig, reader: StoreReader) -> _Student:
         raise ModelError(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )
-    _apply_levers(config, student, reader)
+    _apply_levers(config, student, reader, phase)
     apply_fast_matmul(student.model, config.fast_matmul)
     if config.grad_checkpoint:
         checkpoint_blocks(student.model)
@@ -662,7 +673,9 @@ def _total_steps(trainer: _Trainer) -> int:
     return config.max_steps or config.epochs * (per_epoch // config.grad_accumulation)
 
 
-def _start_or_resume(trainer: _Trainer, run_dir: Path, on_step) -> _Run:
+def _start_or_resume(
+    trainer: _Trainer, run_dir: Path, on_step, phase: Callable[[str], None]
+) -> _Run:
     """Optimizer and float32 parameters, from the checkpoint when there is one; a new run is
     validated once before its first step."""
     config, dist = trainer.config, trainer.dist
@@ -686,6 +699,7 @@ def _start_or_resume(trainer: _Trainer, run_dir: Path, on_step) -> _Run:
         run_folder.write_run_config(run_dir, asdict(config))
         run_folder.trim_metrics(run_dir, run.state["step"] if resumed else -1)
     if run.state["initial_val_loss"] is None:
+        phase("validating the start")
         initial = trainer.validate(run.params)
         if not math.isfinite(initial):
             raise ModelError(

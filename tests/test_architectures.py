@@ -189,9 +189,16 @@ def test_default_gptq_start_on_each_family_is_closer_than_rtn_and_loads(
 
     config = run_config(tmp_path, bf16_teachers[family], **{"tune.init": "auto"})
     compute_targets(config.targets)
-    gptq = tune(config.tune)
+    phases: list[str] = []
+    gptq = tune(config.tune, on_phase=phases.append)
     rtn = tune(dataclasses.replace(config.tune, init="rtn", run_dir=str(tmp_path / "rtn")))
     assert gptq.initial_val_loss < rtn.initial_val_loss  # the default start is closer
+    blocks = json.loads((bf16_teachers[family] / "config.json").read_text())["num_hidden_layers"]
+    assert phases == [  # what the bar shows during the minutes before step 1 on a real model
+        "loading and quantizing the teacher",
+        *(f"GPTQ start: block {i}/{blocks}" for i in range(1, blocks + 1)),
+        "validating the start",
+    ]
     model, _ = mlx_load(str(gptq.model_dir))
     saved = json.loads((gptq.model_dir / "config.json").read_text())["quantization"]
     assert (saved["bits"], saved["group_size"]) == (4, 32)

@@ -140,12 +140,23 @@ def test_targets_bar_before_and_after_its_total_is_known(forced_terminal):
 
 
 def test_tune_bar_shows_loss_validation_rate_and_memory(forced_terminal):
-    with ui.tune_progress() as update:
+    with ui.tune_progress() as display:
         time.sleep(0.15)
-        update(StepReport(0, 3, val_loss=0.5))
-        update(StepReport(1, 3, loss=0.41, tokens_per_s=1234.0, peak_memory_gb=1.5))
+        display.on_step(StepReport(0, 3, val_loss=0.5))
+        display.on_step(StepReport(1, 3, loss=0.41, tokens_per_s=1234.0, peak_memory_gb=1.5))
     screen = ANSI.sub("", forced_terminal.getvalue())
     assert re.search(r"step 1/3 +loss 0\.4100 +val 0\.5000 +1,234 tok/s +1\.50 GB", screen), screen
+
+
+def test_tune_bar_names_what_runs_before_the_first_step(forced_terminal):
+    with ui.tune_progress() as display:
+        display.on_phase("GPTQ start: block 3/30")
+        time.sleep(0.15)  # drawn by the live refresh, as a user sees it during the minutes
+        first = ANSI.sub("", forced_terminal.getvalue())
+        display.on_step(StepReport(1, 3, loss=0.41))
+    screen = ANSI.sub("", forced_terminal.getvalue())
+    assert re.search(r"step 0/\? +GPTQ start: block 3/30", first), first
+    assert "step 1/3" in screen and "loss 0.4100" in screen
 
 
 def test_batch_bar_and_error_line(forced_terminal):
@@ -165,6 +176,7 @@ def test_batch_bar_and_error_line(forced_terminal):
 def test_no_bar_when_not_a_terminal(monkeypatch):
     buffer = io.StringIO()
     monkeypatch.setattr(ui, "console", Console(file=buffer, force_terminal=False))
-    with ui.tune_progress() as update:
-        update(StepReport(1, 2, loss=0.1))
+    with ui.tune_progress() as display:
+        display.on_phase("loading the student")
+        display.on_step(StepReport(1, 2, loss=0.1))
     assert buffer.getvalue() == ""
