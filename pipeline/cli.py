@@ -174,12 +174,13 @@ def _storage_options(pairs: list[str] | None) -> dict | None:
     return parse_storage_options(pairs) or None
 
 
-def _parse_shard(text: str | None):
+def _parse_shard(text: str | None, ranks_are_shards: bool = True):
     from pipeline.runtime import distributed_rank_and_size
     from stages.targets import Shard
 
     if text is None:
-        rank, size = distributed_rank_and_size()
+        # a launch that splits the teacher across its ranks computes one shard together
+        rank, size = distributed_rank_and_size() if ranks_are_shards else (0, 1)
         return Shard(rank, size)
     index, sep, count = text.partition("/")
     if not sep or not index.isdigit() or not count.isdigit():
@@ -205,6 +206,14 @@ def targets(
         str | None,
         typer.Option(help="Compute only shard i of N (i/N); automatic under mlx.launch."),
     ] = None,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline",
+            help="Under mlx.launch, split the teacher's layers across the ranks (mlx-lm's "
+            "pipeline); the launch computes one shard (--shard i/N picks it).",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool,
         typer.Option(help="Replace a store made with other settings (only its own files)."),
@@ -217,7 +226,7 @@ def targets(
     from stages.targets import compute_targets
 
     cfg = _stage_config("targets", config, set_, locals())
-    which = _parse_shard(shard)
+    which = _parse_shard(shard, ranks_are_shards=not cfg.pipeline)
     with ui.targets_progress() as on_progress:
         manifest = compute_targets(
             cfg,
@@ -227,6 +236,9 @@ def targets(
             on_repair=lambda what: ui.warn(f"repairing: {what}"),
         )
         _finished()
+    if manifest is None:  # a rank that ran some of the teacher's layers; rank 0 wrote
+        ui.info(f"teacher layers run for shard {which}; rank 0 wrote {cfg.store}")
+        return
     sizes = ", ".join(f"{n}: {s.num_sequences} seq" for n, s in manifest.splits.items())
     ui.info(f"targets done for shard {which} -> {cfg.store} ({sizes}, top-k {cfg.top_k})")
 

@@ -27,3 +27,12 @@ class Distributed:
         if self.size == 1:
             return value
         return tree_map(lambda x: mx.distributed.all_sum(x, stream=mx.cpu), value)
+
+    def from_root(self, values: list[int]) -> list[int]:
+        """Rank 0's `values` on every rank (what the other ranks pass is ignored)."""
+        if self.size == 1:
+            return list(values)
+        mine = list(values) if self.rank == 0 else []
+        count = int(self.sum(mx.array(len(mine), dtype=mx.int32)).item())
+        sent = mx.array(mine if self.rank == 0 else [0] * count, dtype=mx.int32)
+        return [int(v) for v in self.sum(sent).tolist()] if count else []

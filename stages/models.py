@@ -249,10 +249,15 @@ def resolve_model_path(spec: str) -> str:
 
 
 def load_model(
-    spec: str, trust_remote_code: bool = False, compute_dtype: str | None = None
+    spec: str,
+    trust_remote_code: bool = False,
+    compute_dtype: str | None = None,
+    pipeline_group: Any = None,
 ) -> LoadedModel:
     """The model, tokenizer and config.json of `spec`, its float parameters cast as the
-    compute_dtype setting `compute_dtype` asks (None: as stored, for a model only quantized)."""
+    compute_dtype setting `compute_dtype` asks (None: as stored, for a model only quantized).
+    With an mx.distributed `pipeline_group` of several ranks the model is split across them
+    (mlx-lm's pipeline) and this rank reads only its own layers' weights."""
     from mlx_lm.utils import load
 
     path = resolve_model_path(spec)
@@ -264,14 +269,39 @@ def load_model(
         model, tokenizer, config = load(
             path,
             return_config=True,
+            lazy=pipeline_group is not None,
             trust_remote_code=trust_remote_code,
             tokenizer_config={"trust_remote_code": trust_remote_code},
         )
     except Exception as exc:  # mlx-lm raises many types for missing/odd models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {spec!r}: {first_line}") from exc
+    if pipeline_group is not None:
+        split_across_ranks(model, pipeline_group, spec, config)
     dtypes = to_compute_dtype(model, compute_dtype) if compute_dtype else parameter_dtypes(model)
+    if pipeline_group is not None:
+        mx.eval(model.parameters())  # loaded lazily: only this rank's layers are read
     return LoadedModel(model, tokenizer, config, Path(path), dtypes)
+
+
+def split_across_ranks(model: Any, group: Any, spec: str, config: dict) -> None:
+    """mlx-lm's pipeline split of a lazily loaded model: the last rank runs the first layers,
+    rank 0 the last; every rank keeps the embeddings, final norm and head, and gets the final
+    hidden state (all_gather), so every rank can compute the logits. Refused for an
+    architecture mlx-lm has no pipeline for; a group of one rank keeps the whole model."""
+    if not hasattr(getattr(model, "model", None), "pipeline"):
+        raise ModelError(
+            f"teacher {spec!r} ({config.get('model_type', '?')}) cannot be split across ranks: "
+            "mlx-lm has no pipeline for this architecture; run targets without --pipeline"
+        )
+    layers = len(model.model.layers)
+    if group.size() > layers:
+        raise ModelError(
+            f"teacher {spec!r} has {layers} layers, fewer than the {group.size()} ranks to "
+            "split it across; launch at most that many ranks"
+        )
+    if group.size() > 1:
+        model.model.pipeline(group)
 
 
 def _refuse_shipped_code(folder: Path) -> None:
@@ -308,11 +338,38 @@ def _digest_json(value: Any) -> str:
 def weights_digest(model: Any, dtypes: dict[str, mx.Dtype] | None = None) -> str:
     """Digest over every parameter's name, dtype, shape and bytes, each taken in its `dtypes`
     entry when given (the dtype as stored: a cast to float32 for computing is undone exactly)."""
-    import numpy as np
     from mlx.utils import tree_flatten
 
+    return _parameters_digest(dict(tree_flatten(model.parameters())), dtypes)
+
+
+def whole_weights_digest(spec: str, trust_remote_code: bool = False) -> str:
+    """weights_digest of the whole model `spec`, read one parameter at a time from a lazily
+    loaded copy that is dropped as it goes: what a rank holding only some of the layers
+    records, the same digest a process holding the whole model records."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
+
+    model, _ = load(
+        resolve_model_path(spec),
+        lazy=True,
+        trust_remote_code=trust_remote_code,
+        tokenizer_config={"trust_remote_code": trust_remote_code},
+    )
+    parameters = dict(tree_flatten(model.parameters()))
+    del model  # the dict holds the only references: each array is freed once digested
+    return _parameters_digest(parameters)
+
+
+def _parameters_digest(
+    parameters: dict[str, mx.array], dtypes: dict[str, mx.Dtype] | None = None
+) -> str:
+    """Digest of `parameters` in name order, emptying the dict as it goes."""
+    import numpy as np
+
     digest = hashlib.blake2b(digest_size=16)
-    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+    for name in sorted(parameters):
+        value = parameters.pop(name)
         value = value.astype(dtypes[name]) if dtypes and name in dtypes else value
         if value.dtype == mx.bfloat16:
             value = value.view(mx.uint16)
@@ -321,13 +378,14 @@ def weights_digest(model: Any, dtypes: dict[str, mx.Dtype] | None = None) -> str
     return digest.hexdigest()
 
 
-def teacher_fingerprint(spec: str, loaded: LoadedModel) -> dict:
+def teacher_fingerprint(spec: str, loaded: LoadedModel, weights: str | None = None) -> dict:
+    """`weights`: the whole model's weights digest when `loaded` holds only some layers."""
     config = {k: v for k, v in loaded.config.items() if not k.startswith("_")}
     return {
         "name": spec,
         "model_type": str(config.get("model_type", "?")),
         "config_digest": _digest_json(config),
-        "weights_digest": weights_digest(loaded.model, loaded.dtypes),
+        "weights_digest": weights or weights_digest(loaded.model, loaded.dtypes),
     }
 
 

@@ -11,13 +11,16 @@ import mlx.core as mx
 import numpy as np
 
 from stages.data import DEFAULT_DATA, DataSpec, TokenSequences, build_sequences
+from stages.distributed import Distributed
 from stages.errors import InvalidConfig, StageError
 from stages.models import (
     DEFAULT_TEACHER,
+    LoadedModel,
     load_model,
     output_vocab_size,
     teacher_fingerprint,
     tokenizer_fingerprint,
+    whole_weights_digest,
 )
 from stages.settings import (
     above_limit_problems,
@@ -90,6 +93,14 @@ class TargetsConfig:
     seed: int = setting(123, "seed for the sequence selection")
     trust_remote_code: bool = trust_remote_code_setting()
     compute_dtype: str = compute_dtype_setting()
+    pipeline: bool = setting(
+        False,
+        "under mlx.launch, split the teacher's layers across the ranks (mlx-lm's pipeline: "
+        "qwen2, qwen3_moe, qwen3_next, deepseek_v2/v3, glm4_moe, ...) for a teacher bigger than "
+        "one machine; rank 0 writes the store, the launch is one shard; one rank: as without",
+        "--pipeline",
+        identity=False,
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -275,21 +286,54 @@ def compute_targets(
     overwrite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     on_repair: Callable[[str], None] | None = None,
-) -> Manifest:
+) -> Manifest | None:
     """Fill the store with this shard's missing chunks; returns the store's manifest.
 
-    Chunks an earlier run finished are re-verified first: damaged ones are computed again."""
+    Chunks an earlier run finished are re-verified first: damaged ones are computed again.
+    With `config.pipeline` every rank of the launch holds some of the teacher's layers and runs
+    every forward; rank 0 alone touches the store, and the other ranks return None."""
     _check_store_apart(config)
-    loaded = load_model(config.teacher, config.trust_remote_code, config.compute_dtype)
+    ranks = Distributed() if config.pipeline else None
+    loaded = load_model(
+        config.teacher,
+        config.trust_remote_code,
+        config.compute_dtype,
+        pipeline_group=ranks.group if ranks else None,
+    )
     train, valid = build_sequences(loaded.tokenizer, config.data_spec())
     vocab_size = output_vocab_size(loaded)
     _check_against_model(config, vocab_size, train)
     splits = {"train": train, "valid": valid}
+    split_ranks = ranks if ranks and ranks.size > 1 else None
+    if split_ranks and split_ranks.rank != 0:
+        _run_layers_for_rank_0(loaded.model, splits, config, split_ranks)
+        return None
+    plan = RowsPlan(split_ranks)
+    try:
+        return _fill_store(config, loaded, splits, shard, overwrite, on_progress, on_repair, plan)
+    except Exception:
+        plan.stop()  # failed before sending its plan (a refused store...): the others stop too
+        raise
+
+
+def _fill_store(
+    config: TargetsConfig,
+    loaded: LoadedModel,
+    splits: dict[str, TokenSequences],
+    shard: Shard,
+    overwrite: bool,
+    on_progress: Callable[[Progress], None] | None,
+    on_repair: Callable[[str], None] | None,
+    plan: RowsPlan,
+) -> Manifest:
+    whole_digest = (
+        whole_weights_digest(config.teacher, config.trust_remote_code) if plan.ranks else None
+    )
     manifest = build_manifest(
         config,
-        teacher_fingerprint(config.teacher, loaded),
+        teacher_fingerprint(config.teacher, loaded, whole_digest),
         tokenizer_fingerprint(loaded.tokenizer),
-        vocab_size,
+        output_vocab_size(loaded),
         splits,
         loaded.cast_to,
     )
@@ -307,7 +351,7 @@ def compute_targets(
         for repaired in writer.repair(as_arrays, mine):
             if on_repair:
                 on_repair(repaired)
-        _compute_missing(writer, loaded.model, splits, shard, config, on_progress)
+        _compute_missing(writer, loaded.model, splits, shard, config, on_progress, plan)
     return writer.manifest
 
 
@@ -330,12 +374,14 @@ def _compute_missing(
     shard: Shard,
     config: TargetsConfig,
     on_progress,
+    plan: RowsPlan,
 ):
     todo = [
         (split, c)
         for split in SPLIT_ORDER
         for c in writer.missing_chunks(split, shard.index, shard.count)
     ]
+    plan.send(writer.manifest, todo)
     total_tokens = sum(_chunk_tokens(writer.manifest, splits, s, c) for s, c in todo)
     done_tokens = 0
     model.eval()
@@ -350,6 +396,49 @@ def _compute_missing(
                 on_progress(Progress(done_tokens, total_tokens, number, len(todo)))
 
 
+class RowsPlan:
+    """Rank 0's one message to the other ranks of a split teacher (none without): the rows of
+    each chunk it computes, as (split number, first row, end row) triples, or that it stopped."""
+
+    STOP = [-1]
+
+    def __init__(self, ranks: Distributed | None) -> None:
+        self.ranks, self.sent = ranks, False
+
+    def send(self, manifest: Manifest, todo: list[tuple[str, int]]) -> None:
+        rows = []
+        for split, chunk in todo:
+            rows += [SPLIT_ORDER.index(split), *manifest.splits[split].chunk_rows_range(chunk)]
+        self._send(rows)
+
+    def stop(self) -> None:
+        self._send(self.STOP)
+
+    def _send(self, values: list[int]) -> None:
+        if self.ranks and not self.sent:
+            self.sent = True
+            self.ranks.from_root(values)
+
+    @classmethod
+    def receive(cls, ranks: Distributed) -> list[tuple[str, int, int]]:
+        values = ranks.from_root([])
+        if values == cls.STOP:
+            raise StageError("rank 0 stopped before computing (its error above says why)")
+        triples = zip(values[::3], values[1::3], values[2::3], strict=True)
+        return [(SPLIT_ORDER[split], start, stop) for split, start, stop in triples]
+
+
+def _run_layers_for_rank_0(model, splits, config: TargetsConfig, ranks: Distributed) -> None:
+    """A rank other than 0 of a split teacher: run its layers for every batch rank 0 computes,
+    in the same order (each forward passes the hidden state on from rank to rank)."""
+    plan = RowsPlan.receive(ranks)
+    model.eval()
+    for split, start, stop in plan:
+        for i, j in _batches(start, stop, config.batch_size):
+            # the inner model only: its layers and the hand-offs; the head's logits go unused
+            mx.eval(model.model(mx.array(splits[split].tokens[i:j, :-1])))
+
+
 def _chunk_tokens(
     manifest: Manifest, splits: dict[str, TokenSequences], split: str, chunk: int
 ) -> int:
@@ -357,11 +446,15 @@ def _chunk_tokens(
     return int(splits[split].lengths[start:stop].sum())
 
 
+def _batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
+    """The rows of each teacher forward over rows start..stop (the last batch may be short)."""
+    return [(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
+
+
 def _chunk_targets(model, seqs: TokenSequences, start: int, stop: int, config: TargetsConfig):
     """Run the teacher now; return the top-k extraction for the writer thread to run later."""
     logits = [
-        teacher_logits(model, seqs.tokens[i : min(i + config.batch_size, stop)])
-        for i in range(start, stop, config.batch_size)
+        teacher_logits(model, seqs.tokens[i:j]) for i, j in _batches(start, stop, config.batch_size)
     ]
 
     def extract() -> dict[str, np.ndarray]:
