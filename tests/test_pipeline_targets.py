@@ -111,6 +111,15 @@ def test_split_teacher_launches_take_their_own_shards_of_one_store(moe_teacher, 
     assert shards == {"0/2", "1/2"}
 
 
+def test_pipeline_in_one_process_runs_the_whole_teacher_as_without(moe_teacher, tmp_path):
+    settings = overrides(moe_teacher, tmp_path)
+    plain = load_config(None, {**settings, "store": str(tmp_path / "plain.zarr")}).targets
+    compute_targets(plain)
+    piped = {**settings, "store": str(tmp_path / "piped.zarr"), "targets.pipeline": True}
+    assert compute_targets(load_config(None, piped).targets) is not None  # rank 0 of 1 writes
+    assert_same_store(Path(plain.store), tmp_path / "piped.zarr")
+
+
 def test_pipeline_on_a_model_without_mlx_lms_pipeline_is_one_clear_line(tiny_teacher, tmp_path):
     store = tmp_path / "store.zarr"
     settings = overrides(tiny_teacher, tmp_path)  # a llama: mlx-lm has no pipeline for it
