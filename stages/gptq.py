@@ -5,8 +5,11 @@ Cholesky factor of the inverse Hessian of the layer's inputs, so the layer's out
 calibration tokens is what is minimised, not the weight error.
 
 Unlike mlx-lm's, it keeps the RTN student's bits (any width, 3 included), group size and affine
-mode: only the Linears that the RTN student quantized are re-quantized, embeddings stay RTN, and
-the integers, scales and biases go into the student's own QuantizedLinear layers.
+mode: only the layers that the RTN student quantized are re-quantized, and the integers, scales
+and biases go into the student's own quantized layers. An embedding that is also the output layer
+(tied, as in SmolLM2 and Qwen3's small models) gets a GPTQ candidate as the output layer, on the
+last hidden states, which tune keeps when it lowers the validation loss; an embedding only looked
+up stays RTN.
 
 The Hessians are taken block by block (the model's `layers`), each block's inputs those of the
 already re-quantized blocks before it (sequential GPTQ, as AutoGPTQ): the inputs of the first block
@@ -263,3 +266,79 @@ def gptq_init(
             whole = [((tokens,), {}) for tokens, _ in batches]
             _quantize_layers(model, rest, {p: originals[p] for p in rest}, whole, batches)
     return len(todo)
+
+
+# ---- a tied output layer ------------------------------------------------------------------------
+
+
+class _HeadCatcher(nn.Module):
+    """A tied embedding while its head's inputs are caught: lookups as the student's embedding,
+    the output layer (`as_linear`) through the teacher's float weight, adding X^T X of its
+    inputs at the loss mask's positions."""
+
+    def __init__(self, embedding: nn.Module, weight: mx.array, calibration: _Calibration):
+        super().__init__()
+        self.embedding, self.float_weight, self.calibration = embedding, weight, calibration
+        self.hessian = mx.zeros((weight.shape[1],) * 2, dtype=mx.float32)
+        self.used_as_head = False
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.embedding(ids)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        self.used_as_head = True
+        self.hessian = self.hessian + self.calibration.gram(x)
+        return x @ self.float_weight.T
+
+
+def _quantized_embeddings(model: Any, originals: dict[str, mx.array]) -> list[str]:
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.QuantizedEmbedding)
+        and is_trainable_quantized(module)
+        and path in originals
+    ]
+
+
+QuantizedArrays = dict[str, mx.array]  # a quantized layer's weight (packed), scales and biases
+
+
+def tied_output_layers(
+    model: Any, originals: dict[str, mx.array], batches: list[Batch]
+) -> dict[str, QuantizedArrays]:
+    """GPTQ of each embedding the model also uses as its output layer (tied), on the output
+    layer's inputs (the student's last hidden states), by path; not applied: its rows serve the
+    lookups too, which GPTQ does not see, so the caller keeps it only if the model gets better
+    (on the default teacher the start's validation KL went from 0.275 to 0.183 at 4-bit g64)."""
+    modules = dict(model.named_modules())
+    fast = {p: _dequantized(m) for p, m in modules.items() if _is_plain_quantized_linear(m)}
+    found = {}
+    for path in _quantized_embeddings(model, originals):
+        embedding, calibration = modules[path], _Calibration()
+        catcher = _HeadCatcher(embedding, originals[path], calibration)
+        with _swapped(model, {**fast, path: catcher}):
+            for tokens, mask in batches:
+                calibration.start_batch(mask)
+                mx.eval(model(tokens), catcher.hessian)
+                if not catcher.used_as_head:  # only looked up: not an output layer
+                    break
+        if catcher.used_as_head:
+            dtype = embedding["scales"].dtype
+            arrays = gptq_quantize(
+                originals[path], catcher.hessian, embedding.bits, embedding.group_size, dtype
+            )
+            found[path] = dict(zip(("weight", "scales", "biases"), arrays, strict=True))
+    return found
+
+
+def _is_plain_quantized_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.QuantizedLinear) and is_trainable_quantized(module)
+
+
+def swap_quantized(module: nn.Module, arrays: QuantizedArrays) -> QuantizedArrays:
+    """Put `arrays` into the quantized layer; returns the ones it had."""
+    kept = {key: module[key] for key in arrays}
+    module.update(arrays)
+    mx.eval(module.parameters())
+    return kept

@@ -24,7 +24,7 @@ from stages import run_dir as run_folder
 from stages.data import loss_mask
 from stages.distributed import Distributed
 from stages.errors import InvalidConfig, ModelError, StageError
-from stages.gptq import gptq_init
+from stages.gptq import gptq_init, swap_quantized, tied_output_layers
 from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
     apply_fast_matmul,
@@ -67,6 +67,9 @@ SCHEDULES = ("cosine", "constant")
 LEVERS_OFF = {"train_norms": False, "learned_rounding": False, "init": "rtn"}
 INCOMPLETE = ("refuse", "use", "wait")
 GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden states are held
+# A start whose algorithm changed gives other integers from the same settings: its revision is
+# part of a run's identity, so a checkpoint made before the change is refused, not resumed.
+START_REVISIONS = {"gptq": 2}  # 2: a tied embedding re-quantized as the output layer
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
     "warmup_steps": MAX_STEPS,
@@ -215,6 +218,8 @@ class TuneConfig:
         """The run's identity: its identity fields, less the levers that are off (so that
         checkpoints from before the levers still resume)."""
         kept = identity_values(self) | {"init": self.start}
+        if self.start in START_REVISIONS:
+            kept["start_revision"] = START_REVISIONS[self.start]
         for name, off in LEVERS_OFF.items():
             if kept[name] == off:
                 del kept[name]
@@ -315,7 +320,11 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
 
 
 def _apply_levers(
-    config: TuneConfig, student: _Student, reader: StoreReader, phase: Callable[[str], None]
+    config: TuneConfig,
+    student: _Student,
+    reader: StoreReader,
+    phase: Callable[[str], None],
+    dist: Distributed,
 ) -> None:
     """A clip-searched or GPTQ start and trainable rounding offsets, from the teacher's weights
     (then dropped: the offsets keep what they need)."""
@@ -323,12 +332,39 @@ def _apply_levers(
         phase("clip search start")
         clip_search_init(student.model, student.originals)
     if config.start == "gptq":
-        batches = _calibration_batches(reader, config)
-        on_block = lambda done, total: phase(f"GPTQ start: block {done}/{total}")  # noqa: E731
-        gptq_init(student.model, student.originals, batches, on_block)
+        _gptq_start(config, student, reader, phase, dist)
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)
     student.originals = None
+
+
+def _gptq_start(
+    config: TuneConfig,
+    student: _Student,
+    reader: StoreReader,
+    phase: Callable[[str], None],
+    dist: Distributed,
+) -> None:
+    """GPTQ block by block; then a tied embedding's GPTQ as the output layer, kept only if the
+    start's validation loss goes down (its rows are also the lookups, which GPTQ does not see)."""
+    batches = _calibration_batches(reader, config)
+    on_block = lambda done, total: phase(f"GPTQ start: block {done}/{total}")  # noqa: E731
+    gptq_init(student.model, student.originals, batches, on_block)
+    candidates = tied_output_layers(student.model, student.originals, batches)
+    if not candidates:
+        return
+    phase("GPTQ start: the tied output layer, validating")
+    judge = _Trainer(config, reader, student, train_chunks=[], dist=dist)  # validates only
+    before = judge.validate(_float32_trainable(student.model))
+    modules = dict(student.model.named_modules())
+    previous = {path: swap_quantized(modules[path], arrays) for path, arrays in candidates.items()}
+    if not judge.validate(_float32_trainable(student.model)) < before:
+        for path, arrays in previous.items():
+            swap_quantized(modules[path], arrays)
+
+
+def _float32_trainable(model: Any) -> dict:
+    return tree_map(lambda x: x.astype(mx.float32), model.trainable_parameters())
 
 
 def _calibration_batches(reader: StoreReader, config: TuneConfig) -> list[tuple]:
@@ -588,7 +624,7 @@ def tune(
     dist = Distributed()
     phase = on_phase if on_phase and dist.rank == 0 else lambda text: None
     _check_before_loading(config, reader, run_dir, dist)
-    student = _prepare_student(config, reader, phase)
+    student = _prepare_student(config, reader, phase, dist)
     with _claimed_run_dir(run_dir, dist, overwrite):
         train_chunks = _train_chunks(reader, config, run_dir)
         trainer = _Trainer(config, reader, student, train_chunks, dist)
@@ -613,7 +649,7 @@ def _check_before_loading(
 
 
 def _prepare_student(
-    config: TuneConfig, reader: StoreReader, phase: Callable[[str], None]
+    config: TuneConfig, reader: StoreReader, phase: Callable[[str], None], dist: Distributed
 ) -> _Student:
     """The student, loaded with its scales and biases trainable."""
     phase("loading the student" if config.student else "loading and quantizing the teacher")
@@ -627,8 +663,8 @@ def _prepare_student(
         raise ModelError(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )
-    _apply_levers(config, student, reader, phase)
-    apply_fast_matmul(student.model, config.fast_matmul)
+    apply_fast_matmul(student.model, config.fast_matmul)  # before the levers: GPTQ validates
+    _apply_levers(config, student, reader, phase, dist)
     if config.grad_checkpoint:
         checkpoint_blocks(student.model)
     return student
@@ -683,7 +719,7 @@ def _start_or_resume(
     optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
     if config.learned_rounding:
         optimizer = with_rounding_steps(optimizer, config.rounding_lr, total_steps)
-    params = tree_map(lambda x: x.astype(mx.float32), trainer.model.trainable_parameters())
+    params = _float32_trainable(trainer.model)
     optimizer.init(params)
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
     state["train_chunks"] = trainer.train_chunks

@@ -252,6 +252,14 @@ def float_layer_inputs(model, batches: list[tuple]) -> dict[str, mx.array]:
     return {path: rows(c.seen)[kept] for path, c in catchers}
 
 
+def last_hidden_states(model, batches: list[tuple]) -> mx.array:
+    """The inputs of a llama's output layer (its inner model's normed output) at the loss
+    mask's positions."""
+    hidden = mx.concatenate([model.model(tokens) for tokens, _ in batches])
+    kept = mx.array(np.flatnonzero(np.concatenate([np.array(mask) for _, mask in batches])))
+    return hidden.reshape(-1, hidden.shape[-1])[kept]
+
+
 def output_error(module, weight: mx.array, inputs: mx.array) -> float:
     restored = mx.dequantize(
         module["weight"], module["scales"], module["biases"], module.group_size, module.bits
@@ -265,18 +273,22 @@ def test_gptq_lowers_the_output_error_of_every_layer(tiny_store, tiny_teacher, b
     student, originals, batches, count = gptq_student(tiny_teacher, tiny_store, bits)
     rtn, _ = rtn_student(tiny_teacher, bits)
     inputs = float_layer_inputs(load_model(str(tiny_teacher)).model, batches)
-    assert count == len(inputs) == 14  # every Linear; the (tied) embedding stays RTN
+    assert count == len(inputs) == 14  # every Linear; the tied embedding is a separate candidate
+    # the tiny teacher's embedding is tied: it is its output layer too, on the last hidden states
+    candidates = gptq.tied_output_layers(student, originals, batches)
+    embedding = "model.embed_tokens"
+    inputs[embedding] = last_hidden_states(load_model(str(tiny_teacher)).model, batches)
     rtn_modules, gptq_modules = dict(rtn.named_modules()), dict(student.named_modules())
+    for key in ("weight", "scales", "biases"):  # not applied by gptq_init nor by the candidates
+        assert np.array_equal(
+            np.array(gptq_modules[embedding][key]), np.array(rtn_modules[embedding][key])
+        )
+    gptq.swap_quantized(gptq_modules[embedding], candidates[embedding])
     for path, x in inputs.items():
         weight = originals[path]
         before = output_error(rtn_modules[path], weight, x)
         after = output_error(gptq_modules[path], weight, x)
         assert after < before, path
-    embedding = "model.embed_tokens"
-    for key in ("weight", "scales", "biases"):
-        assert np.array_equal(
-            np.array(gptq_modules[embedding][key]), np.array(rtn_modules[embedding][key])
-        )
 
 
 def test_gptq_start_saves_as_an_mlx_lm_model_of_the_rtn_format(tiny_store, tiny_teacher, tmp_path):
@@ -310,6 +322,25 @@ def test_gptq_start_saves_as_an_mlx_lm_model_of_the_rtn_format(tiny_store, tiny_
     assert isinstance(generate(loaded, tokenizer, "The quick", max_tokens=4), str)
 
 
+def test_a_tied_output_layer_that_validates_worse_is_not_kept(
+    tiny_store, tiny_teacher, tmp_path, monkeypatch
+):
+    """tune keeps the tied embedding's GPTQ candidate only if the start's validation loss goes
+    down: a candidate with its scales tripled is refused, the RTN embedding's integers kept."""
+    import stages.tune
+
+    def bad_candidates(model, originals, batches):
+        found = gptq.tied_output_layers(model, originals, batches)
+        return {p: {**a, "scales": a["scales"] * 3} for p, a in found.items()}
+
+    monkeypatch.setattr(stages.tune, "tied_output_layers", bad_candidates)
+    settings = {"init": "gptq", "learning_rate": 1e-12, **SHORT}
+    saved = saved_weights(tune(tune_config(tiny_store, tmp_path / "run", **settings)).model_dir)
+    rtn, _ = rtn_student(tiny_teacher)
+    rtn_codes = np.array(rtn.model.embed_tokens["weight"])
+    assert np.array_equal(saved["model.embed_tokens.weight"], rtn_codes)
+
+
 def test_resume_with_gptq_and_rounding_is_bit_identical(tiny_store, tmp_path):
     settings = {"init": "gptq", "learned_rounding": True, "rounding_lr": 0.02}
     assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, **settings)
@@ -328,9 +359,13 @@ def test_gptq_requantizes_an_untied_output_layer_too():
     student.update(teacher.parameters())
     nn.quantize(student, group_size=32, bits=3)
     rtn_head = {k: student.lm_head[k] for k in ("weight", "scales", "biases")}
+    rtn_embedding = {k: student.model.embed_tokens[k] for k in ("weight", "scales", "biases")}
     tokens = mx.random.randint(0, 96, (8, 12), key=mx.random.key(1))
     batches = [(tokens[i : i + 4], mx.ones((4, 12))) for i in (0, 4)]
     assert gptq.gptq_init(student, originals, batches) == 15
+    assert gptq.tied_output_layers(student, originals, batches) == {}  # only looked up
+    for key, rtn_value in rtn_embedding.items():
+        assert np.array_equal(np.array(student.model.embed_tokens[key]), np.array(rtn_value))
     head_inputs = float_layer_inputs(teacher, batches)["lm_head"]
     rtn = nn.QuantizedLinear(64, 96, bias=False, group_size=32, bits=3)
     rtn.update(rtn_head)
