@@ -153,9 +153,15 @@ def test_tune_bar_names_what_runs_before_the_first_step(forced_terminal):
         display.on_phase("GPTQ start: block 3/30")
         time.sleep(0.15)  # drawn by the live refresh, as a user sees it during the minutes
         first = ANSI.sub("", forced_terminal.getvalue())
+        display.on_step(StepReport(0, 3, val_loss=0.5))
+        time.sleep(0.15)
+        validated = ANSI.sub("", forced_terminal.getvalue())
         display.on_step(StepReport(1, 3, loss=0.41))
     screen = ANSI.sub("", forced_terminal.getvalue())
     assert re.search(r"step 0/\? +GPTQ start: block 3/30", first), first
+    # the start's validation, with no rate or memory yet (they would read "0 tok/s 0.00 GB")
+    last_frame = validated.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.search(r"step 0/3 +val 0\.5000", last_frame) and "tok/s" not in last_frame, last_frame
     assert "step 1/3" in screen and "loss 0.4100" in screen
 
 
