@@ -199,7 +199,9 @@ def store_info_table(info: StoreInfo) -> Table:
             f"{per_token:,.0f}",
             f"{ratio:.2f}x",
         )
-    table.caption = f"teacher {escape(str(info.teacher))}, top-k {info.top_k}, " + (
-        "complete" if info.complete else "incomplete"
+    table.caption = (
+        f"teacher {escape(str(info.teacher))}, top-k {info.top_k}, "
+        + (f"{info.logits} logits, " if info.logits else "")
+        + ("complete" if info.complete else "incomplete")
     )
     return table

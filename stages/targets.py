@@ -35,7 +35,13 @@ from stages.settings import (
     trust_remote_code_setting,
 )
 from store.durable import paths_overlap
-from store.layout import LOGIT_DTYPES, SplitShape, logits_as_read, sequences_digest
+from store.layout import (
+    LOGIT_DTYPES,
+    STEPPED_DTYPES,
+    SplitShape,
+    logits_as_read,
+    sequences_digest,
+)
 from store.location import VOLATILE_SCHEMES
 from store.manifest import MAX_ROWS, MAX_SEQ_LEN, MAX_TEMPERATURES, MAX_TOP_K, Manifest
 from store.writer import BackgroundWriter, StoreWriter, open_store_for_writing
@@ -84,7 +90,17 @@ class TargetsConfig:
     )
     batch_size: int = setting(4, "sequences per teacher forward pass", identity=False)
     chunk_size: int = setting(4, "sequences per store chunk (the unit of resume and sharding)")
-    logits_dtype: str = setting("bfloat16", "stored logit dtype: bfloat16, float16 or float32")
+    logits_dtype: str = setting(
+        "bfloat16",
+        "stored logit dtype: bfloat16, float16, float32 or uint8 (8-bit codes below each "
+        "position's largest logit, logit_step apart)",
+    )
+    logit_step: float = setting(
+        0.1,
+        "uint8 logits: nats between codes (rounding error <= step/2); logits more than 255 "
+        "steps below their position's largest are stored at 255 steps",
+        identity=False,  # recorded in the store's settings only for uint8 (store_identity)
+    )
     lse_temperatures: list[float] = setting(
         [1.0, 2.0],
         "temperatures at which the tail outside the top-k is stored (tail-aware losses need "
@@ -121,6 +137,8 @@ class TargetsConfig:
                 f"targets.logits_dtype must be one of {', '.join(LOGIT_DTYPES)}"
                 f" (got {self.logits_dtype!r})"
             )
+        if not self.logit_step > 0:
+            problems.append(f"targets.logit_step must be > 0 (got {self.logit_step})")
         if not self.lse_temperatures or any(t <= 0 for t in self.lse_temperatures):
             problems.append("targets.lse_temperatures must be a non-empty list of positive numbers")
         if self.seed < 0:
@@ -158,7 +176,14 @@ class TargetsConfig:
         changed it from its own (its logits differ slightly); absent when it computed as stored,
         as in every store made before the setting."""
         kept = identity_values(self)
+        if self.logits_dtype in STEPPED_DTYPES:  # absent otherwise, as before the setting
+            kept["logit_step"] = self.logit_step
         return {**kept, "compute_dtype": cast_to} if cast_to else kept
+
+    @property
+    def stored_logit_step(self) -> float | None:
+        """The step of the stored logits' codes; None for a dtype without one."""
+        return self.logit_step if self.logits_dtype in STEPPED_DTYPES else None
 
 
 @dataclass(frozen=True)
@@ -194,16 +219,20 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
 
 
 def topk_targets(
-    logits: np.ndarray, top_k: int, temperatures: list[float], logits_dtype: str
+    logits: np.ndarray,
+    top_k: int,
+    temperatures: list[float],
+    logits_dtype: str,
+    logit_step: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Top-k logits (float32), their indices and the tail's log-sum-exp per temperature, from
-    float32 logits; the store keeps the logits in `logits_dtype`.
+    float32 logits; the store keeps the logits in `logits_dtype` (uint8: `logit_step` apart).
 
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
     indices = np.argpartition(logits, -top_k, axis=-1)[..., -top_k:]
     values = np.take_along_axis(logits, indices, axis=-1)
-    as_read = logits_as_read(values, logits_dtype)
+    as_read = logits_as_read(values, logits_dtype, logit_step)
     shifts = [
         _logsumexp(as_read / t) - _logsumexp(values / t) for t in map(np.float64, temperatures)
     ]
@@ -212,6 +241,7 @@ def topk_targets(
         "topk_indices": indices,
         # The head's rounding shift makes a softmax over [stored head / T, tail] give the exact
         # tail mass, and a head summing to exactly the rest (the shift is 0 for float32 logits).
+        # uint8 heads are read relative to their largest logit: the shift takes it off the tail.
         "tail_logsumexp": _tail_logsumexp(logits, indices, temperatures) + np.stack(shifts, -1),
     }
 
@@ -267,6 +297,7 @@ def build_manifest(
             num_temperatures=len(config.lse_temperatures),
             chunk_rows=config.chunk_size,
             logits_dtype=config.logits_dtype,
+            logit_step=config.stored_logit_step,
         )
         for name, seqs in splits.items()
     }
@@ -459,7 +490,13 @@ def _chunk_targets(model, seqs: TokenSequences, start: int, stop: int, config: T
 
     def extract() -> dict[str, np.ndarray]:
         parts = [
-            topk_targets(part, config.top_k, config.lse_temperatures, config.logits_dtype)
+            topk_targets(
+                part,
+                config.top_k,
+                config.lse_temperatures,
+                config.logits_dtype,
+                config.stored_logit_step,
+            )
             for part in logits
         ]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

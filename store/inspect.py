@@ -25,6 +25,7 @@ class StoreInfo:
     path: str
     teacher: str
     top_k: int
+    logits: str = ""  # the stored logits' encoding: "bfloat16", "uint8 (step 0.1)", ...
     splits: dict[str, SplitInfo] = field(default_factory=dict)
 
     @property
@@ -41,6 +42,8 @@ def store_info(path: str | Path, storage_options: dict | None = None) -> StoreIn
     )
     for split, shape in manifest.splits.items():
         info.top_k = shape.top_k
+        step = f" (step {shape.logit_step:g})" if shape.logit_step is not None else ""
+        info.logits = shape.logits_dtype + step
         lengths = reader.sequences(split, verify=False)["lengths"]
         done_rows = sum(stop - start for start, stop in map(shape.chunk_rows_range, records[split]))
         specs = shape.array_specs()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -62,7 +62,10 @@ _STORE_KEY = re.compile(
 )
 
 # bfloat16 has no numpy dtype: its bit pattern is stored as uint16 and viewed back on read.
-LOGIT_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+# uint8: codes below the position's largest logit, `logit_step` apart (see encode_logits).
+LOGIT_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32", "uint8": "uint8"}
+STEPPED_DTYPES = ("uint8",)  # the logit dtypes whose stores record a logit_step
+UINT8_LAST_CODE = 255  # a logit 255 steps or more below its position's largest is stored as 255
 
 
 def sequences_digest(sequences: dict[str, np.ndarray]) -> str:
@@ -99,23 +102,45 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def encode_logits(values: np.ndarray, logits_dtype: str) -> np.ndarray:
-    """Logits as stored in `logits_dtype` (bfloat16 as its bit pattern)."""
+def encode_logits(
+    values: np.ndarray, logits_dtype: str, logit_step: float | None = None
+) -> np.ndarray:
+    """Logits as stored in `logits_dtype` (bfloat16 as its bit pattern). uint8: each position's
+    logits (the last axis, holding its largest) as round((largest - logit) / logit_step), the
+    ones beyond the last code clipped to it."""
     if logits_dtype == "bfloat16":
         return float32_to_bfloat16_bits(values)
+    if logits_dtype == "uint8":
+        below_largest = values.max(axis=-1, keepdims=True) - values
+        codes = np.rint(below_largest / np.float32(_step(logit_step)))
+        return np.clip(codes, 0, UINT8_LAST_CODE).astype(np.uint8)
     return values.astype(LOGIT_DTYPES[logits_dtype])
 
 
-def decode_logits(stored: np.ndarray, logits_dtype: str) -> np.ndarray:
-    """Stored logits back as float32."""
+def decode_logits(
+    stored: np.ndarray, logits_dtype: str, logit_step: float | None = None
+) -> np.ndarray:
+    """Stored logits back as float32; uint8 codes as logits relative to the position's largest
+    (which decodes to 0): only differences within a position survive, all a softmax needs."""
     if logits_dtype == "bfloat16":
         return bfloat16_bits_to_float32(stored)
+    if logits_dtype == "uint8":
+        return stored.astype(np.float32) * -np.float32(_step(logit_step))
     return stored.astype(np.float32)
 
 
-def logits_as_read(values: np.ndarray, logits_dtype: str) -> np.ndarray:
+def logits_as_read(
+    values: np.ndarray, logits_dtype: str, logit_step: float | None = None
+) -> np.ndarray:
     """Float32 logits as a reader gets them back after storing in `logits_dtype`."""
-    return decode_logits(encode_logits(values, logits_dtype), logits_dtype)
+    stored = encode_logits(values, logits_dtype, logit_step)
+    return decode_logits(stored, logits_dtype, logit_step)
+
+
+def _step(logit_step: float | None) -> float:
+    if logit_step is None or not logit_step > 0:
+        raise ValueError(f"uint8 logits need a positive logit_step (got {logit_step})")
+    return logit_step
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,14 @@ class SplitShape:
     num_temperatures: int
     chunk_rows: int
     logits_dtype: str
+    logit_step: float | None = None  # uint8 logits only; absent from the manifest otherwise
+
+    def to_dict(self) -> dict:
+        """As in the manifest: without logit_step where the dtype has none (as before it was)."""
+        out = asdict(self)
+        if self.logit_step is None:
+            del out["logit_step"]
+        return out
 
     @property
     def positions(self) -> int:
@@ -148,10 +181,16 @@ class SplitShape:
         """A chunk's target arrays in their stored dtypes, from float32 logits, integer indices
         and tail values (rows unchanged)."""
         return {
-            "topk_logits": encode_logits(targets["topk_logits"], self.logits_dtype),
+            "topk_logits": encode_logits(
+                targets["topk_logits"], self.logits_dtype, self.logit_step
+            ),
             "topk_indices": targets["topk_indices"].astype(self.index_dtype),
             "tail_logsumexp": targets["tail_logsumexp"].astype(np.float32),
         }
+
+    def decode_logits(self, stored: np.ndarray) -> np.ndarray:
+        """Stored top-k logits back as float32 (see decode_logits)."""
+        return decode_logits(stored, self.logits_dtype, self.logit_step)
 
     def array_specs(self) -> dict[str, dict]:
         """name -> {shape, chunks, dtype, codecs} for every array of the split."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from store.durable import write_json_atomic
 from store.errors import ManifestError, ManifestUnreadable, StoreOutdatedError
-from store.layout import LOGIT_DTYPES, MANIFEST_FILE, STORE_SPLITS, SplitShape
+from store.layout import LOGIT_DTYPES, MANIFEST_FILE, STEPPED_DTYPES, STORE_SPLITS, SplitShape
 from store.location import StoreLocation, open_location
 
 # 2: `tail_logsumexp` replaced the full-vocabulary `logsumexp`, whose tail was not exact under
@@ -43,6 +44,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["splits"] = {name: shape.to_dict() for name, shape in self.splits.items()}
         out["arrays"] = {name: shape.array_specs() for name, shape in self.splits.items()}
         return out
 
@@ -143,7 +145,8 @@ def _contrast(a: Any, b: Any, width: int = 40) -> str:
 def _parse_split(name: str, raw: Any) -> SplitShape:
     if name not in STORE_SPLITS:
         raise ManifestError(f"manifest names an unknown split {name!r}")
-    if not isinstance(raw, dict) or set(raw) != set(SplitShape.__dataclass_fields__):
+    fields = set(SplitShape.__dataclass_fields__)
+    if not isinstance(raw, dict) or not fields - {"logit_step"} <= set(raw) <= fields:
         raise ManifestError(f"manifest split {name!r} has the wrong fields")
     limits = {
         "num_sequences": MAX_ROWS,
@@ -161,9 +164,23 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
         raise ManifestError(f"manifest split {name!r}: inconsistent seq_len/top_k/vocab_size")
     if raw["logits_dtype"] not in LOGIT_DTYPES:
         raise ManifestError(
-            f"manifest split {name!r}: unknown logits dtype {raw['logits_dtype']!r}"
+            f"manifest split {name!r}: unknown logits dtype {raw['logits_dtype']!r} (this "
+            f"dwq-pipeline reads {', '.join(LOGIT_DTYPES)}; a newer one may read it)"
         )
+    _check_logit_step(name, raw)
     return SplitShape(**raw)
+
+
+def _check_logit_step(name: str, raw: dict) -> None:
+    """A positive finite step for the dtypes that have one (uint8), none for the others."""
+    step = raw.get("logit_step")
+    if raw["logits_dtype"] not in STEPPED_DTYPES:
+        if step is not None:
+            raise ManifestError(
+                f"manifest split {name!r}: {raw['logits_dtype']} logits have no logit_step"
+            )
+    elif not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step < math.inf:
+        raise ManifestError(f"manifest split {name!r}: logit_step={step!r} is out of range")
 
 
 def read_manifest(store: StoreLocation | Path | str) -> Manifest:

@@ -16,7 +16,6 @@ from store.layout import (
     SEQUENCE_ARRAYS,
     TARGET_ARRAYS,
     chunk_key,
-    decode_logits,
     record_key,
     sequences_digest,
 )
@@ -174,7 +173,7 @@ class StoreReader:
             )
 
     def logits_as_float32(self, split: str, stored: np.ndarray) -> np.ndarray:
-        return decode_logits(stored, self.manifest.splits[split].logits_dtype)
+        return self.manifest.splits[split].decode_logits(stored)
 
 
 class _ChunkCache:

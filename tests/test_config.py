@@ -101,6 +101,7 @@ def test_config_command_shows_resolved_values_with_help():
         ("tune.max_steps=100000000000000000000", "tune.max_steps must fit in 64 bits"),
         ("tune.max_steps=1000000001", "tune.max_steps must be <= 1,000,000,000"),
         ("targets.top_k=100000000", "targets.top_k must be <= "),
+        ("targets.logit_step=0", "targets.logit_step must be > 0"),
         ("tune.seed=-1", "tune.seed must be >= 0"),
         ("eval.num_sequences=1000000000000", "eval.num_sequences must be <= "),
     ],

@@ -18,8 +18,14 @@ from stages.models import load_model
 from stages.targets import Progress, Shard, compute_targets, topk_targets
 from store.errors import StoreOutdatedError
 from store.inspect import store_info, verify_store
-from store.layout import MANIFEST_FILE, TARGET_ARRAYS, bfloat16_bits_to_float32, encode_logits
-from store.reader import StoreReader
+from store.layout import (
+    MANIFEST_FILE,
+    TARGET_ARRAYS,
+    bfloat16_bits_to_float32,
+    decode_logits,
+    encode_logits,
+)
+from store.reader import StoreReader, stream_batches
 from store.writer import merge_stores
 from tests.conftest import cli_args, make_tiny_model_folder, run_cli, start_cli
 from tests.tail_mass import (
@@ -148,20 +154,69 @@ def test_bfloat16_head_and_stored_tail_are_the_teachers_exact_distribution(
     assert share > 0.05
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "uint8"])
 def test_extracted_tail_gives_the_exact_mass_for_every_dtype_and_k(dtype):
     rng = np.random.default_rng(0)
     logits = (rng.normal(size=(2, 3, 50)) * 8).astype(np.float32)
+    step = 0.1 if dtype == "uint8" else None  # uint8 over the whole vocabulary: some clipped
     for k in (5, 50):  # 50: the whole vocabulary, an empty tail
-        out = topk_targets(logits, k, [1.0, 2.0], dtype)
-        stored = encode_logits(out["topk_logits"], dtype)
-        head = (
-            bfloat16_bits_to_float32(stored) if dtype == "bfloat16" else stored.astype(np.float32)
-        )
+        out = topk_targets(logits, k, [1.0, 2.0], dtype, step)
+        head = decode_logits(encode_logits(out["topk_logits"], dtype, step), dtype, step)
         for i, t in enumerate([1.0, 2.0]):
             ours = stored_bucket_logprobs(head, out["tail_logsumexp"][..., i], t)[..., -1]
             exact = true_bucket_logprobs(logits, out["topk_indices"], t)[..., -1]
             np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5)
+
+
+STEP = 0.1
+
+
+def test_uint8_logits_read_back_within_half_a_step_and_the_buckets_are_exact(
+    tiny_targets_overrides, sharp_teacher
+):
+    """What tune streams from a uint8 store: each position's logits relative to its largest,
+    within step/2 of the teacher's (at the last code where they lie beyond the range), buckets
+    summing to 1 with the teacher's exact tail mass at every temperature, and head buckets off
+    by at most one step's worth of log-probability."""
+    config = config_for(
+        tiny_targets_overrides,
+        **{
+            "targets.teacher": str(sharp_teacher),
+            "targets.logits_dtype": "uint8",
+            "targets.logit_step": STEP,
+        },
+    )
+    compute_targets(config)
+    reader = StoreReader(Path(config.store))
+    assert reader.manifest.splits["train"].logit_step == STEP
+    assert reader.manifest.settings["logit_step"] == STEP
+    teacher = load_model(str(sharp_teacher)).model
+    last = -255 * STEP
+    beyond_range, checked_unclipped = [], 0
+    for split, shape in reader.manifest.splits.items():
+        streamed = next(stream_batches(reader, split, [list(range(shape.num_sequences))]))
+        tokens = reader.sequences(split)["tokens"]
+        logits = np.array(teacher(mx.array(tokens[:, :-1])).astype(mx.float32))
+        indices, head = streamed["topk_indices"], streamed["topk_logits"]
+        exact_head = np.take_along_axis(logits, indices, -1)
+        below_largest = exact_head - logits.max(-1, keepdims=True)
+        at_last = head == np.float32(last)
+        assert np.abs(head - below_largest)[~at_last].max() <= STEP / 2 + 1e-5
+        assert below_largest[at_last].max(initial=last) <= last + STEP / 2 + 1e-5
+        beyond_range.append(below_largest < last - STEP)
+        for i, t in enumerate(config.lse_temperatures):
+            buckets = stored_bucket_logprobs(head, streamed["tail_logsumexp"][..., i], t)
+            assert np.abs(np.exp(buckets).sum(-1) - 1).max() <= 1e-4
+            exact = true_bucket_logprobs(logits, indices, t)
+            np.testing.assert_allclose(buckets[..., -1], exact[..., -1], rtol=0, atol=1e-4)
+            # where nothing was clipped, each head bucket is off by its own rounding and the
+            # renormalisation, each at most step/2 (clipped logits, raised, take some head mass)
+            unclipped = ~at_last.any(-1)
+            head_error = np.abs(buckets[..., :-1] - exact[..., :-1])[unclipped]
+            assert head_error.max(initial=0) <= STEP / t + 1e-4
+            checked_unclipped += unclipped.sum()
+    share = np.concatenate([b.ravel() for b in beyond_range]).mean()
+    assert 0 < share < 0.5 and checked_unclipped > 0  # every case was met
 
 
 def make_schema_1(store: Path) -> None:
@@ -249,7 +304,9 @@ def test_two_shard_processes_equal_one_process(tiny_targets_overrides, tmp_path)
     assert_same_store(Path(single.store), shared)
 
 
-def test_shard_stores_merge_into_the_same_store(tiny_targets_overrides, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_shard_stores_merge_into_the_same_store(tiny_targets_overrides, tmp_path, dtype):
+    tiny_targets_overrides = {**tiny_targets_overrides, "targets.logits_dtype": dtype}
     single = config_for(tiny_targets_overrides, store=str(tmp_path / "single.zarr"))
     compute_targets(single)
     parts = []
@@ -263,8 +320,9 @@ def test_shard_stores_merge_into_the_same_store(tiny_targets_overrides, tmp_path
     assert verify_store(tmp_path / "merged.zarr") == []
 
 
-def test_verify_catches_a_flipped_byte(tiny_targets_overrides):
-    config = config_for(tiny_targets_overrides)
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_verify_catches_a_flipped_byte(tiny_targets_overrides, dtype):
+    config = config_for(tiny_targets_overrides, **{"targets.logits_dtype": dtype})
     compute_targets(config)
     store = Path(config.store)
     assert runner.invoke(app, ["store", "verify", str(store)]).exit_code == 0
@@ -289,6 +347,57 @@ def test_store_info_reports_sizes(tiny_targets_overrides):
     assert 0 < info.splits["train"].stored_bytes < info.splits["train"].raw_bytes
     result = runner.invoke(app, ["store", "info", config.store])
     assert result.exit_code == 0 and "train" in result.output
+
+
+def test_a_packed_uint8_store_verifies_and_reads_like_the_folder(tiny_targets_overrides, tmp_path):
+    config = config_for(tiny_targets_overrides, **{"targets.logits_dtype": "uint8"})
+    compute_targets(config)
+    packed = tmp_path / "store.zip"
+    assert runner.invoke(app, ["store", "pack", config.store, str(packed)]).exit_code == 0
+    assert verify_store(packed) == []
+    folder, zipped = StoreReader(Path(config.store)), StoreReader(packed)
+    for split, shape in folder.manifest.splits.items():
+        for chunk in range(shape.num_chunks):
+            ours, theirs = folder.read_targets(split, chunk), zipped.read_targets(split, chunk)
+            assert all(np.array_equal(ours[n], theirs[n]) for n in TARGET_ARRAYS)
+    assert store_info(packed).logits == "uint8 (step 0.1)"
+    assert runner.invoke(app, ["store", "info", str(packed)]).exit_code == 0
+
+
+def set_in_manifest(store: Path, **fields) -> None:
+    """Give every split of the store's manifest these fields (None: drop the field)."""
+    manifest = json.loads((store / MANIFEST_FILE).read_text())
+    for split in manifest["splits"].values():
+        split.update(fields)
+        for name in [k for k, v in split.items() if v is None]:
+            del split[name]
+    (store / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "dtype, fields, message",
+    [
+        ("float32", {"logits_dtype": "int4"}, "unknown logits dtype 'int4'"),
+        ("uint8", {"logit_step": None}, "logit_step=None is out of range"),
+        ("uint8", {"logit_step": -0.1}, "logit_step=-0.1 is out of range"),
+        ("float32", {"logit_step": 0.1}, "float32 logits have no logit_step"),
+    ],
+)
+def test_a_store_of_an_unknown_logit_encoding_is_refused_with_one_line(
+    tiny_targets_overrides, dtype, fields, message
+):
+    config = config_for(tiny_targets_overrides, **{"targets.logits_dtype": dtype})
+    compute_targets(config)
+    store = Path(config.store)
+    manifest = json.loads((store / MANIFEST_FILE).read_text())
+    recorded = "logit_step" in manifest["settings"] and "logit_step" in manifest["splits"]["train"]
+    assert recorded == (dtype == "uint8")  # other stores' manifests are as before the setting
+    set_in_manifest(store, **fields)
+    for command in (["store", "info"], ["store", "verify"]):
+        result = runner.invoke(app, [*command, str(store)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
 
 
 def cli_targets(overrides: dict, *extra: str):

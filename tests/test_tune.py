@@ -28,6 +28,11 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
+    return make_tune_store(tiny_teacher, tmp_path_factory)
+
+
+def make_tune_store(tiny_teacher: Path, tmp_path_factory, **targets) -> Path:
+    """24 + 4 sequences of 17 tokens, top-32 (bfloat16 logits unless `targets` say otherwise)."""
     from tests.conftest import make_text_data
 
     folder = make_text_data(tmp_path_factory.mktemp("tune-data"))
@@ -41,6 +46,7 @@ def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
         "targets.num_samples": 24,
         "targets.num_valid_samples": 4,
         "targets.chunk_size": 3,
+        **{f"targets.{k}": v for k, v in targets.items()},
     }
     compute_targets(load_config(None, overrides).targets)
     return store
@@ -74,6 +80,18 @@ def test_tuning_lowers_validation_loss_for_every_loss(tiny_store, tmp_path, loss
     assert result.steps == 12  # 24 sequences / 4 per batch x 2 epochs
     assert result.best_val_loss < result.initial_val_loss
     assert result.warning is None
+
+
+def test_a_uint8_store_tunes_like_the_bfloat16_one(tiny_store, tiny_teacher, tmp_path_factory):
+    """The same rows with 8-bit logits: tune reads the same distributions to the format's
+    precision (the start's validation loss within 1%; the tiny teacher's logits span a few nats,
+    so a fine step) and lowers the validation loss."""
+    uint8 = make_tune_store(tiny_teacher, tmp_path_factory, logits_dtype="uint8", logit_step=0.02)
+    run_dir = tmp_path_factory.mktemp("runs")
+    ours = tune(tune_config(uint8, run_dir / "uint8"))
+    theirs = tune(tune_config(tiny_store, run_dir / "bfloat16", max_steps=1))
+    assert ours.initial_val_loss == pytest.approx(theirs.initial_val_loss, rel=0.01)
+    assert ours.best_val_loss < ours.initial_val_loss and ours.warning is None
 
 
 def test_output_is_an_mlx_lm_model_with_tuned_scales(tiny_store, tiny_teacher, tmp_path):
