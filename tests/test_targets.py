@@ -16,7 +16,7 @@ from pipeline.cli import app
 from pipeline.config import load_config
 from stages.models import load_model
 from stages.targets import Progress, Shard, compute_targets, topk_targets
-from store.errors import StoreOutdatedError
+from store.errors import StoreMismatchError, StoreOutdatedError
 from store.inspect import store_info, verify_store
 from store.layout import (
     MANIFEST_FILE,
@@ -362,6 +362,24 @@ def test_a_packed_uint8_store_verifies_and_reads_like_the_folder(tiny_targets_ov
             assert all(np.array_equal(ours[n], theirs[n]) for n in TARGET_ARRAYS)
     assert store_info(packed).logits == "uint8 (step 0.1)"
     assert runner.invoke(app, ["store", "info", str(packed)]).exit_code == 0
+
+
+def test_the_logit_step_is_part_of_a_uint8_store_only(tiny_targets_overrides, tmp_path):
+    """Resuming a float32 store under another step computes nothing (its logits have none); a
+    uint8 store made with another step is refused as made differently."""
+    compute_targets(config_for(tiny_targets_overrides))
+    seen = []
+    other_step = config_for(tiny_targets_overrides, **{"targets.logit_step": 0.5})
+    compute_targets(other_step, on_progress=seen.append)
+    assert seen == []
+    uint8 = {
+        **tiny_targets_overrides,
+        "store": str(tmp_path / "uint8.zarr"),
+        "targets.logits_dtype": "uint8",
+    }
+    compute_targets(config_for(uint8))
+    with pytest.raises(StoreMismatchError, match="logit_step: 0.1 != 0.5"):
+        compute_targets(config_for(uint8, **{"targets.logit_step": 0.5}))
 
 
 def set_in_manifest(store: Path, **fields) -> None:
