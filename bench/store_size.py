@@ -21,7 +21,7 @@ from rich.table import Table
 from bench.common import by_scale
 from stages.data import build_sequences
 from stages.models import load_model, output_vocab_size, teacher_fingerprint, tokenizer_fingerprint
-from stages.targets import TargetsConfig, _as_arrays, build_manifest, teacher_logits, topk_targets
+from stages.targets import TargetsConfig, build_manifest, teacher_logits, topk_targets
 from store.inspect import store_info
 from store.reader import StoreReader
 from store.writer import open_store_for_writing
@@ -43,7 +43,10 @@ def write_store(path: Path, config: TargetsConfig, loaded, splits, logits) -> Pa
         splits,
         loaded.cast_to,
     )
-    arrays = {name: _as_arrays(seqs) for name, seqs in splits.items()}
+    arrays = {
+        name: {"tokens": s.tokens, "lengths": s.lengths, "prompt_offsets": s.prompt_offsets}
+        for name, s in splits.items()
+    }
     writer = open_store_for_writing(path, manifest, arrays)
     for split, split_logits in logits.items():
         targets = topk_targets(
