@@ -309,17 +309,23 @@ def test_ctrl_c_while_the_program_loads_is_one_line(tmp_path, preloaded):
     if not preloaded:
         env.pop("LD_PRELOAD", None)
     for delay in (0.3, 0.8):
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             [str(BIN / "dwq-pipeline"), "targets", "--store", str(tmp_path / "s.zarr")],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+            # Ctrl-C as at a terminal: a suite started in the background (`make test &`) has
+            # SIGINT ignored, and an ignored signal stays ignored in every child it starts
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        ) as proc:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=120)
+            finally:
+                proc.kill()  # nothing left running into the next test when it hangs
         assert proc.returncode == cli.EXIT_INTERRUPTED, err
         (line,) = err.strip().splitlines()
         assert line.startswith("error: interrupted") and "Traceback" not in err
