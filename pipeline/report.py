@@ -1,8 +1,9 @@
 """`dwq-pipeline report RUN`: a tune run's metrics log as a summary and a PNG plot.
 
-Levels on the plot are in the run's own loss: the student before tuning (step 0 validation, the
-RTN level when the student was quantized from the teacher) and the teacher, whose loss against
-itself is 0. If `eval --save RUN/eval.json` was run, its full-vocabulary figures join the summary.
+Levels on the plot are in the run's own loss: the student before tuning (step 0 validation, at
+the run's start: GPTQ by default, RTN, clip search or the given student) and the teacher, whose
+loss against itself is 0. If `eval --save RUN/eval.json` was run, its full-vocabulary figures
+join the summary.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _check_replaceable(run_dir: Path) -> None:
 class RunSummary:
     run_dir: Path
     loss: str
+    start: str  # the student before tuning, as the run's tune.init made it
     steps: int
     total_steps: int
     start_val_loss: float
@@ -96,6 +98,17 @@ class RunSummary:
         return lines
 
 
+STARTS = {"rtn": "RTN", "gptq": "GPTQ", "clip_search": "clip search", "given": "given student"}
+
+
+def starting_student(config: dict) -> str:
+    """What tune.init made the student before tuning (auto: GPTQ, or the given student)."""
+    init = config.get("init", "rtn")
+    if init == "auto":
+        init = "given" if config.get("student") else "gptq"
+    return STARTS.get(init, str(init))
+
+
 def summarize(run_dir: Path) -> RunSummary:
     records = read_metrics(run_dir)
     validation = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -108,6 +121,7 @@ def summarize(run_dir: Path) -> RunSummary:
     return RunSummary(
         run_dir=run_dir,
         loss=f"{config.get('loss', '?')} (T={config.get('temperature', '?')})",
+        start=starting_student(config),
         steps=last["step"],
         total_steps=last["total_steps"],
         start_val_loss=validation[0][1],
@@ -162,7 +176,10 @@ def build_figure(summary: RunSummary):
     steps, losses = zip(*summary.validation, strict=True)
     ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="validation")
     ax.axhline(
-        summary.start_val_loss, color="tab:red", ls="--", label="before tuning (RTN student)"
+        summary.start_val_loss,
+        color="tab:red",
+        ls="--",
+        label=f"before tuning ({summary.start} start)",
     )
     ax.axhline(0.0, color="tab:green", ls=":", lw=2, label="teacher (loss 0)")
     ax.set_xlabel("optimizer step")
@@ -172,7 +189,7 @@ def build_figure(summary: RunSummary):
     )
     ax.set_ylim(bottom=-0.02 * summary.start_val_loss)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     figure.tight_layout()
     return figure
 

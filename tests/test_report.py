@@ -51,6 +51,22 @@ def test_summary_reads_the_metrics_log(run_dir):
     assert [s for s, _ in summary.validation] == [0, 2, 4, 6, 8]
     assert len(summary.train) == 8
     assert summary.loss == "kl_tail (T=2.0)"
+    assert summary.start == "GPTQ"  # tune.init auto, the teacher quantized by tune
+
+
+@pytest.mark.parametrize(
+    ("init", "student", "label"),
+    [
+        ("rtn", None, "RTN"),
+        ("auto", "some/q4", "given student"),
+        ("clip_search", None, "clip search"),
+    ],
+)
+def test_the_start_is_named_as_the_run_made_it(init, student, label):
+    from pipeline.report import starting_student
+
+    assert starting_student({"init": init, "student": student}) == label
+    assert starting_student({}) == "RTN"  # run folders from before tune.init
 
 
 def test_figure_has_labelled_axes_and_a_legend_for_every_line(run_dir):
@@ -62,7 +78,7 @@ def test_figure_has_labelled_axes_and_a_legend_for_every_line(run_dir):
     assert labels == [
         "train (per step)",
         "validation",
-        "before tuning (RTN student)",
+        "before tuning (GPTQ start)",  # the default init, run by the fixture
         "teacher (loss 0)",
     ]
 
