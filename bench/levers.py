@@ -48,6 +48,9 @@ ROWS = {
     "+learned_rounding lr 1e-3": {"learned_rounding": True, "rounding_lr": 1e-3},
     "+clip_search": {"init": "clip_search"},
     "+init=gptq": {"init": "gptq"},
+    "+init=gptq T=1": {"init": "gptq", "temperature": 1.0},
+    "+init=gptq lr 3e-4": {"init": "gptq", "learning_rate": 3e-4},
+    "+init=gptq lr 3e-5": {"init": "gptq", "learning_rate": 3e-5},
     "+init=gptq +learned_rounding lr 1e-3": {
         "init": "gptq",
         "learned_rounding": True,
@@ -81,6 +84,11 @@ def bench_config(steps: int, bits: int = 4):
 def run_name(row: str, seed: int, bits: int = 4) -> str:
     at_bits = "" if bits == 4 else f"-b{bits}"  # 4-bit runs keep their names from before --bits
     return f"{row.replace('+', 'with-').replace(' ', '-')}-s{seed}{at_bits}"
+
+
+def model_dir(name: str) -> Path:
+    """Where a run's model is, found by name (the cache folder can move)."""
+    return OUT / "runs" / name / "model"
 
 
 def finished_runs() -> dict[str, dict]:
@@ -123,7 +131,7 @@ def kl_scores(config, records: list[dict]) -> dict[str, dict[str, float]]:
     teacher = load_model("default")
     rtn, _ = quantize_student(load_model("default"), config.tune.bits, config.tune.group_size)
     students = {"RTN": fast(rtn)}
-    students.update({r["name"]: fast(load_model(r["model_dir"]).model) for r in records})
+    students.update({r["name"]: fast(load_model(str(model_dir(r["name"]))).model) for r in records})
     valid = TokenSequences(**StoreReader(str(STORE)).sequences("valid"))
     test, _ = build_held_out_sequences(
         teacher.tokenizer, config.targets.data_spec(), count=EVAL_SEQUENCES

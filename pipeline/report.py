@@ -104,8 +104,10 @@ STARTS = {"rtn": "RTN", "gptq": "GPTQ", "clip_search": "clip search", "given": "
 def starting_student(config: dict) -> str:
     """What tune.init made the student before tuning (auto: GPTQ, or the given student)."""
     init = config.get("init", "rtn")
-    if init == "auto":
-        init = "given" if config.get("student") else "gptq"
+    if config.get("student"):  # tune starts from it as it is (other starts are refused with it)
+        init = "given"
+    elif init == "auto":
+        init = "gptq"
     return STARTS.get(init, str(init))
 
 

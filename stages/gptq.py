@@ -271,24 +271,28 @@ def gptq_init(
 # ---- a tied output layer ------------------------------------------------------------------------
 
 
-class _HeadCatcher(nn.Module):
-    """A tied embedding while its head's inputs are caught: lookups as the student's embedding,
-    the output layer (`as_linear`) through the teacher's float weight, adding X^T X of its
-    inputs at the loss mask's positions."""
+class _HeadReached(Exception):
+    """Raised by the tied embedding's output layer once its inputs are caught: the logits (a
+    vocabulary wide) are never computed."""
 
-    def __init__(self, embedding: nn.Module, weight: mx.array, calibration: _Calibration):
+
+class _HeadCatcher(nn.Module):
+    """A tied embedding while its head's inputs are caught: lookups as the student's embedding;
+    the output layer (`as_linear`) adds X^T X of its inputs at the loss mask's positions and
+    stops the forward pass."""
+
+    def __init__(self, embedding: nn.Module, width: int, calibration: _Calibration):
         super().__init__()
-        self.embedding, self.float_weight, self.calibration = embedding, weight, calibration
-        self.hessian = mx.zeros((weight.shape[1],) * 2, dtype=mx.float32)
-        self.used_as_head = False
+        self.embedding, self.calibration = embedding, calibration
+        self.hessian = mx.zeros((width, width), dtype=mx.float32)
 
     def __call__(self, ids: mx.array) -> mx.array:
         return self.embedding(ids)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        self.used_as_head = True
         self.hessian = self.hessian + self.calibration.gram(x)
-        return x @ self.float_weight.T
+        mx.eval(self.hessian)
+        raise _HeadReached
 
 
 def _quantized_embeddings(model: Any, originals: dict[str, mx.array]) -> list[str]:
@@ -312,28 +316,25 @@ def tied_output_layers(
     lookups too, which GPTQ does not see, so the caller keeps it only if the model gets better
     (on the default teacher the start's validation KL went from 0.275 to 0.183 at 4-bit g64)."""
     modules = dict(model.named_modules())
-    fast = {p: _dequantized(m) for p, m in modules.items() if _is_plain_quantized_linear(m)}
     found = {}
     for path in _quantized_embeddings(model, originals):
         embedding, calibration = modules[path], _Calibration()
-        catcher = _HeadCatcher(embedding, originals[path], calibration)
-        with _swapped(model, {**fast, path: catcher}):
+        catcher = _HeadCatcher(embedding, originals[path].shape[1], calibration)
+        with _swapped(model, {path: catcher}):
             for tokens, mask in batches:
                 calibration.start_batch(mask)
-                mx.eval(model(tokens), catcher.hessian)
-                if not catcher.used_as_head:  # only looked up: not an output layer
-                    break
-        if catcher.used_as_head:
-            dtype = embedding["scales"].dtype
-            arrays = gptq_quantize(
-                originals[path], catcher.hessian, embedding.bits, embedding.group_size, dtype
-            )
-            found[path] = dict(zip(("weight", "scales", "biases"), arrays, strict=True))
+                try:
+                    model(tokens)
+                except _HeadReached:
+                    continue
+                break  # the forward ended without the output layer: only looked up
+            else:
+                dtype = embedding["scales"].dtype
+                arrays = gptq_quantize(
+                    originals[path], catcher.hessian, embedding.bits, embedding.group_size, dtype
+                )
+                found[path] = dict(zip(("weight", "scales", "biases"), arrays, strict=True))
     return found
-
-
-def _is_plain_quantized_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.QuantizedLinear) and is_trainable_quantized(module)
 
 
 def swap_quantized(module: nn.Module, arrays: QuantizedArrays) -> QuantizedArrays:

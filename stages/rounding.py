@@ -30,6 +30,7 @@ INITS = ("rtn", "clip_search", "gptq")
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 OFFSET, RESIDUAL = "rounding_offset", "rounding_residual"
 OFFSET_BOUND = 0.5
+NEAR_TIE = 0.1  # how far past the tie a start's weight may sit and still count as at the tie
 
 
 # ---- integer codes ----------------------------------------------------------------------------
@@ -134,15 +135,18 @@ def clip_search_init(model: Any, originals: dict[str, mx.array]) -> int:
 
 def rounding_residual(weight: mx.array, module: Any) -> mx.array:
     """Where each weight lies between the integers of the module's grid, in [-0.5, 0.5]. A
-    weight its start put more than half a step from its integer (GPTQ feeding errors forward, a
-    clipped range) gets 0, not the clipped 0.5: at 0.5 the first step of any sign would flip
-    it back, undoing the start (measured: the GPTQ start's validation loss doubled at step 1)."""
+    weight its start put well past the tie (GPTQ feeding errors forward, a clipped range: more
+    than NEAR_TIE beyond half a step) gets 0, not the clipped 0.5: on the tie, a first step
+    towards the nearer integer would flip it back, undoing the start (measured: the GPTQ start's
+    validation loss doubled at step 1). Those just past the tie (stored scales' rounding) keep
+    the tie, so they can still flip as with round-to-nearest."""
     codes = unpack_codes(module["weight"], module.bits, module.group_size)
     scales, biases = (module[k].astype(mx.float32) for k in ("scales", "biases"))
     grouped = _per_group(weight.astype(mx.float32), module.group_size)
     position = ((grouped - biases[..., None]) / scales[..., None]).reshape(weight.shape)
     residual = position - codes
-    return mx.where(mx.abs(residual) <= OFFSET_BOUND, residual, 0.0)
+    near = mx.clip(residual, -OFFSET_BOUND, OFFSET_BOUND)
+    return mx.where(mx.abs(residual) <= OFFSET_BOUND + NEAR_TIE, near, 0.0)
 
 
 def rounded_codes(module: Any, rows: mx.array | None = None) -> mx.array:

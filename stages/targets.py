@@ -58,6 +58,11 @@ TARGETS_LIMITS = {
 }
 
 
+# uint8 codes span 255 steps below a position's largest logit: below 1e-3 that is a quarter of a
+# nat (everything else clipped), above 1 the head is rounded to whole nats
+MIN_LOGIT_STEP, MAX_LOGIT_STEP = 1e-3, 1.0
+
+
 @dataclass
 class TargetsConfig:
     teacher: str = setting(
@@ -113,7 +118,8 @@ class TargetsConfig:
         False,
         "under mlx.launch, split the teacher's layers across the ranks (mlx-lm's pipeline: "
         "qwen2, qwen3_moe, qwen3_next, deepseek_v2/v3, glm4_moe, ...) for a teacher bigger than "
-        "one machine; rank 0 writes the store, the launch is one shard; one rank: as without",
+        "one machine; rank 0 writes the store, the launch is one shard; one rank: as without "
+        "(an architecture without mlx-lm's pipeline is refused there too)",
         "--pipeline",
         identity=False,
     )
@@ -137,8 +143,11 @@ class TargetsConfig:
                 f"targets.logits_dtype must be one of {', '.join(LOGIT_DTYPES)}"
                 f" (got {self.logits_dtype!r})"
             )
-        if not self.logit_step > 0:
-            problems.append(f"targets.logit_step must be > 0 (got {self.logit_step})")
+        if not MIN_LOGIT_STEP <= self.logit_step <= MAX_LOGIT_STEP:
+            problems.append(
+                f"targets.logit_step must be in [{MIN_LOGIT_STEP}, {MAX_LOGIT_STEP}] nats "
+                f"(got {self.logit_step})"
+            )
         if not self.lse_temperatures or any(t <= 0 for t in self.lse_temperatures):
             problems.append("targets.lse_temperatures must be a non-empty list of positive numbers")
         if self.seed < 0:
@@ -339,7 +348,7 @@ def compute_targets(
     if split_ranks and split_ranks.rank != 0:
         _run_layers_for_rank_0(loaded.model, splits, config, split_ranks)
         return None
-    plan = RowsPlan(split_ranks)
+    plan = RowsPlan(split_ranks, splits)
     try:
         return _fill_store(config, loaded, splits, shard, overwrite, on_progress, on_repair, plan)
     except Exception:
@@ -428,19 +437,26 @@ def _compute_missing(
 
 
 class RowsPlan:
-    """Rank 0's one message to the other ranks of a split teacher (none without): the rows of
-    each chunk it computes, as (split number, first row, end row) triples, or that it stopped."""
+    """Rank 0's one message to the other ranks of a split teacher (none without): a digest of
+    its token rows, then the rows of each chunk it computes, as (split number, first row, end
+    row) triples, or that it stopped. Every rank then says whether its own rows have the same
+    digest: the first layers run on the last rank's tokens, so another machine's data file or
+    tokenizer would fill rank 0's store with targets of other text."""
 
     STOP = [-1]
 
-    def __init__(self, ranks: Distributed | None) -> None:
+    def __init__(self, ranks: Distributed | None, splits: dict[str, TokenSequences]) -> None:
         self.ranks, self.sent = ranks, False
+        self.digest = _rows_digest(splits)
 
     def send(self, manifest: Manifest, todo: list[tuple[str, int]]) -> None:
         rows = []
         for split, chunk in todo:
             rows += [SPLIT_ORDER.index(split), *manifest.splits[split].chunk_rows_range(chunk)]
-        self._send(rows)
+        if self.ranks and not self.sent:
+            self._send([*self.digest, *rows])
+            if _disagreeing_ranks(self.ranks, mismatch=False):
+                raise StageError(_OTHER_ROWS)
 
     def stop(self) -> None:
         self._send(self.STOP)
@@ -451,18 +467,38 @@ class RowsPlan:
             self.ranks.from_root(values)
 
     @classmethod
-    def receive(cls, ranks: Distributed) -> list[tuple[str, int, int]]:
+    def receive(cls, ranks: Distributed, splits) -> list[tuple[str, int, int]]:
         values = ranks.from_root([])
         if values == cls.STOP:
             raise StageError("rank 0 stopped before computing (its error above says why)")
+        digest, values = values[:DIGEST_INTS], values[DIGEST_INTS:]
+        if _disagreeing_ranks(ranks, mismatch=digest != _rows_digest(splits)):
+            raise StageError(_OTHER_ROWS)
         triples = zip(values[::3], values[1::3], values[2::3], strict=True)
         return [(SPLIT_ORDER[split], start, stop) for split, start, stop in triples]
+
+
+DIGEST_INTS = 6  # 96 bits of the rows' digest, 16 bits per int32 sent
+_OTHER_ROWS = (
+    "the ranks of --pipeline read different token rows (another data file, dataset revision or "
+    "tokenizer on some machine); give every machine the same --data and teacher"
+)
+
+
+def _rows_digest(splits: dict[str, TokenSequences]) -> list[int]:
+    text = "".join(sequences_digest(_as_arrays(splits[name])) for name in sorted(splits))
+    return [int(text[4 * i : 4 * i + 4], 16) for i in range(DIGEST_INTS)]
+
+
+def _disagreeing_ranks(ranks: Distributed, mismatch: bool) -> int:
+    """How many ranks found rows other than rank 0's (every rank calls this once)."""
+    return int(ranks.sum(mx.array(int(mismatch), dtype=mx.int32)).item())
 
 
 def _run_layers_for_rank_0(model, splits, config: TargetsConfig, ranks: Distributed) -> None:
     """A rank other than 0 of a split teacher: run its layers for every batch rank 0 computes,
     in the same order (each forward passes the hidden state on from rank to rank)."""
-    plan = RowsPlan.receive(ranks)
+    plan = RowsPlan.receive(ranks, splits)
     model.eval()
     for split, start, stop in plan:
         for i, j in _batches(start, stop, config.batch_size):

@@ -70,6 +70,7 @@ GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden 
 # A start whose algorithm changed gives other integers from the same settings: its revision is
 # part of a run's identity, so a checkpoint made before the change is refused, not resumed.
 START_REVISIONS = {"gptq": 2}  # 2: a tied embedding re-quantized as the output layer
+ROUNDING_REVISION = 2  # 2: a weight its start put well past the tie starts at residual 0
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
     "warmup_steps": MAX_STEPS,
@@ -220,6 +221,8 @@ class TuneConfig:
         kept = identity_values(self) | {"init": self.start}
         if self.start in START_REVISIONS:
             kept["start_revision"] = START_REVISIONS[self.start]
+        if self.learned_rounding:
+            kept["rounding_revision"] = ROUNDING_REVISION
         for name, off in LEVERS_OFF.items():
             if kept[name] == off:
                 del kept[name]
@@ -283,6 +286,7 @@ class _Student:
     source: Path | str
     originals: dict | None = None  # the teacher's float weights, for the levers that need them
     dtypes: dict = dataclasses.field(default_factory=dict)  # its own dtypes, kept when saved
+    tied_outputs: list = dataclasses.field(default_factory=list)  # kept GPTQ output layers
 
 
 def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
@@ -325,6 +329,7 @@ def _apply_levers(
     reader: StoreReader,
     phase: Callable[[str], None],
     dist: Distributed,
+    recorded: list | None,
 ) -> None:
     """A clip-searched or GPTQ start and trainable rounding offsets, from the teacher's weights
     (then dropped: the offsets keep what they need)."""
@@ -332,7 +337,7 @@ def _apply_levers(
         phase("clip search start")
         clip_search_init(student.model, student.originals)
     if config.start == "gptq":
-        _gptq_start(config, student, reader, phase, dist)
+        _gptq_start(config, student, reader, phase, dist, recorded)
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)
     student.originals = None
@@ -344,23 +349,42 @@ def _gptq_start(
     reader: StoreReader,
     phase: Callable[[str], None],
     dist: Distributed,
+    recorded: list | None,
 ) -> None:
     """GPTQ block by block; then a tied embedding's GPTQ as the output layer, kept only if the
-    start's validation loss goes down (its rows are also the lookups, which GPTQ does not see)."""
+    start's validation loss goes down (its rows are also the lookups, which GPTQ does not see),
+    or as the checkpoint being resumed `recorded` it."""
     batches = _calibration_batches(reader, config)
     on_block = lambda done, total: phase(f"GPTQ start: block {done}/{total}")  # noqa: E731
     gptq_init(student.model, student.originals, batches, on_block)
     candidates = tied_output_layers(student.model, student.originals, batches)
+    modules = dict(student.model.named_modules())
+    if recorded is not None:  # a resumed run keeps its choice: judged again, a near tie could flip
+        kept = [path for path in recorded if path in candidates]
+        for path in kept:
+            swap_quantized(modules[path], candidates[path])
+        student.tied_outputs = kept
+        return
     if not candidates:
         return
     phase("GPTQ start: the tied output layer, validating")
     judge = _Trainer(config, reader, student, train_chunks=[], dist=dist)  # validates only
     before = judge.validate(_float32_trainable(student.model))
-    modules = dict(student.model.named_modules())
     previous = {path: swap_quantized(modules[path], arrays) for path, arrays in candidates.items()}
-    if not judge.validate(_float32_trainable(student.model)) < before:
+    if judge.validate(_float32_trainable(student.model)) < before:
+        student.tied_outputs = sorted(candidates)
+    else:
         for path, arrays in previous.items():
             swap_quantized(modules[path], arrays)
+
+
+def _recorded_tied_outputs(run_dir: Path, config: TuneConfig, overwrite: bool) -> list | None:
+    """The tied output layers the checkpoint of this same run kept (None: no such checkpoint)."""
+    saved = None if overwrite else run_folder.checkpoint_state(run_dir)
+    if saved and saved.get("resume_key") == config.resume_key():
+        recorded = saved.get("tied_outputs")
+        return recorded if isinstance(recorded, list) else None
+    return None
 
 
 def _float32_trainable(model: Any) -> dict:
@@ -624,11 +648,13 @@ def tune(
     dist = Distributed()
     phase = on_phase if on_phase and dist.rank == 0 else lambda text: None
     _check_before_loading(config, reader, run_dir, dist)
-    student = _prepare_student(config, reader, phase, dist)
+    recorded = _recorded_tied_outputs(run_dir, config, overwrite)
+    student = _prepare_student(config, reader, phase, dist, recorded)
     with _claimed_run_dir(run_dir, dist, overwrite):
         train_chunks = _train_chunks(reader, config, run_dir)
         trainer = _Trainer(config, reader, student, train_chunks, dist)
         run = _start_or_resume(trainer, run_dir, on_step, phase)
+        run.state["tied_outputs"] = student.tied_outputs  # which start a resume rebuilds
         _train_loop(trainer, run, on_step)
         with _stop_requests():  # every step is done: a Ctrl-C now waits for the model on disk
             model_dir = _save_best(trainer, run, student)
@@ -649,7 +675,11 @@ def _check_before_loading(
 
 
 def _prepare_student(
-    config: TuneConfig, reader: StoreReader, phase: Callable[[str], None], dist: Distributed
+    config: TuneConfig,
+    reader: StoreReader,
+    phase: Callable[[str], None],
+    dist: Distributed,
+    recorded: list | None = None,
 ) -> _Student:
     """The student, loaded with its scales and biases trainable."""
     phase("loading the student" if config.student else "loading and quantizing the teacher")
@@ -664,7 +694,7 @@ def _prepare_student(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )
     apply_fast_matmul(student.model, config.fast_matmul)  # before the levers: GPTQ validates
-    _apply_levers(config, student, reader, phase, dist)
+    _apply_levers(config, student, reader, phase, dist, recorded)
     if config.grad_checkpoint:
         checkpoint_blocks(student.model)
     return student

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,7 +178,7 @@ def _check_logit_step(name: str, raw: dict) -> None:
             raise ManifestError(
                 f"manifest split {name!r}: {raw['logits_dtype']} logits have no logit_step"
             )
-    elif not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step < math.inf:
+    elif not isinstance(step, (int, float)) or isinstance(step, bool) or not 1e-6 < step < 1e3:
         raise ManifestError(f"manifest split {name!r}: logit_step={step!r} is out of range")
 
 

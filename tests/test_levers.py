@@ -341,6 +341,57 @@ def test_a_tied_output_layer_that_validates_worse_is_not_kept(
     assert np.array_equal(saved["model.embed_tokens.weight"], rtn_codes)
 
 
+def fake_validation(monkeypatch, step: int) -> None:
+    """Every validation from now on scores `step` more than the one before (-1: each better)."""
+    import itertools
+
+    import stages.tune
+
+    scores = itertools.count(1000.0, step)
+    monkeypatch.setattr(stages.tune._Trainer, "validate", lambda self, params: next(scores))
+
+
+def test_a_kept_tied_output_layer_is_kept_on_resume(
+    tiny_store, tiny_teacher, tmp_path, monkeypatch
+):
+    """The candidate is kept when the start validates better, and a resumed run rebuilds the
+    start its checkpoint recorded, not a new judgement (here the opposite one)."""
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_3(report):
+        if report.step == 3:
+            raise Killed()
+
+    rtn_codes = np.array(rtn_student(tiny_teacher)[0].model.embed_tokens["weight"])
+    settings = {"init": "gptq", **SHORT}
+    fake_validation(monkeypatch, -1)  # the judge sees the candidate better: kept
+    whole = tune(tune_config(tiny_store, tmp_path / "whole", **settings))
+    kept = saved_weights(whole.model_dir)["model.embed_tokens.weight"]
+    assert not np.array_equal(kept, rtn_codes)
+    with pytest.raises(Killed):
+        tune(tune_config(tiny_store, tmp_path / "resumed", **settings), on_step=die_at_step_3)
+    fake_validation(monkeypatch, +1)  # judged now, it would be refused
+    resumed = tune(tune_config(tiny_store, tmp_path / "resumed", **settings))
+    assert np.array_equal(saved_weights(resumed.model_dir)["model.embed_tokens.weight"], kept)
+
+
+def test_rounding_residual_keeps_ties_and_zeroes_weights_a_start_moved_past_them():
+    """Residuals of a 2-bit group [codes 0..3, scale 1, bias 0]: in range they are the weight's
+    place from its integer; just past the tie they stay on it (flippable); well past it (GPTQ
+    fed an error into the weight) they are 0, so no first step flips the start's choice."""
+    layer = nn.QuantizedLinear(32, 1, bias=False, group_size=32, bits=2)
+    rest = [1.0] * 24  # exactly on code 1
+    codes = mx.array([[1, 1, 1, 1, 2, 2, 2, 0, *rest]], dtype=mx.float32)
+    layer.weight = rounding.pack_codes(codes, 2)
+    layer.scales, layer.biases = mx.ones((1, 1)), mx.zeros((1, 1))
+    weight = mx.array([[1.2, 0.8, 1.55, 0.45, 2.9, 1.3, 2.0, -0.1, *rest]])
+    residual = np.array(rounding.rounding_residual(weight, layer))[0]
+    expected = [0.2, -0.2, 0.5, -0.5, 0.0, 0.0, 0.0, -0.1, *([0.0] * 24)]
+    np.testing.assert_allclose(residual, expected, atol=1e-6)
+
+
 def test_resume_with_gptq_and_rounding_is_bit_identical(tiny_store, tmp_path):
     settings = {"init": "gptq", "learned_rounding": True, "rounding_lr": 0.02}
     assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, **settings)

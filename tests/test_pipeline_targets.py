@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -133,3 +134,39 @@ def test_pipeline_on_a_model_without_mlx_lms_pipeline_is_one_clear_line(tiny_tea
 def test_more_ranks_than_layers_is_refused(moe_teacher):
     with pytest.raises(ModelError, match="2 layers, fewer than the 3 ranks"):
         load_model(str(moe_teacher), pipeline_group=FakeGroup(0, 3))
+
+
+class FakeRanks:
+    """Two ranks seen from one of them: rank 0 sent `sent`; the other rank's flag is `theirs`."""
+
+    def __init__(self, sent: list[int], theirs: int = 0):
+        self.sent, self.theirs, self.size = sent, theirs, 2
+
+    def from_root(self, values: list[int]) -> list[int]:
+        return self.sent
+
+    def sum(self, value):
+        return value + self.theirs
+
+
+def test_a_rank_reading_other_token_rows_stops_every_rank_with_one_line(tmp_path):
+    """The first layers run on the last rank's tokens: its rows must be rank 0's, or rank 0's
+    store would hold targets of other text under its own tokens."""
+    from stages.data import TokenSequences
+    from stages.errors import StageError
+    from stages.targets import SPLIT_ORDER, RowsPlan
+
+    def splits(first_token: int) -> dict:
+        tokens = np.full((2, 5), 7, dtype=np.int32)
+        tokens[0, 0] = first_token
+        rows = TokenSequences(tokens, np.array([5, 5], np.int32), np.zeros(2, np.int32))
+        return {"train": rows, "valid": rows}
+
+    mine = RowsPlan(None, splits(1))
+    plan = [*mine.digest, SPLIT_ORDER.index("train"), 0, 2]  # rank 0's digest, train rows 0..2
+    assert RowsPlan.receive(FakeRanks(plan), splits(1)) == [("train", 0, 2)]
+    with pytest.raises(StageError, match="read different token rows"):
+        RowsPlan.receive(FakeRanks(plan), splits(2))
+    sending = RowsPlan(FakeRanks([], theirs=1), splits(1))  # rank 0, told another rank differs
+    with pytest.raises(StageError, match="read different token rows"):
+        sending.send(None, [])

@@ -59,6 +59,7 @@ def test_summary_reads_the_metrics_log(run_dir):
     [
         ("rtn", None, "RTN"),
         ("auto", "some/q4", "given student"),
+        ("rtn", "some/q4", "given student"),
         ("clip_search", None, "clip search"),
     ],
 )
