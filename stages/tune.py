@@ -323,37 +323,34 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
     return student
 
 
-def _apply_levers(
-    config: TuneConfig,
-    student: _Student,
-    reader: StoreReader,
-    phase: Callable[[str], None],
-    dist: Distributed,
-    recorded: list | None,
-) -> None:
+@dataclass(frozen=True)
+class _StartInputs:
+    """What a lever's start reads besides the settings and the student."""
+
+    reader: StoreReader
+    phase: Callable[[str], None]
+    dist: Distributed
+    recorded: list | None  # the tied output layers the checkpoint being resumed kept
+
+
+def _apply_levers(config: TuneConfig, student: _Student, inputs: _StartInputs) -> None:
     """A clip-searched or GPTQ start and trainable rounding offsets, from the teacher's weights
     (then dropped: the offsets keep what they need)."""
     if config.start == "clip_search":
-        phase("clip search start")
+        inputs.phase("clip search start")
         clip_search_init(student.model, student.originals)
     if config.start == "gptq":
-        _gptq_start(config, student, reader, phase, dist, recorded)
+        _gptq_start(config, student, inputs)
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)
     student.originals = None
 
 
-def _gptq_start(
-    config: TuneConfig,
-    student: _Student,
-    reader: StoreReader,
-    phase: Callable[[str], None],
-    dist: Distributed,
-    recorded: list | None,
-) -> None:
+def _gptq_start(config: TuneConfig, student: _Student, inputs: _StartInputs) -> None:
     """GPTQ block by block; then a tied embedding's GPTQ as the output layer, kept only if the
     start's validation loss goes down (its rows are also the lookups, which GPTQ does not see),
     or as the checkpoint being resumed `recorded` it."""
+    reader, phase, recorded = inputs.reader, inputs.phase, inputs.recorded
     batches = _calibration_batches(reader, config)
     on_block = lambda done, total: phase(f"GPTQ start: block {done}/{total}")  # noqa: E731
     gptq_init(student.model, student.originals, batches, on_block)
@@ -368,7 +365,7 @@ def _gptq_start(
     if not candidates:
         return
     phase("GPTQ start: the tied output layer, validating")
-    judge = _Trainer(config, reader, student, train_chunks=[], dist=dist)  # validates only
+    judge = _Trainer(config, reader, student, train_chunks=[], dist=inputs.dist)  # validates only
     before = judge.validate(_float32_trainable(student.model))
     previous = {path: swap_quantized(modules[path], arrays) for path, arrays in candidates.items()}
     if judge.validate(_float32_trainable(student.model)) < before:
@@ -694,7 +691,7 @@ def _prepare_student(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )
     apply_fast_matmul(student.model, config.fast_matmul)  # before the levers: GPTQ validates
-    _apply_levers(config, student, reader, phase, dist, recorded)
+    _apply_levers(config, student, _StartInputs(reader, phase, dist, recorded))
     if config.grad_checkpoint:
         checkpoint_blocks(student.model)
     return student
