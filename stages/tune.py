@@ -758,6 +758,7 @@ def _start_or_resume(
     if resumed:
         run.params, run.best_params, run.state = resumed
         run.checkpoint_step = run.state["step"]
+        phase(f"resuming at step {run.checkpoint_step + 1}")  # until that step reports
     if dist.rank == 0:  # the config once the checkpoint is accepted; lines after it are redone
         run_folder.write_run_config(run_dir, asdict(config))
         run_folder.trim_metrics(run_dir, run.state["step"] if resumed else -1)

@@ -373,7 +373,12 @@ def test_a_kept_tied_output_layer_is_kept_on_resume(
     with pytest.raises(Killed):
         tune(tune_config(tiny_store, tmp_path / "resumed", **settings), on_step=die_at_step_3)
     fake_validation(monkeypatch, +1)  # judged now, it would be refused
-    resumed = tune(tune_config(tiny_store, tmp_path / "resumed", **settings))
+    phases: list[str] = []
+    resumed = tune(
+        tune_config(tiny_store, tmp_path / "resumed", **settings), on_phase=phases.append
+    )
+    assert phases[-1] == "resuming at step 3"  # the bar says so until step 3 reports
+    assert not any("validating" in phase for phase in phases)  # the recorded choice, no judge
     assert np.array_equal(saved_weights(resumed.model_dir)["model.embed_tokens.weight"], kept)
 
 
