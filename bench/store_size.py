@@ -23,6 +23,7 @@ from stages.data import build_sequences
 from stages.models import load_model, output_vocab_size, teacher_fingerprint, tokenizer_fingerprint
 from stages.targets import TargetsConfig, build_manifest, teacher_logits, topk_targets
 from store.inspect import store_info
+from store.layout import UINT8_LAST_CODE
 from store.reader import StoreReader
 from store.writer import open_store_for_writing
 
@@ -124,7 +125,7 @@ def _clipped_share(store: Path) -> str:
     """The share of stored uint8 logits at the last code (those at or beyond the range)."""
     reader = StoreReader(store)
     codes = reader.read_targets("train", 0)["topk_logits"]
-    return f"{(codes == 255).mean():.1%}"
+    return f"{(codes == UINT8_LAST_CODE).mean():.1%}"
 
 
 if __name__ == "__main__":

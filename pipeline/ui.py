@@ -122,8 +122,8 @@ def tune_progress() -> Iterator[TuneDisplay]:
             last_val[:] = [r.val_loss]
         parts = [f"loss {r.loss:.4f}" if r.loss is not None else ""]
         parts += [f"val {last_val[0]:.4f}" if last_val else ""]
-        if console.width >= NARROW and r.tokens_per_s > 0:  # none before step 1; the least
-            # useful, left out on a narrow terminal
+        # none before step 1; the least useful, left out on a narrow terminal
+        if console.width >= NARROW and r.tokens_per_s > 0:
             parts += [f"{r.tokens_per_s:,.0f} tok/s", f"{r.peak_memory_gb:.2f} GB"]
         progress.update(
             task, completed=r.step, total=r.total_steps, stats="  ".join(filter(None, parts))

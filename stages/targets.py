@@ -446,17 +446,18 @@ class RowsPlan:
     STOP = [-1]
 
     def __init__(self, ranks: Distributed | None, splits: dict[str, TokenSequences]) -> None:
-        self.ranks, self.sent = ranks, False
-        self.digest = _rows_digest(splits)
+        self.ranks, self.splits, self.sent = ranks, splits, False
 
     def send(self, manifest: Manifest, todo: list[tuple[str, int]]) -> None:
+        """The plan, and the ranks' answer (nothing to do without other ranks)."""
+        if not self.ranks or self.sent:
+            return
         rows = []
         for split, chunk in todo:
             rows += [SPLIT_ORDER.index(split), *manifest.splits[split].chunk_rows_range(chunk)]
-        if self.ranks and not self.sent:
-            self._send([*self.digest, *rows])
-            if _disagreeing_ranks(self.ranks, mismatch=False):
-                raise StageError(_OTHER_ROWS)
+        self._send([*rows_digest(self.splits), *rows])
+        if _disagreeing_ranks(self.ranks, mismatch=False):
+            raise StageError(_OTHER_ROWS)
 
     def stop(self) -> None:
         self._send(self.STOP)
@@ -472,7 +473,7 @@ class RowsPlan:
         if values == cls.STOP:
             raise StageError("rank 0 stopped before computing (its error above says why)")
         digest, values = values[:DIGEST_INTS], values[DIGEST_INTS:]
-        if _disagreeing_ranks(ranks, mismatch=digest != _rows_digest(splits)):
+        if _disagreeing_ranks(ranks, mismatch=digest != rows_digest(splits)):
             raise StageError(_OTHER_ROWS)
         triples = zip(values[::3], values[1::3], values[2::3], strict=True)
         return [(SPLIT_ORDER[split], start, stop) for split, start, stop in triples]
@@ -485,7 +486,8 @@ _OTHER_ROWS = (
 )
 
 
-def _rows_digest(splits: dict[str, TokenSequences]) -> list[int]:
+def rows_digest(splits: dict[str, TokenSequences]) -> list[int]:
+    """The first DIGEST_INTS * 16 bits of the splits' sequence digests, as RowsPlan sends them."""
     text = "".join(sequences_digest(_as_arrays(splits[name])) for name in sorted(splits))
     return [int(text[4 * i : 4 * i + 4], 16) for i in range(DIGEST_INTS)]
 

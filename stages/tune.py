@@ -354,6 +354,8 @@ def _gptq_start(config: TuneConfig, student: _Student, inputs: _StartInputs) -> 
     batches = _calibration_batches(reader, config)
     on_block = lambda done, total: phase(f"GPTQ start: block {done}/{total}")  # noqa: E731
     gptq_init(student.model, student.originals, batches, on_block)
+    if recorded == []:  # the resumed run kept none: no candidate to build
+        return
     candidates = tied_output_layers(student.model, student.originals, batches)
     modules = dict(student.model.named_modules())
     if recorded is not None:  # a resumed run keeps its choice: judged again, a near tie could flip

@@ -154,7 +154,7 @@ def test_a_rank_reading_other_token_rows_stops_every_rank_with_one_line(tmp_path
     store would hold targets of other text under its own tokens."""
     from stages.data import TokenSequences
     from stages.errors import StageError
-    from stages.targets import SPLIT_ORDER, RowsPlan
+    from stages.targets import SPLIT_ORDER, RowsPlan, rows_digest
 
     def splits(first_token: int) -> dict:
         tokens = np.full((2, 5), 7, dtype=np.int32)
@@ -162,8 +162,7 @@ def test_a_rank_reading_other_token_rows_stops_every_rank_with_one_line(tmp_path
         rows = TokenSequences(tokens, np.array([5, 5], np.int32), np.zeros(2, np.int32))
         return {"train": rows, "valid": rows}
 
-    mine = RowsPlan(None, splits(1))
-    plan = [*mine.digest, SPLIT_ORDER.index("train"), 0, 2]  # rank 0's digest, train rows 0..2
+    plan = [*rows_digest(splits(1)), SPLIT_ORDER.index("train"), 0, 2]  # rank 0's, rows 0..2
     assert RowsPlan.receive(FakeRanks(plan), splits(1)) == [("train", 0, 2)]
     with pytest.raises(StageError, match="read different token rows"):
         RowsPlan.receive(FakeRanks(plan), splits(2))
