@@ -12,7 +12,7 @@ import numpy as np
 
 from stages.data import DEFAULT_DATA, DataSpec, TokenSequences, build_sequences
 from stages.distributed import Distributed
-from stages.errors import InvalidConfig, StageError
+from stages.errors import InvalidConfig, ModelError, StageError
 from stages.models import (
     DEFAULT_TEACHER,
     LoadedModel,
@@ -429,7 +429,7 @@ def _compute_missing(
         for number, (split, chunk) in enumerate(todo, 1):
             start, stop = writer.manifest.splits[split].chunk_rows_range(chunk)
             background.submit(
-                split, chunk, _chunk_targets(model, splits[split], start, stop, config)
+                split, chunk, _chunk_targets(model, splits[split], (split, start, stop), config)
             )
             done_tokens += _chunk_tokens(writer.manifest, splits, split, chunk)
             if on_progress:
@@ -520,11 +520,20 @@ def _batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
 
 
-def _chunk_targets(model, seqs: TokenSequences, start: int, stop: int, config: TargetsConfig):
-    """Run the teacher now; return the top-k extraction for the writer thread to run later."""
+def _chunk_targets(model, seqs: TokenSequences, rows: tuple[str, int, int], config: TargetsConfig):
+    """Run the teacher on (split, start, stop) rows now; return the top-k extraction for the
+    writer thread to run later."""
+    split, start, stop = rows
     logits = [
         teacher_logits(model, seqs.tokens[i:j]) for i, j in _batches(start, stop, config.batch_size)
     ]
+    if not all(np.isfinite(part).all() for part in logits):
+        # Stored, a NaN would become any code (uint8 clips it to 0: the position's top logit).
+        raise ModelError(
+            f"the teacher's logits for rows {start}-{stop - 1} of the {split} split are not "
+            "finite (NaN or inf): check the teacher's weights, or set targets.compute_dtype "
+            "float32 if it overflows in its own dtype"
+        )
 
     def extract() -> dict[str, np.ndarray]:
         parts = [

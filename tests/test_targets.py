@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -447,6 +448,25 @@ def test_bad_input_is_one_line_exit_2_and_store_intact(tiny_targets_overrides, c
     after = stored_arrays(store)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert verify_store(store) == []
+
+
+def test_a_teacher_whose_logits_are_not_finite_is_refused_before_anything_is_stored(
+    tiny_targets_overrides, tmp_path
+):
+    broken = make_tiny_model_folder(tmp_path / "broken-teacher")
+    weights = mx.load(str(broken / "model.safetensors"))
+    weights["model.norm.weight"] = mx.full(weights["model.norm.weight"].shape, mx.nan)
+    mx.save_safetensors(str(broken / "model.safetensors"), weights)
+    for dtype in ("bfloat16", "uint8"):  # uint8 would have stored a NaN as the top logit
+        store = tmp_path / f"{dtype}.zarr"
+        change = {"targets.teacher": str(broken), "targets.logits_dtype": dtype}
+        result = cli_targets({**tiny_targets_overrides, **change, "store": str(store)})
+        assert result.exit_code == 2, result.output
+        assert re.search(
+            r"logits for rows 0-2 of the (train|valid) split are not fin", result.output
+        )
+        assert len(result.output.strip().splitlines()) == 1
+        assert not any(StoreReader(store).records(refresh=True).values())
 
 
 def test_empty_data_and_unwritable_output_are_refused(tiny_targets_overrides, tmp_path):
