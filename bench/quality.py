@@ -87,6 +87,13 @@ QUICK = {
 }
 SCORE_BATCH = 4
 NEVER = 10**9  # val_every / checkpoint_every: validate and checkpoint at start and end only
+# `--ours-sweep`: our settings besides the default, each tuned with every seed and scored on the
+# validation rows only, to choose our defaults the way mlx-lm's rate is chosen (never on test).
+OURS_SWEEP = {
+    "lr 5e-5": {"learning_rate": 5e-5},
+    "lr 2e-4": {"learning_rate": 2e-4},
+    "T=1": {"temperature": 1.0},
+}
 
 
 @dataclass(frozen=True)
@@ -200,10 +207,12 @@ def run_each(cache: RunCache, base, jobs: dict[str, Callable[[], tuple]]) -> tup
     return {name: cache.load(name, base) for name in jobs}, done
 
 
-def our_jobs(config, tmp: Path, bits: int, group_size: int, base, setup: float, steps: int, cache):
-    """`tune` with the default settings, once per seed: (jobs by name, names by seed). With
-    validation at start and end only, the saved model is the final one unless the end
-    validated worse than the start: `best_step` in the details says which."""
+def our_jobs(
+    config, tmp: Path, bits: int, group_size: int, base, setup: float, steps: int, cache, **extra
+):
+    """`tune` with the default settings (changed by `extra`), once per seed: (jobs by name,
+    names by seed). With validation at start and end only, the saved model is the final one
+    unless the end validated worse than the start: `best_step` in the details says which."""
     rtn = base.parameters()
 
     def job(tune_config: TuneConfig, run_dir: Path):
@@ -217,8 +226,11 @@ def our_jobs(config, tmp: Path, bits: int, group_size: int, base, setup: float, 
 
     names, jobs = {}, {}
     for seed in SEEDS:
-        settings = dict(
-            bits=bits, group_size=group_size, seed=seed, val_every=NEVER, checkpoint_every=NEVER
+        settings = (
+            dict(
+                bits=bits, group_size=group_size, seed=seed, val_every=NEVER, checkpoint_every=NEVER
+            )
+            | extra
         )
         tune_config = dataclasses.replace(config.tune, **settings)
         names[seed] = f"ours-{settings_digest(tune_config)}-{cache.tag}-seed{seed}"
@@ -280,6 +292,29 @@ def score_valid(teacher, base, runs: dict, valid: TokenSequences) -> dict[float,
     return {
         rate: [scores[f"{rate:g} {seed}"].kl for seed in by_seed] for rate, by_seed in runs.items()
     }
+
+
+def our_sweep(config, quantization, base, setup, steps, cache, teacher, valid, tmp) -> Table:
+    """Our default and each OURS_SWEEP setting, every seed, scored on the validation rows."""
+    bits, group_size = quantization
+    variants = {"default": {}} | OURS_SWEEP
+    jobs, names = {}, {}
+    for label, extra in variants.items():
+        more, by_seed = our_jobs(config, tmp, bits, group_size, base, setup, steps, cache, **extra)
+        jobs |= more
+        names[label] = by_seed
+    runs, _ = run_each(cache, base, jobs)
+    students = {name: run.params for name, run in runs.items()}
+    scores = score(teacher, base, students, valid)
+    base.update(cache.rtn_tree)
+    out = Table(title=f"ours, {bits}-bit g{group_size}: validation KL by setting")
+    for column in ("setting", "valid KL", "tune s"):
+        out.add_column(column, justify="right")
+    for label, by_seed in names.items():
+        kls = [scores[name].kl for name in by_seed.values()]
+        seconds = [runs[name].seconds for name in by_seed.values()]
+        out.add_row(label, spread(kls), spread(seconds, "{:.0f}"))
+    return out
 
 
 def score(teacher, base, students: dict[str, dict], sequences: TokenSequences) -> dict:
@@ -450,15 +485,43 @@ def make_store(config) -> None:
             time.sleep(CLAIM_POLL_S)
 
 
-def parse_bits(argv: list[str] | None) -> tuple[tuple[int, int], ...]:
+def parse_args(argv: list[str] | None) -> tuple[tuple[tuple[int, int], ...], bool]:
     parser = argparse.ArgumentParser(description="quality against mlx-lm's DWQ")
     parser.add_argument("--bits", type=int, nargs="+", default=[b for b, _ in QUANTIZATIONS])
-    chosen = parser.parse_args(argv).bits
-    return tuple(q for q in QUANTIZATIONS if q[0] in chosen)
+    parser.add_argument(
+        "--ours-sweep",
+        action="store_true",
+        help="only our side: the default and each OURS_SWEEP setting, on the validation rows",
+    )
+    args = parser.parse_args(argv)
+    return tuple(q for q in QUANTIZATIONS if q[0] in args.bits), args.ours_sweep
+
+
+def sweep_ours(quantizations, config, budget) -> None:
+    console, teacher = wide_console(), load_model("default")
+    valid = valid_sequences(Path(config.targets.store))
+    for bits, group_size in quantizations:
+        tic = time.perf_counter()
+        base = rtn_student(bits, group_size)
+        setup = time.perf_counter() - tic
+        cache = RunCache(CACHE / "runs", base.parameters(), f"{bits}g{group_size}")
+        console.print(
+            our_sweep(
+                config,
+                (bits, group_size),
+                base,
+                setup,
+                budget[2],
+                cache,
+                teacher,
+                valid,
+                CACHE / "tmp",
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    quantizations = parse_bits(argv)
+    quantizations, ours_only = parse_args(argv)
     clock = FullTime("quality")
     overrides = by_scale(QUICK, {})
     console = wide_console()
@@ -469,6 +532,9 @@ def main(argv: list[str] | None = None) -> None:
     targets = config.targets
     steps = targets.num_samples // config.tune.batch_size
     budget = (targets.num_samples, targets.max_seq_length, steps)
+    if ours_only:
+        sweep_ours(quantizations, config, budget)
+        return
     teacher = load_model("default")
     for bits, group_size in quantizations:
         result = one_quantization(
