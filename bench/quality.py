@@ -90,6 +90,7 @@ NEVER = 10**9  # val_every / checkpoint_every: validate and checkpoint at start 
 # `--ours-sweep`: our settings besides the default, each tuned with every seed and scored on the
 # validation rows only, to choose our defaults the way mlx-lm's rate is chosen (never on test).
 OURS_SWEEP = {
+    "lr 2e-5": {"learning_rate": 2e-5},
     "lr 5e-5": {"learning_rate": 5e-5},
     "lr 2e-4": {"learning_rate": 2e-4},
     "T=1": {"temperature": 1.0},
@@ -294,26 +295,41 @@ def score_valid(teacher, base, runs: dict, valid: TokenSequences) -> dict[float,
     }
 
 
-def our_sweep(config, quantization, base, setup, steps, cache, teacher, valid, tmp) -> Table:
-    """Our default and each OURS_SWEEP setting, every seed, scored on the validation rows."""
+def our_sweep(
+    config, quantization, base, setup, steps, cache, teacher, valid, tmp, labels
+) -> Table:
+    """Our default and each OURS_SWEEP setting in `labels` scored on the validation rows, in two
+    rounds as mlx-lm's rates: every setting with the first seed, then the FINALISTS best of them
+    (and the default) with every other seed."""
     bits, group_size = quantization
-    variants = {"default": {}} | OURS_SWEEP
+    variants = {"default": {}} | {label: OURS_SWEEP[label] for label in labels}
     jobs, names = {}, {}
     for label, extra in variants.items():
         more, by_seed = our_jobs(config, tmp, bits, group_size, base, setup, steps, cache, **extra)
         jobs |= more
         names[label] = by_seed
-    runs, _ = run_each(cache, base, jobs)
-    students = {name: run.params for name, run in runs.items()}
-    scores = score(teacher, base, students, valid)
+
+    def run_and_score(labels, seeds) -> dict:
+        wanted = {
+            names[label][seed]: jobs[names[label][seed]] for label in labels for seed in seeds
+        }
+        runs, _ = run_each(cache, base, wanted)
+        scores = score(teacher, base, {name: run.params for name, run in runs.items()}, valid)
+        return {name: (scores[name].kl, runs[name].seconds) for name in runs}
+
+    first = run_and_score(variants, SEEDS[:1])
+    first_kl = {label: first[names[label][SEEDS[0]]][0] for label in variants}
+    finalists = sorted(variants, key=first_kl.get)[:FINALISTS]
+    finalists += ["default"] if "default" not in finalists else []
+    results = first | run_and_score(finalists, SEEDS[1:])
     base.update(cache.rtn_tree)
     out = Table(title=f"ours, {bits}-bit g{group_size}: validation KL by setting")
-    for column in ("setting", "valid KL", "tune s"):
+    for column in ("setting", "seeds", "valid KL", "tune s"):
         out.add_column(column, justify="right")
     for label, by_seed in names.items():
-        kls = [scores[name].kl for name in by_seed.values()]
-        seconds = [runs[name].seconds for name in by_seed.values()]
-        out.add_row(label, spread(kls), spread(seconds, "{:.0f}"))
+        done = [results[name] for name in by_seed.values() if name in results]
+        kls, seconds = [kl for kl, _ in done], [s for _, s in done]
+        out.add_row(label, str(len(done)), spread(kls), spread(seconds, "{:.0f}"))
     return out
 
 
@@ -485,19 +501,23 @@ def make_store(config) -> None:
             time.sleep(CLAIM_POLL_S)
 
 
-def parse_args(argv: list[str] | None) -> tuple[tuple[tuple[int, int], ...], bool]:
+def parse_args(argv: list[str] | None) -> tuple[tuple[tuple[int, int], ...], list[str] | None]:
     parser = argparse.ArgumentParser(description="quality against mlx-lm's DWQ")
     parser.add_argument("--bits", type=int, nargs="+", default=[b for b, _ in QUANTIZATIONS])
     parser.add_argument(
         "--ours-sweep",
-        action="store_true",
-        help="only our side: the default and each OURS_SWEEP setting, on the validation rows",
+        nargs="*",
+        choices=list(OURS_SWEEP),
+        help="only our side: the default and these OURS_SWEEP settings (all when none are "
+        "named), on the validation rows",
     )
     args = parser.parse_args(argv)
+    if args.ours_sweep == []:
+        args.ours_sweep = list(OURS_SWEEP)
     return tuple(q for q in QUANTIZATIONS if q[0] in args.bits), args.ours_sweep
 
 
-def sweep_ours(quantizations, config, budget) -> None:
+def sweep_ours(quantizations, config, budget, labels: list[str]) -> None:
     console, teacher = wide_console(), load_model("default")
     valid = valid_sequences(Path(config.targets.store))
     for bits, group_size in quantizations:
@@ -516,6 +536,7 @@ def sweep_ours(quantizations, config, budget) -> None:
                 teacher,
                 valid,
                 CACHE / "tmp",
+                labels,
             )
         )
 
@@ -532,8 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     targets = config.targets
     steps = targets.num_samples // config.tune.batch_size
     budget = (targets.num_samples, targets.max_seq_length, steps)
-    if ours_only:
-        sweep_ours(quantizations, config, budget)
+    if ours_only is not None:
+        sweep_ours(quantizations, config, budget, ours_only)
         return
     teacher = load_model("default")
     for bits, group_size in quantizations:
