@@ -34,7 +34,8 @@ LATENT = "latent_weight"
 def fake_quantized(latent: mx.array, bits: int, group_size: int, mode: str) -> mx.array:
     """dequantize(quantize(latent)) in `mode`: the weight the saved layer will compute with."""
     packed, scales = mx.quantize(latent, group_size=group_size, bits=bits, mode=mode)
-    return mx.dequantize(packed, scales, group_size=group_size, bits=bits, mode=mode)
+    args = {"group_size": group_size, "bits": bits, "mode": mode}
+    return mx.dequantize(packed, scales, **args, dtype=latent.dtype)  # its default is bfloat16
 
 
 class _LatentWeight:
