@@ -81,7 +81,7 @@ GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden 
 START_REVISIONS = {"gptq": 2}  # 2: a tied embedding re-quantized as the output layer
 ROUNDING_REVISION = 2  # 2: a weight its start put well past the tie starts at residual 0
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
-LATENT_LR = 1e-4  # see README, "Floating-point modes": chosen on the default teacher's valid split
+LATENT_LR = 1e-4  # the first rate run on the default teacher, not swept (README: --mode)
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
     "warmup_steps": MAX_STEPS,
