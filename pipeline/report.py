@@ -102,13 +102,15 @@ STARTS = {"rtn": "RTN", "gptq": "GPTQ", "clip_search": "clip search", "given": "
 
 
 def starting_student(config: dict) -> str:
-    """What tune.init made the student before tuning (auto: GPTQ, or the given student)."""
-    init = config.get("init", "rtn")
+    """What tune.init made the student before tuning (auto: GPTQ, or RTN in a floating-point
+    mode, or the given student), named with its mode when not affine."""
+    init, mode = config.get("init", "rtn"), config.get("mode", "affine")
     if config.get("student"):  # tune starts from it as it is (other starts are refused with it)
         init = "given"
     elif init == "auto":
-        init = "gptq"
-    return STARTS.get(init, str(init))
+        init = "gptq" if mode == "affine" else "rtn"
+    start = STARTS.get(init, str(init))
+    return start if mode == "affine" else f"{start} {mode}"
 
 
 def summarize(run_dir: Path) -> RunSummary:

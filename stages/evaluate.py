@@ -279,7 +279,7 @@ def _prepare(model: Any, fast_matmul: str) -> Any:
 
 
 def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Teacher, RTN student (the tuned student's bits and group size) and tuned student."""
+    """Teacher, RTN student (the tuned student's bits, group size and mode) and tuned student."""
     if not config.student:
         raise InvalidConfig(["eval.student must name the tuned model to evaluate"])
     manifest = _store_manifest(config)
@@ -299,7 +299,8 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     _check_output_sizes(teacher.model, tuned.model, manifest)
     # Quantized in the teacher's own dtype, as tune's starting student is, then cast.
     rtn_source = models.load_model(teacher_spec, trust)
-    rtn, _ = models.quantize_student(rtn_source, bits, group_size)
+    mode = models.quantization_mode(tuned.config)  # RTN of the same mode as the student
+    rtn, _ = models.quantize_student(rtn_source, bits, group_size, mode)
     models.to_compute_dtype(rtn, dtype)
 
     sequences, split = _held_out(config, made_with, teacher.tokenizer)

@@ -428,6 +428,13 @@ def quantization_of(config: dict, name: str) -> tuple[int, int]:
     return bits, group_size
 
 
+def quantization_mode(config: dict) -> str:
+    """The mode of a quantized model's config.json ("affine" when it names none, as mlx-lm)."""
+    block = config.get("quantization")
+    mode = block.get("mode", "affine") if isinstance(block, dict) else "affine"
+    return mode if isinstance(mode, str) else "affine"
+
+
 def is_trainable_quantized(module: Any) -> bool:
     """Affine-quantized layers below 8 bits: their scales and biases are what DWQ tunes."""
     return (
@@ -438,17 +445,22 @@ def is_trainable_quantized(module: Any) -> bool:
     )
 
 
-def quantize_student(teacher: LoadedModel, bits: int, group_size: int) -> tuple[Any, dict]:
-    """Round-to-nearest quantization of the teacher (mlx-lm's quantize_model)."""
+def quantize_student(
+    teacher: LoadedModel, bits: int, group_size: int, mode: str = "affine"
+) -> tuple[Any, dict]:
+    """Round-to-nearest quantization of the teacher (mlx-lm's quantize_model) in `mode`."""
     from mlx_lm.utils import quantize_model
 
     try:
         # mlx-lm prints a bits-per-weight line to stdout, which must stay clean for --json.
         with contextlib.redirect_stdout(io.StringIO()):
-            return quantize_model(teacher.model, teacher.config, group_size=group_size, bits=bits)
+            return quantize_model(
+                teacher.model, teacher.config, group_size=group_size, bits=bits, mode=mode
+            )
     except ValueError as exc:
         raise ModelError(
-            f"cannot quantize the teacher with bits={bits}, group_size={group_size}: {exc}"
+            f"cannot quantize the teacher with bits={bits}, group_size={group_size}, "
+            f"mode={mode}: {exc}"
         ) from exc
 
 

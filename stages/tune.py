@@ -24,6 +24,14 @@ from stages import run_dir as run_folder
 from stages.data import loss_mask
 from stages.distributed import Distributed
 from stages.errors import InvalidConfig, ModelError, StageError
+from stages.float_modes import (
+    AFFINE,
+    FLOAT_MODES,
+    MODES,
+    add_latent_weights,
+    fold_latent_weights,
+    is_latent,
+)
 from stages.gptq import gptq_init, swap_quantized, tied_output_layers
 from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
@@ -37,6 +45,7 @@ from stages.models import (
     to_compute_dtype,
     tokenizer_fingerprint,
     unfreeze_scales_and_biases,
+    wants_float32,
 )
 from stages.rounding import (
     INITS,
@@ -71,6 +80,8 @@ GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden 
 # part of a run's identity, so a checkpoint made before the change is refused, not resumed.
 START_REVISIONS = {"gptq": 2}  # 2: a tied embedding re-quantized as the output layer
 ROUNDING_REVISION = 2  # 2: a weight its start put well past the tie starts at residual 0
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
+LATENT_LR = 1e-4  # the first rate run on the default teacher, not swept (README: --mode)
 TUNE_LIMITS = {
     "max_steps": MAX_STEPS,
     "warmup_steps": MAX_STEPS,
@@ -105,8 +116,10 @@ class TuneConfig:
         "an already quantized mlx-lm model (folder or HF id); unset = quantize the teacher",
         "--student",
     )
-    bits: int = setting(4, "bits per weight when quantizing the teacher into a student")
-    group_size: int = setting(64, "quantization group size when quantizing the teacher")
+    bits: int = setting(DEFAULT_BITS, "bits per weight when quantizing the teacher into a student")
+    group_size: int = setting(
+        DEFAULT_GROUP_SIZE, "quantization group size when quantizing the teacher"
+    )
     loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
     learning_rate: float = setting(1e-4, "peak Adam learning rate", "--learning-rate")
@@ -165,6 +178,19 @@ class TuneConfig:
         "clip ratio of least weight error, or GPTQ on the store's training tokens (the last two "
         "need the teacher); auto = gptq when tune quantizes the teacher, tune.student as given",
     )
+    mode: str = setting(
+        AFFINE,
+        "quantization mode of the student: affine (scales and biases tuned) or mxfp4, nvfp4, "
+        "mxfp8 (a latent weight per layer tuned through its rounding; the mode's own bits and "
+        "group size; needs the teacher)",
+        "--mode",
+        choices=MODES,
+    )
+    latent_lr: float = setting(
+        LATENT_LR,
+        "with a floating-point mode: peak Adam learning rate of the latent weights (in weight "
+        "units, same warm-up and decay as learning_rate)",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -176,22 +202,23 @@ class TuneConfig:
         for name in ("warmup_steps", "max_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"tune.{name} must be >= 0 (got {getattr(self, name)})")
-        if self.bits >= 8:
+        if self.bits >= 8 and self.mode == AFFINE:
             problems.append(f"tune.bits must be below 8 to have scales to tune (got {self.bits})")
-        if self.group_size not in MLX_GROUP_SIZES:
+        if self.group_size not in MLX_GROUP_SIZES and self.mode == AFFINE:
             sizes = ", ".join(map(str, MLX_GROUP_SIZES))
             problems.append(f"tune.group_size must be one of {sizes} (got {self.group_size})")
         if self.loss not in LOSSES:
             problems.append(f"tune.loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         if self.temperature <= 0 or self.learning_rate <= 0:
             problems.append("tune.temperature and tune.learning_rate must be > 0")
-        chosen = ("schedule", "fast_matmul", "incomplete_store", "compute_dtype")
+        chosen = ("schedule", "fast_matmul", "incomplete_store", "compute_dtype", "mode")
         problems += choice_problems(self, "tune", chosen)
         if self.wait_timeout_s <= 0:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
             problems.append(f"tune.seed must be >= 0 (got {self.seed})")
         problems += _lever_problems(self)
+        problems += _mode_problems(self)
         problems += representable_problems(self, "tune")
         problems += empty_path_problems(self, "tune", ("store", "run_dir", "student"))
         problems += above_limit_problems(self, "tune", TUNE_LIMITS)
@@ -203,12 +230,17 @@ class TuneConfig:
         """The starting student `init` resolves to (auto: GPTQ, which beat RTN's start on every
         seed of bench/levers.py, unless a quantized student is given)."""
         if self.init == "auto":
-            return "rtn" if self.student else "gptq"
+            return "rtn" if self.student or self.mode != AFFINE else "gptq"
         return self.init
 
     @property
+    def quantization(self) -> tuple[int, int]:
+        """(bits, group_size) the teacher is quantized with: a floating-point mode's own."""
+        return FLOAT_MODES.get(self.mode, (self.bits, self.group_size))
+
+    @property
     def needs_teacher_weights(self) -> bool:
-        return self.learned_rounding or self.start != "rtn"
+        return self.learned_rounding or self.start != "rtn" or self.mode != AFFINE
 
     @property
     def wait_s(self) -> float | None:
@@ -228,6 +260,10 @@ class TuneConfig:
                 del kept[name]
         if not self.learned_rounding:
             del kept["rounding_lr"]
+        if self.mode == AFFINE:  # absent from checkpoints made before the modes
+            del kept["mode"], kept["latent_lr"]
+        else:
+            kept["bits"], kept["group_size"] = self.quantization
         return kept
 
     def resume_key(self) -> str:
@@ -247,9 +283,35 @@ def _lever_problems(config: TuneConfig) -> list[str]:
         problems.append(f"tune.rounding_lr must be >= 0 (got {config.rounding_lr})")
     if config.student and config.needs_teacher_weights:
         problems.append(
-            "tune.learned_rounding and tune.init=clip_search/gptq need the teacher's "
-            "full-precision weights: leave tune.student unset to quantize the teacher"
+            "tune.learned_rounding, tune.init=clip_search/gptq and tune.mode other than affine "
+            "need the teacher's full-precision weights: leave tune.student unset to quantize "
+            "the teacher"
         )
+    return problems
+
+
+def _mode_problems(config: TuneConfig) -> list[str]:
+    """A floating-point mode has its own bits and group size and none of the affine levers."""
+    if config.mode not in FLOAT_MODES:
+        return []
+    problems = []
+    bits, group_size = FLOAT_MODES[config.mode]
+    if config.bits not in (DEFAULT_BITS, bits) or config.group_size not in (
+        DEFAULT_GROUP_SIZE,
+        group_size,
+    ):
+        problems.append(
+            f"tune.mode={config.mode} quantizes {bits}-bit groups of {group_size}: leave "
+            f"tune.bits and tune.group_size unset (got bits={config.bits}, "
+            f"group_size={config.group_size})"
+        )
+    if config.learned_rounding or config.init in ("clip_search", "gptq"):
+        problems.append(
+            f"tune.learned_rounding and tune.init=clip_search/gptq are affine-only; with "
+            f"tune.mode={config.mode} leave them off (init: auto or rtn)"
+        )
+    if config.latent_lr <= 0:
+        problems.append(f"tune.latent_lr must be > 0 (got {config.latent_lr})")
     return problems
 
 
@@ -305,7 +367,7 @@ def _load_student(config: TuneConfig, reader: StoreReader) -> _Student:
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
         originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
         # Quantized in the teacher's own dtype (as mlx-lm's convert does), then cast.
-        model, quantized_config = quantize_student(loaded, config.bits, config.group_size)
+        model, quantized_config = quantize_student(loaded, *config.quantization, config.mode)
         dtypes = to_compute_dtype(model, config.compute_dtype)
         student = _Student(model, loaded.tokenizer, quantized_config, loaded.path, originals)
         student.dtypes = dtypes
@@ -343,7 +405,20 @@ def _apply_levers(config: TuneConfig, student: _Student, inputs: _StartInputs) -
         _gptq_start(config, student, inputs)
     if config.learned_rounding:
         add_rounding_offsets(student.model, student.originals)
+    if config.mode != AFFINE:
+        _add_latents(config, student)
     student.originals = None
+
+
+def _add_latents(config: TuneConfig, student: _Student) -> None:
+    """Trainable latent weights for the floating-point-mode layers (refused when none)."""
+    dtype = mx.float32 if wants_float32(config.compute_dtype) else None
+    if add_latent_weights(student.model, student.originals, dtype) == 0:
+        group_size = config.quantization[1]
+        raise ModelError(
+            f"no teacher layer could be quantized as {config.mode} (groups of {group_size} "
+            "divide none of its widths): nothing to tune"
+        )
 
 
 def _gptq_start(config: TuneConfig, student: _Student, inputs: _StartInputs) -> None:
@@ -458,8 +533,8 @@ def _batch_plan(
     return [rows[i : i + config.batch_size] for i in range(0, whole, config.batch_size)]
 
 
-def _schedule(config: TuneConfig, total_steps: int):
-    peak = config.learning_rate
+def _schedule(config: TuneConfig, total_steps: int, peak: float | None = None):
+    peak = peak or config.learning_rate
     after = max(1, total_steps - config.warmup_steps)
     decay = (
         optim.cosine_decay(peak, after, end=peak * 0.1)
@@ -683,7 +758,8 @@ def _prepare_student(
     """The student, loaded with its scales and biases trainable."""
     phase("loading the student" if config.student else "loading and quantizing the teacher")
     student = _load_student(config, reader)
-    if unfreeze_scales_and_biases(student.model, config.train_norms) == 0:
+    tuned = unfreeze_scales_and_biases(student.model, config.train_norms)
+    if tuned == 0 and config.mode == AFFINE:
         why = (
             ""
             if config.student
@@ -746,6 +822,9 @@ def _start_or_resume(
     config, dist = trainer.config, trainer.dist
     total_steps = _total_steps(trainer)
     optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
+    if config.mode != AFFINE:
+        latents = optim.Adam(_schedule(config, total_steps, config.latent_lr), bias_correction=True)
+        optimizer = optim.MultiOptimizer([latents, optimizer], [lambda path, _: is_latent(path)])
     if config.learned_rounding:
         optimizer = with_rounding_steps(optimizer, config.rounding_lr, total_steps)
     params = _float32_trainable(trainer.model)
@@ -891,6 +970,7 @@ def _save_student(folder: Path, student: _Student, params) -> None:
 
     student.model.update(params)
     fold_rounding_offsets(student.model)
+    fold_latent_weights(student.model)
     restore_dtypes(student.model, student.dtypes)
     save(
         folder, student.source, student.model, student.tokenizer, student.config, donate_model=False

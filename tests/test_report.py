@@ -68,6 +68,7 @@ def test_the_start_is_named_as_the_run_made_it(init, student, label):
 
     assert starting_student({"init": init, "student": student}) == label
     assert starting_student({}) == "RTN"  # run folders from before tune.init
+    assert starting_student({"init": "auto", "mode": "nvfp4"}) == "RTN nvfp4"  # GPTQ is affine
 
 
 def test_figure_has_labelled_axes_and_a_legend_for_every_line(run_dir):
