@@ -258,6 +258,10 @@ def tune(
     loss: Annotated[str | None, typer.Option(help="kl_topk, kl_tail, reverse_kl or js.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak Adam learning rate.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (0 = by epochs).")] = None,
+    bits_per_weight: Annotated[
+        float | None,
+        typer.Option(help="Budget as stored (scales included); each layer's bits by sensitivity."),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(help="Discard the checkpoint and metrics of an earlier run in run-dir."),
