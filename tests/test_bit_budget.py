@@ -242,3 +242,19 @@ def test_rtn_of_a_mixed_student_rebuilds_its_mix(budget_run, tiny_teacher):
     modules = dict(rtn.named_modules())
     assert {path: modules[path].bits for path in chosen_bits(budget_run)} == chosen_bits(budget_run)
     assert layer_quantization(rtn_config, "rtn") == layer_quantization(config, "tuned")
+
+
+def test_report_plots_the_layer_sensitivities(budget_run):
+    from pipeline.report import build_figure, summarize, write_report
+
+    summary = summarize(budget_run)
+    assert summary.sensitivities == sensitivities(budget_run)
+    assert any(line.startswith(f"bits budget {BUDGET} per weight") for line in summary.lines())
+    _, panel = build_figure(summary).axes
+    labels = [text.get_text() for text in panel.get_legend().get_texts()]
+    assert labels == [f"{b}-bit" for b in bit_budget.DEFAULT_ALLOWED_BITS] + ["chosen"]
+    chosen = panel.get_lines()[-1].get_ydata()
+    layers = sensitivities(budget_run)["layers"]
+    assert list(chosen) == [layer["estimated_kl"][str(layer["bits"])] for layer in layers]
+    _, plot = write_report(budget_run)
+    assert plot is not None and plot.stat().st_size > 0
