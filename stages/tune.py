@@ -821,6 +821,8 @@ def _prepare_student(config: TuneConfig, inputs: _StartInputs) -> _Student:
             if config.student
             else f" (tune.group_size={config.group_size} divides no teacher layer width)"
         )
+        if student.layer_bits:  # a budget as high as every layer at 8 bits
+            why = " (tune.bits_per_weight gave every layer 8 bits: ask for fewer)"
         raise ModelError(
             f"the student has no affine-quantized layers below 8 bits{why}: nothing to tune"
         )

@@ -194,8 +194,11 @@ def test_a_layer_made_fragile_gets_more_bits(tmp_path_factory):
     assert all(made["estimated_kl"][b] > 3 * plain["estimated_kl"][b] for b in ("3", "4", "5"))
 
 
-def test_resume_with_a_budget_is_bit_identical(tiny_store, tmp_path):
-    assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, bits_per_weight=BUDGET)
+@pytest.mark.parametrize(
+    "levers", [{}, {"init": "gptq", "learned_rounding": True}], ids=["rtn", "gptq+rounding"]
+)
+def test_resume_with_a_budget_is_bit_identical(tiny_store, tmp_path, levers):
+    assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, bits_per_weight=BUDGET, **levers)
 
 
 def test_a_resumed_run_keeps_its_bits_and_refuses_another_budget(tiny_store, tmp_path):
