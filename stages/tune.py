@@ -783,11 +783,11 @@ def tune(
     inputs = _StartInputs(reader, phase, dist, recorded, recorded_bits, run_dir)
     student = _prepare_student(config, inputs)
     with _claimed_run_dir(run_dir, dist, overwrite):
-        if dist.rank == 0 and student.budget_record is not None:
-            run_folder.write_sensitivities(run_dir, student.budget_record)
         train_chunks = _train_chunks(reader, config, run_dir)
         trainer = _Trainer(config, reader, student, train_chunks, dist)
         run = _start_or_resume(trainer, run_dir, on_step, phase)
+        if dist.rank == 0 and student.budget_record is not None:  # once the run is accepted
+            run_folder.write_sensitivities(run_dir, student.budget_record)
         run.state["tied_outputs"] = student.tied_outputs  # which start a resume rebuilds
         if student.layer_bits is not None:
             run.state["layer_bits"] = student.layer_bits  # the mix a resume rebuilds

@@ -212,8 +212,10 @@ def test_a_resumed_run_keeps_its_bits_and_refuses_another_budget(tiny_store, tmp
         on_phase=phases.append,
     )
     assert not any("sensitivities" in phase for phase in phases)  # the recorded bits are used
+    kept = (run_dir / "sensitivities.json").read_bytes()
     with pytest.raises(StageError, match="tune.bits_per_weight was 5.5, now 6.0"):
         tune(tune_config(tiny_store, run_dir, bits_per_weight=6.0, max_steps=4, epochs=1))
+    assert (run_dir / "sensitivities.json").read_bytes() == kept  # the refused run wrote none
 
 
 def test_budget_settings_are_checked_and_keyed_only_when_set():
