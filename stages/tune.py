@@ -36,6 +36,7 @@ from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
 from stages.models import (
     apply_fast_matmul,
     checkpoint_blocks,
+    is_trainable_quantized,
     load_model,
     output_size,
     quantization_of,
@@ -872,6 +873,39 @@ def _total_steps(trainer: _Trainer) -> int:
     return config.max_steps or config.epochs * (per_epoch // config.grad_accumulation)
 
 
+class _PerWidthAdam(optim.MultiOptimizer):
+    """One Adam per bit width; its learning rate is the last one's (tune.bits' width)."""
+
+    @property
+    def learning_rate(self):
+        return self.optimizers[-1].learning_rate
+
+
+def _scales_optimizer(trainer: _Trainer, total_steps: int) -> optim.Optimizer:
+    """Adam on the scales and biases. Under a bits budget each layer's rate is in proportion to
+    its grid step, (2**tune.bits - 1) / (2**bits - 1) of the configured one (set for
+    tune.bits): an Adam step moves a layer's weights by up to (2**bits - 1) x the step, so one
+    rate for all moves a 6-bit layer 4x as far as a 4-bit one on a grid 4x as fine (measured:
+    the mixed 5.0 bits-per-weight student's validation loss went from 0.038 to 0.064 at one
+    rate)."""
+    config = trainer.config
+    schedule = _schedule(config, total_steps)
+    if config.bits_per_weight is None:
+        return optim.Adam(learning_rate=schedule, bias_correction=True)
+    paths = {}
+    for path, module in trainer.model.named_modules():
+        if is_trainable_quantized(module) and module.bits != config.bits:
+            paths.setdefault(module.bits, []).append(path + ".")
+    optimizers, filters = [], []
+    for bits, prefixes in sorted(paths.items()):
+        factor = (2**config.bits - 1) / (2**bits - 1)
+        scaled = lambda step, factor=factor: factor * schedule(step)  # noqa: E731
+        optimizers.append(optim.Adam(learning_rate=scaled, bias_correction=True))
+        filters.append(lambda path, _, prefixes=tuple(prefixes): path.startswith(prefixes))
+    optimizers.append(optim.Adam(learning_rate=schedule, bias_correction=True))
+    return _PerWidthAdam(optimizers, filters)
+
+
 def _start_or_resume(
     trainer: _Trainer, run_dir: Path, on_step, phase: Callable[[str], None]
 ) -> _Run:
@@ -879,7 +913,7 @@ def _start_or_resume(
     validated once before its first step."""
     config, dist = trainer.config, trainer.dist
     total_steps = _total_steps(trainer)
-    optimizer = optim.Adam(learning_rate=_schedule(config, total_steps), bias_correction=True)
+    optimizer = _scales_optimizer(trainer, total_steps)
     if config.learned_rounding:
         optimizer = with_rounding_steps(optimizer, config.rounding_lr, total_steps)
     params = _float32_trainable(trainer.model)

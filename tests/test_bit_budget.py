@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from pipeline.config import load_config
 from stages import bit_budget
@@ -263,3 +263,30 @@ def test_report_plots_the_layer_sensitivities(budget_run):
     assert list(chosen) == [layer["estimated_kl"][str(layer["bits"])] for layer in layers]
     _, plot = write_report(budget_run)
     assert plot is not None and plot.stat().st_size > 0
+
+
+def test_each_width_steps_in_proportion_to_its_grid():
+    """Under a budget a 6-bit layer's scales and biases move (2**4 - 1) / (2**6 - 1) as far per
+    Adam step as a 4-bit layer's (tune.bits, the width the learning rate is set for)."""
+    from types import SimpleNamespace
+
+    from stages.tune import _scales_optimizer
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    nn.quantize(model, 32, 4, class_predicate=lambda p, m: p != "layers.2")
+    nn.quantize(model, 32, 6, class_predicate=lambda p, m: p == "layers.2")
+    model.freeze()
+    for layer in model.layers:
+        layer.unfreeze(keys=["scales", "biases"], recurse=False)
+    config = TuneConfig(bits_per_weight=5.0, warmup_steps=0, schedule="constant")
+    optimizer = _scales_optimizer(SimpleNamespace(config=config, model=model), total_steps=10)
+    params = model.trainable_parameters()
+    optimizer.init(params)
+    grads = tree_flatten(params)
+    ones = tree_unflatten([(k, mx.ones_like(v)) for k, v in grads])
+    moved = dict(tree_flatten(optimizer.apply_gradients(ones, params)))
+    step = {k: np.abs(np.array(moved[k] - v)).max() for k, v in grads}
+    assert step["layers.0.scales"] == pytest.approx(config.learning_rate, rel=1e-3)
+    assert step["layers.2.scales"] == pytest.approx(config.learning_rate * 15 / 63, rel=1e-3)
+    assert step["layers.2.biases"] == pytest.approx(step["layers.2.scales"], rel=1e-3)
+    assert optimizer.learning_rate.item() == pytest.approx(config.learning_rate)
