@@ -265,16 +265,17 @@ def test_report_plots_the_layer_sensitivities(budget_run):
     assert plot is not None and plot.stat().st_size > 0
 
 
-def test_each_width_steps_in_proportion_to_its_grid():
+def test_a_wider_layer_steps_in_proportion_to_its_grid():
     """Under a budget a 6-bit layer's scales and biases move (2**4 - 1) / (2**6 - 1) as far per
-    Adam step as a 4-bit layer's (tune.bits, the width the learning rate is set for)."""
+    Adam step as a 4-bit layer's (tune.bits, the width the learning rate is set for); a 3-bit
+    layer's as far as a 4-bit one's."""
     from types import SimpleNamespace
 
     from stages.tune import _scales_optimizer
 
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
-    nn.quantize(model, 32, 4, class_predicate=lambda p, m: p != "layers.2")
-    nn.quantize(model, 32, 6, class_predicate=lambda p, m: p == "layers.2")
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(3)))
+    widths = {"layers.0": 4, "layers.1": 3, "layers.2": 6}
+    nn.quantize(model, 32, 4, class_predicate=lambda p, m: {"bits": widths[p], "group_size": 32})
     model.freeze()
     for layer in model.layers:
         layer.unfreeze(keys=["scales", "biases"], recurse=False)
@@ -287,6 +288,7 @@ def test_each_width_steps_in_proportion_to_its_grid():
     moved = dict(tree_flatten(optimizer.apply_gradients(ones, params)))
     step = {k: np.abs(np.array(moved[k] - v)).max() for k, v in grads}
     assert step["layers.0.scales"] == pytest.approx(config.learning_rate, rel=1e-3)
+    assert step["layers.1.scales"] == pytest.approx(config.learning_rate, rel=1e-3)
     assert step["layers.2.scales"] == pytest.approx(config.learning_rate * 15 / 63, rel=1e-3)
     assert step["layers.2.biases"] == pytest.approx(step["layers.2.scales"], rel=1e-3)
     assert optimizer.learning_rate.item() == pytest.approx(config.learning_rate)
