@@ -292,3 +292,23 @@ def test_a_wider_layer_steps_in_proportion_to_its_grid():
     assert step["layers.2.scales"] == pytest.approx(config.learning_rate * 15 / 63, rel=1e-3)
     assert step["layers.2.biases"] == pytest.approx(step["layers.2.scales"], rel=1e-3)
     assert optimizer.learning_rate.item() == pytest.approx(config.learning_rate)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_moe"])
+def test_the_budget_counts_as_mlx_lm_measures_the_quantized_model(model_type, tmp_path):
+    """bfloat16 models (16-bit scales and biases), an untied head, mixture-of-experts switch
+    layers and a router mlx-lm's own predicate keeps at 8 bits: the layout's bits per weight
+    for a mix is mlx-lm's compute_bits_per_weight of the model quantized with it."""
+    from mlx_lm.utils import compute_bits_per_weight
+
+    from tests.tiny_models import make_arch_model_folder
+
+    folder = make_arch_model_folder(tmp_path / model_type, model_type)
+    layout = model_layout(load_model(str(folder)).model, group_size=32)
+    widths = [3, 4, 5, 6, 8]
+    choice = {c.path: widths[i % len(widths)] for i, c in enumerate(layout.candidates)}
+    per_layer = {p: {"bits": b, "group_size": 32} for p, b in choice.items()}
+    quantized, _ = quantize_student(load_model(str(folder)), 4, 32, per_layer)
+    assert layout.bits_per_weight(choice) == pytest.approx(compute_bits_per_weight(quantized))
+    # 4 bits + a bfloat16 scale and bias per 32 weights, plus the few float parameters
+    assert layout.bits_per_weight(layout.uniform(4)) == pytest.approx(4 + 2 * 16 / 32, abs=0.2)
