@@ -261,6 +261,10 @@ def tune(
     mode: Annotated[
         str | None, typer.Option(help="Student's quantization: affine, mxfp4, nvfp4 or mxfp8.")
     ] = None,
+    bits_per_weight: Annotated[
+        float | None,
+        typer.Option(help="Budget as stored (scales included); each layer's bits by sensitivity."),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(help="Discard the checkpoint and metrics of an earlier run in run-dir."),

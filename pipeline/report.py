@@ -3,7 +3,9 @@
 Levels on the plot are in the run's own loss: the student before tuning (step 0 validation, at
 the run's start: GPTQ by default, RTN, clip search or the given student) and the teacher, whose
 loss against itself is 0. If `eval --save RUN/eval.json` was run, its full-vocabulary figures
-join the summary.
+join the summary. A run with a bits budget (`tune.bits_per_weight`) adds a panel of its layer
+sensitivities (`sensitivities.json`): each layer's estimated KL at every allowed width, and the
+width it got.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from stages.run_dir import RUN_CONFIG_FILE, read_metrics
+from stages.run_dir import RUN_CONFIG_FILE, SENSITIVITY_FILE, read_metrics
 
 PLOT_FILE = "report.png"
 SUMMARY_FILE = "report.md"
@@ -67,6 +69,7 @@ class RunSummary:
     train: list[tuple[int, float]]
     validation: list[tuple[int, float]]
     evaluation: dict[str, Any] | None
+    sensitivities: dict[str, Any] | None = None  # a bits budget's layers, estimates and bits
 
     @property
     def val_reduction(self) -> float:
@@ -95,7 +98,21 @@ class RunSummary:
             )
             if self.evaluation.get("gap_closed") is not None:
                 lines.append(f"tuning closed {self.evaluation['gap_closed']:.1%} of RTN's KL gap")
+        if self.sensitivities:
+            lines.append(_budget_line(self.sensitivities))
         return lines
+
+
+def _budget_line(record: dict[str, Any]) -> str:
+    weights: dict[int, int] = {}
+    for layer in record["layers"]:
+        weights[layer["bits"]] = weights.get(layer["bits"], 0) + layer["parameters"]
+    total = sum(weights.values()) or 1
+    shares = ", ".join(f"{b}-bit {n / total:.0%}" for b, n in sorted(weights.items()))
+    return (
+        f"bits budget {record['budget']} per weight as stored: {record['bits_per_weight']:.3f} "
+        f"spent; of the quantized weights {shares}"
+    )
 
 
 STARTS = {"rtn": "RTN", "gptq": "GPTQ", "clip_search": "clip search", "given": "given student"}
@@ -137,6 +154,35 @@ def summarize(run_dir: Path) -> RunSummary:
         train=train,
         validation=validation,
         evaluation=_read_json(run_dir / EVAL_FILE, _is_evaluation),
+        sensitivities=_budget_sensitivities(run_dir, config),
+    )
+
+
+def _budget_sensitivities(run_dir: Path, config: dict) -> dict[str, Any] | None:
+    """The layer sensitivities of this run's bits budget (None without a budget, or when the
+    file is from an earlier run of another budget)."""
+    budget = config.get("bits_per_weight")
+    record = _read_json(run_dir / SENSITIVITY_FILE, _is_sensitivity_record) if budget else None
+    return record if record and record["budget"] == budget else None
+
+
+def _is_sensitivity_record(raw: Any) -> bool:
+    """What tune writes for a bits budget (stages/bit_budget.py's budget_record)."""
+    number = (int, float)
+    if not (isinstance(raw, dict) and isinstance(raw.get("layers"), list)):
+        return False
+    return (
+        isinstance(raw.get("budget"), number)
+        and isinstance(raw.get("bits_per_weight"), number)
+        and all(
+            isinstance(layer, dict)
+            and isinstance(layer.get("path"), str)
+            and isinstance(layer.get("bits"), int)
+            and isinstance(layer.get("parameters"), int)
+            and isinstance(layer.get("estimated_kl"), dict)
+            and all(isinstance(v, number) for v in layer["estimated_kl"].values())
+            for layer in raw["layers"]
+        )
     )
 
 
@@ -172,8 +218,9 @@ def build_figure(summary: RunSummary):
     """Train and validation loss against step, with the before-tuning and teacher levels."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 4.5), dpi=120)
-    ax = figure.add_subplot()
+    budget = summary.sensitivities
+    figure = Figure(figsize=(8, 8.5) if budget else (8, 4.5), dpi=120)
+    ax = figure.add_subplot(2, 1, 1) if budget else figure.add_subplot()
     if summary.train:
         steps, losses = zip(*summary.train, strict=True)
         ax.plot(steps, losses, color="tab:blue", alpha=0.6, lw=1, label="train (per step)")
@@ -194,8 +241,32 @@ def build_figure(summary: RunSummary):
     ax.set_ylim(bottom=-0.02 * summary.start_val_loss)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+    if budget:
+        _plot_sensitivities(figure.add_subplot(2, 1, 2), budget)
     figure.tight_layout()
     return figure
+
+
+def _plot_sensitivities(ax, record: dict[str, Any]) -> None:
+    """Per layer (in model order) the estimated KL at each allowed width, a dot at its own."""
+    layers = record["layers"]
+    positions = range(len(layers))
+    widths = sorted({int(b) for layer in layers for b in layer["estimated_kl"]})
+    floor = 1e-12  # a log axis: an estimate of 0 (a width that loses nothing) sits at the floor
+    for bits in widths:
+        values = [max(layer["estimated_kl"].get(str(bits), floor), floor) for layer in layers]
+        ax.plot(positions, values, lw=1, alpha=0.7, label=f"{bits}-bit")
+    chosen = [max(layer["estimated_kl"][str(layer["bits"])], floor) for layer in layers]
+    ax.plot(positions, chosen, "k.", ms=5, label="chosen")
+    ax.set_yscale("log")
+    ax.set_xlabel("quantized layer (model order)")
+    ax.set_ylabel("estimated KL per token (nats)")
+    ax.set_title(
+        f"layer sensitivities: budget {record['budget']} bits per weight, "
+        f"{record['bits_per_weight']:.3f} spent"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", ncol=len(widths) + 1, fontsize="small")
 
 
 def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:

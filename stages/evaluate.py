@@ -279,7 +279,8 @@ def _prepare(model: Any, fast_matmul: str) -> Any:
 
 
 def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Teacher, RTN student (the tuned student's bits, group size and mode) and tuned student."""
+    """Teacher, RTN student (the tuned student's bits, group size and mode, per layer when
+    mixed) and tuned student."""
     if not config.student:
         raise InvalidConfig(["eval.student must name the tuned model to evaluate"])
     manifest = _store_manifest(config)
@@ -297,10 +298,12 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
             "the student's tokenizer differs from the teacher's; they cannot be compared"
         )
     _check_output_sizes(teacher.model, tuned.model, manifest)
-    # Quantized in the teacher's own dtype, as tune's starting student is, then cast.
+    # Quantized in the teacher's own dtype, as tune's starting student is, then cast; a
+    # mixed-bit student's RTN has its per-layer bits (config.json names them).
     rtn_source = models.load_model(teacher_spec, trust)
     mode = models.quantization_mode(tuned.config)  # RTN of the same mode as the student
-    rtn, _ = models.quantize_student(rtn_source, bits, group_size, mode)
+    per_layer = models.layer_quantization(tuned.config, config.student)
+    rtn, _ = models.quantize_student(rtn_source, bits, group_size, mode, per_layer)
     models.to_compute_dtype(rtn, dtype)
 
     sequences, split = _held_out(config, made_with, teacher.tokenizer)

@@ -416,15 +416,17 @@ def output_size(model: Any) -> int:
 
 
 def quantization_of(config: dict, name: str) -> tuple[int, int]:
-    """(bits, group_size) of a quantized model's config.json, checked."""
+    """(bits, group_size) of a quantized model's config.json, checked: the defaults, which a
+    mixed-bit model's per-layer entries (see `layer_quantization`) override."""
     block = config.get("quantization")
     bits = block.get("bits") if isinstance(block, dict) else None
     group_size = block.get("group_size") if isinstance(block, dict) else None
-    if not (isinstance(bits, int) and isinstance(group_size, int)) or min(bits, group_size) < 1:
+    if not _whole_sizes(bits, group_size):
         raise ModelError(
             f"model {name!r}: the quantization block of its config.json is malformed "
             f"({json.dumps(block)[:80]}); it needs whole numbers bits and group_size"
         )
+    layer_quantization(config, name)
     return bits, group_size
 
 
@@ -433,6 +435,30 @@ def quantization_mode(config: dict) -> str:
     block = config.get("quantization")
     mode = block.get("mode", "affine") if isinstance(block, dict) else "affine"
     return mode if isinstance(mode, str) else "affine"
+
+
+def _whole_sizes(bits: Any, group_size: Any) -> bool:
+    sizes = (bits, group_size)
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+
+
+def layer_quantization(config: dict, name: str) -> dict[str, dict | bool]:
+    """The per-layer entries of a quantized model's config.json (mlx-lm writes one per layer
+    for a mixed-bit model: path -> {"bits", "group_size", ...}, or false), checked."""
+    block = config.get("quantization")
+    # The defaults are numbers and a mode name; a layer's entry is an object (or false).
+    found = block.items() if isinstance(block, dict) else []
+    entries = {k: v for k, v in found if isinstance(v, (dict, bool))}
+    for path, entry in entries.items():
+        ok = entry is False or (
+            isinstance(entry, dict) and _whole_sizes(entry.get("bits"), entry.get("group_size"))
+        )
+        if not ok:
+            raise ModelError(
+                f"model {name!r}: the quantization entry of {path!r} in its config.json is "
+                f"malformed ({json.dumps(entry)[:80]}); it needs whole numbers bits and group_size"
+            )
+    return entries
 
 
 def is_trainable_quantized(module: Any) -> bool:
@@ -446,16 +472,32 @@ def is_trainable_quantized(module: Any) -> bool:
 
 
 def quantize_student(
-    teacher: LoadedModel, bits: int, group_size: int, mode: str = "affine"
+    teacher: LoadedModel,
+    bits: int,
+    group_size: int,
+    mode: str = "affine",
+    per_layer: dict[str, Any] | None = None,
 ) -> tuple[Any, dict]:
-    """Round-to-nearest quantization of the teacher (mlx-lm's quantize_model) in `mode`."""
+    """Round-to-nearest quantization of the teacher (mlx-lm's quantize_model) in `mode`;
+    `per_layer` (path -> {"bits", "group_size"} or False) overrides the layers it names, and
+    config.json then records each of them, so mlx_lm.load rebuilds the same mix."""
     from mlx_lm.utils import quantize_model
 
+    predicate = None
+    if per_layer:
+        own = getattr(teacher.model, "quant_predicate", None)
+        default = own or (lambda path, module: True)
+        predicate = lambda path, module: per_layer.get(path, default(path, module))  # noqa: E731
     try:
         # mlx-lm prints a bits-per-weight line to stdout, which must stay clean for --json.
         with contextlib.redirect_stdout(io.StringIO()):
             return quantize_model(
-                teacher.model, teacher.config, group_size=group_size, bits=bits, mode=mode
+                teacher.model,
+                teacher.config,
+                group_size=group_size,
+                bits=bits,
+                mode=mode,
+                quant_predicate=predicate,
             )
     except ValueError as exc:
         raise ModelError(

@@ -40,6 +40,7 @@ RUN_MARK = "run"
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "tune_config.json"  # the run's TuneConfig, for reports
+SENSITIVITY_FILE = "sensitivities.json"  # with a bits budget: each layer's estimates and bits
 LOCK_FILE = "tune.lock"
 MODEL_DIR = "model"
 CHECKPOINT_FILES = ("params.safetensors", "best.safetensors", "optimizer.safetensors", "state.json")
@@ -180,15 +181,24 @@ def recover_checkpoint(run_dir: Path) -> None:
 
 @writes_run_dir
 def clear_run(run_dir: Path) -> None:
-    """What --overwrite discards: the checkpoint and the metrics log, nothing else."""
+    """What --overwrite discards: the checkpoint, the metrics log and the layer sensitivities
+    (a bits budget measures them again), nothing else."""
     for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.partial"):
         _remove_own_folder(run_dir, name)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    if (run_dir / SENSITIVITY_FILE).is_file():
+        (run_dir / SENSITIVITY_FILE).unlink()
 
 
 @writes_run_dir
 def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:
     write_json_atomic(run_dir / RUN_CONFIG_FILE, config)
+
+
+@writes_run_dir
+def write_sensitivities(run_dir: Path, record: dict[str, Any]) -> None:
+    """The bits budget's per-layer estimates and chosen bits (see stages/bit_budget.py)."""
+    write_json_atomic(run_dir / SENSITIVITY_FILE, record)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def test_identity_names_the_mode_only_when_not_affine():
         (["--mode", "mxfp4", "--set", "tune.learned_rounding=true"], "affine-only"),
         (["--mode", "fp16"], "tune.mode must be one of affine, mxfp4, nvfp4, mxfp8"),
         (["--mode", "nvfp4", "--student", "some/model"], "need the teacher's full-precision"),
+        (["--mode", "mxfp4", "--bits-per-weight", "4.5"], "leave it unset with tune.mode=mxfp4"),
     ],
 )
 def test_bad_mode_combinations_are_refused_with_one_line(args, says, tiny_store, tmp_path):

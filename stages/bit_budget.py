@@ -1,0 +1,312 @@
+"""A bits-per-weight budget for `tune` (`tune.bits_per_weight`): each layer's bits chosen from
+`tune.allowed_bits` by a sensitivity measured on the store, so that the saved student's bits per
+weight, as stored, stay within the budget.
+
+**The budget** is mlx-lm's `compute_bits_per_weight` of the saved model: every parameter's bytes
+x 8 over the parameter count (a quantized weight counted as the floats it stands for), so the
+scales and biases are counted, and so is everything left in floating point (norms, a layer whose
+width the group size does not divide). A scale and a bias are stored in the teacher's dtype (tune
+quantizes in it, as mlx-lm's convert does): at group size 64 a 4-bit layer is 4.5 bits per
+weight from a bfloat16/float16 teacher and 5.0 from a float32 one (the default teacher is float32).
+
+**The sensitivity** of a layer at b bits is a second-order estimate of how much the stored-target
+KL per token (at temperature 1, what `eval` reports) grows when that layer alone is rounded to
+nearest at b bits: 1/2 sum_i F_i (Q_b(W) - W)_i^2, F the diagonal of the Fisher information of the
+full-precision model, which is the Hessian of KL(teacher || model) at the teacher. F is estimated
+from the squared gradient of -log q(y) with each position's y drawn from the stored targets (the
+top-k and the tail bucket; a drawn tail leaves the position out), one sequence at a time, so the
+expected square is the sum of the positions' Fishers. mlx-lm's `quant/dynamic_quant.py` scores a
+layer by sum(g * (Q_low(W) - Q_high(W))), g the gradient of KL to the live teacher's logits at
+the low-bit model: a first-order gain of one step from low to high bits. Its gradient vanishes at
+the teacher (the minimum of the KL), and first order cannot rank more than two widths, hence the
+squared form here; like dynamic_quant it needs no quantized model's forward pass, and unlike it no
+teacher forward pass for targets: they come from the store.
+
+**The allocation** starts every layer at the lowest allowed bits and spends the rest of the budget
+greedily: each time the raise (a layer to any higher allowed width) with the largest estimated KL
+drop per stored bit among those that still fit, until none fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from stages.errors import StageError
+
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode packs
+DEFAULT_ALLOWED_BITS = [3, 4, 5, 6, 8]
+SENSITIVITY_ROWS = 16  # training sequences the Fisher is estimated on, one backward pass each
+# A change of the estimate or the allocation chooses other bits from the same settings: part of
+# the run's identity, so a checkpoint made before the change is refused, not resumed.
+BUDGET_REVISION = 1
+
+Batch = tuple  # tokens (1, L), top-k logits (1, L, K), their indices, tail at T=1 or None, mask
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layer whose bits the budget chooses."""
+
+    path: str
+    weights: int  # its weight's parameters
+    scale_bits: int  # bits of one stored scale (and of one bias): the weight's dtype
+
+    def stored_bits(self, bits: int, group_size: int) -> int:
+        return self.weights * bits + 2 * (self.weights // group_size) * self.scale_bits
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a model stores, as the budget counts it."""
+
+    candidates: list[Candidate]
+    group_size: int
+    fixed_bits: int  # every parameter that is not a candidate's weight, scales or biases
+    parameters: int  # all of them, as mlx-lm counts a model's parameters
+
+    def stored_bits(self, choice: dict[str, int]) -> int:
+        chosen = sum(c.stored_bits(choice[c.path], self.group_size) for c in self.candidates)
+        return self.fixed_bits + chosen
+
+    def bits_per_weight(self, choice: dict[str, int]) -> float:
+        return self.stored_bits(choice) / self.parameters
+
+    def uniform(self, bits: int) -> dict[str, int]:
+        return {c.path: bits for c in self.candidates}
+
+
+def _leaf_modules(model: Any) -> list[tuple[str, Any]]:
+    return tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+
+
+def _array_bits(module: Any, skip: str | None = None) -> tuple[int, int]:
+    """(bits as stored, parameters) of a module's arrays, less the one named `skip`."""
+    arrays = [(k, v) for k, v in tree_flatten(module.parameters()) if k != skip]
+    return sum(v.nbytes * 8 for _, v in arrays), sum(v.size for _, v in arrays)
+
+
+def model_layout(model: Any, group_size: int) -> Layout:
+    """The layers mlx-lm's quantize_model would quantize at `group_size` (its own width test and
+    the model's own quant_predicate, whose fixed choices are kept) and what the rest stores."""
+    own = getattr(model, "quant_predicate", None)
+    candidates, fixed, parameters = [], 0, 0
+    for path, module in _leaf_modules(model):
+        rest_bits, rest_count = _array_bits(module, skip="weight")
+        weight = module.get("weight") if isinstance(module.get("weight"), mx.array) else None
+        parameters += rest_count + (weight.size if weight is not None else 0)
+        fixed += rest_bits
+        if weight is None:
+            continue
+        decided = _own_choice(own, path, module, group_size)
+        if decided is True:
+            scale_bits = weight.dtype.size * 8
+            candidates.append(Candidate(path, weight.size, scale_bits))
+        elif isinstance(decided, dict):  # e.g. a mixture-of-experts router at 8 bits
+            bits, size = int(decided.get("bits", 8)), int(decided.get("group_size", group_size))
+            fixed += Candidate(path, weight.size, weight.dtype.size * 8).stored_bits(bits, size)
+        else:
+            fixed += weight.nbytes * 8
+    return Layout(candidates, group_size, fixed, parameters)
+
+
+def _own_choice(own: Callable | None, path: str, module: Any, group_size: int) -> bool | dict:
+    """What mlx-lm's quantize_model decides for the layer without a budget."""
+    if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+        return False
+    return True if own is None else own(path, module)
+
+
+# ---- what a budget can reach -----------------------------------------------------------------
+
+
+def reachable(layout: Layout, allowed: list[int]) -> tuple[float, float]:
+    """The least and the most bits per weight the allowed widths give on this model."""
+    low, high = (layout.bits_per_weight(layout.uniform(b)) for b in (min(allowed), max(allowed)))
+    return low, high
+
+
+def check_reachable(layout: Layout, allowed: list[int], budget: float) -> None:
+    """Refuse a budget no mix of the allowed widths meets, naming the nearest one that is met."""
+    if not layout.candidates:
+        raise StageError(
+            f"tune.bits_per_weight: no layer of this model quantizes at group size "
+            f"{layout.group_size}, so there are no bits to choose; leave it unset"
+        )
+    low, high = reachable(layout, allowed)
+    widths = ", ".join(map(str, sorted(allowed)))
+    if budget < low:
+        nearest = math.ceil(low * 1000) / 1000
+        raise StageError(
+            f"tune.bits_per_weight={budget} is below what bits {widths} reach on this model: "
+            f"the least is {nearest} (every layer at {min(allowed)} bits, scales and biases "
+            "included); ask for at least that or allow fewer bits in tune.allowed_bits"
+        )
+    if budget > high:
+        nearest = math.floor(high * 1000) / 1000
+        raise StageError(
+            f"tune.bits_per_weight={budget} is above what bits {widths} reach on this model: "
+            f"the most is {nearest} (every layer at {max(allowed)} bits, scales and biases "
+            "included); ask for at most that or allow more bits in tune.allowed_bits"
+        )
+
+
+# ---- sensitivities -----------------------------------------------------------------------------
+
+
+def sampled_labels(
+    topk_logits: mx.array, indices: mx.array, tail: mx.array | None, key: mx.array
+) -> tuple[mx.array, mx.array]:
+    """(token ids, kept) drawn from the stored teacher distribution at T=1: the k buckets and,
+    when stored, the tail's; a position that drew the tail (no token to name) is not kept."""
+    buckets = topk_logits.astype(mx.float32)
+    if tail is not None:
+        buckets = mx.concatenate([buckets, tail.astype(mx.float32)[..., None]], axis=-1)
+    drawn = mx.random.categorical(buckets, key=key)
+    k = indices.shape[-1]
+    labels = mx.take_along_axis(indices, mx.minimum(drawn, k - 1)[..., None], axis=-1)
+    return labels.squeeze(-1), (drawn < k).astype(mx.float32)
+
+
+def fisher_diagonals(
+    model: Any,
+    paths: list[str],
+    batches: Iterable[Batch],
+    seed: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, mx.array], float]:
+    """(sum over batches of each weight's squared gradient of -log q(y), y drawn from the stored
+    targets; the positions they cover), for the weights of the modules at `paths`."""
+    modules = dict(model.named_modules())
+    weights = {p: modules[p]["weight"] for p in paths}
+
+    def negative_log_likelihood(weights, tokens, labels, mask):
+        model.update(tree_unflatten([(f"{p}.weight", w) for p, w in weights.items()]))
+        logits = model(tokens).astype(mx.float32)
+        picked = mx.take_along_axis(logits, labels[..., None], axis=-1).squeeze(-1)
+        return ((mx.logsumexp(logits, axis=-1) - picked) * mask).sum()
+
+    gradient = mx.grad(negative_log_likelihood)
+    squares = {p: mx.zeros(w.shape, dtype=mx.float32) for p, w in weights.items()}
+    positions, key = 0.0, mx.random.key(seed)
+    for number, (tokens, topk_logits, indices, tail, mask) in enumerate(batches):
+        if on_batch:
+            on_batch(number)
+        key, draw = mx.random.split(key)
+        labels, kept = sampled_labels(topk_logits, indices, tail, draw)
+        grads = gradient(weights, tokens, labels, mask * kept)
+        squares = {p: squares[p] + mx.square(grads[p].astype(mx.float32)) for p in squares}
+        mx.eval(squares)
+        positions += float(mask.sum().item())
+    model.update(tree_unflatten([(f"{p}.weight", w) for p, w in weights.items()]))
+    return squares, positions
+
+
+def rounding_error(weight: mx.array, bits: int, group_size: int) -> mx.array:
+    """Q_b(W) - W for round-to-nearest at `bits` (mx.quantize's affine mode), in float32."""
+    packed, scales, biases = mx.quantize(weight, group_size=group_size, bits=bits)
+    restored = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+    return restored.astype(mx.float32) - weight.astype(mx.float32)
+
+
+def estimated_kl(
+    model: Any, fishers: dict[str, mx.array], positions: float, allowed: list[int], group_size: int
+) -> dict[str, dict[int, float]]:
+    """Per layer and allowed width: 1/2 sum F (Q_b(W) - W)^2 per position, in nats."""
+    modules = dict(model.named_modules())
+    estimates = {}
+    for path, fisher in fishers.items():
+        weight = modules[path]["weight"]
+        per_bits = {}
+        for bits in sorted(allowed):
+            error = rounding_error(weight, bits, group_size)
+            per_bits[bits] = 0.5 * (fisher * mx.square(error)).sum().item() / max(positions, 1.0)
+        estimates[path] = per_bits
+    return estimates
+
+
+# ---- allocation ------------------------------------------------------------------------------
+
+
+def allocate(
+    layout: Layout, estimates: dict[str, dict[int, float]], allowed: list[int], budget: float
+) -> dict[str, int]:
+    """Each layer's bits: all at the lowest allowed width, then the raise with the largest
+    estimated drop per stored bit that fits, again and again until none fits. When it stops no
+    layer can be raised within the budget."""
+    check_reachable(layout, allowed, budget)
+    widths, size = sorted(allowed), layout.group_size
+    choice = layout.uniform(widths[0])
+    spare = budget * layout.parameters - layout.stored_bits(choice)
+    while True:
+        best = None  # (drop per bit, candidate, bits, extra bits)
+        for candidate in layout.candidates:
+            now = choice[candidate.path]
+            cost = candidate.stored_bits(now, size)
+            for bits in (b for b in widths if b > now):
+                extra = candidate.stored_bits(bits, size) - cost
+                if extra > spare:
+                    break  # wider ones cost more still
+                drop = estimates[candidate.path][now] - estimates[candidate.path][bits]
+                if best is None or drop / extra > best[0]:
+                    best = (drop / extra, candidate, bits, extra)
+        if best is None:
+            return choice
+        _, candidate, bits, extra = best
+        choice[candidate.path] = bits
+        spare -= extra
+
+
+def budget_record(
+    layout: Layout,
+    estimates: dict[str, dict[int, float]],
+    choice: dict[str, int],
+    budget: float,
+    positions: float,
+) -> dict[str, Any]:
+    """What the run folder keeps of the choice: per layer its estimates and bits."""
+    return {
+        "budget": budget,
+        "bits_per_weight": layout.bits_per_weight(choice),
+        "group_size": layout.group_size,
+        "allowed_bits": sorted(next(iter(estimates.values()))) if estimates else [],
+        "estimate": "1/2 sum F (Q_b(W) - W)^2 per position: the stored-target KL (T=1) growth "
+        "with that layer alone rounded to nearest at b bits",
+        "positions": positions,
+        "layers": [
+            {
+                "path": c.path,
+                "parameters": c.weights,
+                "bits": choice[c.path],
+                "estimated_kl": {str(b): v for b, v in estimates[c.path].items()},
+            }
+            for c in layout.candidates
+        ],
+    }
+
+
+def choose_layer_bits(
+    model: Any,
+    batches: Iterable[Batch],
+    budget: float,
+    allowed: list[int],
+    group_size: int,
+    seed: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """(path -> bits, the record for the run folder) of the full-precision `model`; a budget no
+    mix reaches is refused before anything is measured."""
+    layout = model_layout(model, group_size)
+    check_reachable(layout, allowed, budget)
+    paths = [c.path for c in layout.candidates]
+    fishers, positions = fisher_diagonals(model, paths, batches, seed, on_batch)
+    estimates = estimated_kl(model, fishers, positions, allowed, group_size)
+    del fishers
+    choice = allocate(layout, estimates, allowed, budget)
+    return choice, budget_record(layout, estimates, choice, budget, positions)

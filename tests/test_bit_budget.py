@@ -1,0 +1,314 @@
+"""The bits-per-weight budget of `tune` (stages/bit_budget.py) on the tiny teacher: the mixed-bit
+student saves and loads back with its per-layer bits, the mix meets and spends the budget, the
+sensitivities rank a layer made fragile first, an unreachable budget is one line, resume is
+exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from pipeline.config import load_config
+from stages import bit_budget
+from stages.bit_budget import Candidate, Layout, allocate, model_layout
+from stages.errors import InvalidConfig, StageError
+from stages.losses import kl_tail, tail_logsumexp
+from stages.models import layer_quantization, load_model, quantize_student
+from stages.tune import TuneConfig, _sensitivity_batches, tune
+from store.reader import StoreReader
+from tests import test_tune
+from tests.conftest import cli_args, make_tiny_model_folder, run_cli
+from tests.test_tune import (
+    assert_kill_and_resume_is_bit_identical,
+    make_tune_store,
+    saved_weights,
+    tune_config,
+)
+
+tiny_store = test_tune.tiny_store  # the store fixture of the tune tests
+# The tiny teacher is float32, so at group size 32 a layer at b bits stores b + 2 bits per weight.
+BUDGET = 5.5
+SHORT = {"max_steps": 6, "epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def budget_run(tiny_store, tmp_path_factory) -> Path:
+    """A tuned student under the budget, from the GPTQ start (its own bits per layer)."""
+    run_dir = tmp_path_factory.mktemp("budget") / "run"
+    tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, init="gptq", **SHORT))
+    return run_dir
+
+
+def sensitivities(run_dir: Path) -> dict:
+    return json.loads((run_dir / "sensitivities.json").read_text())
+
+
+def chosen_bits(run_dir: Path) -> dict[str, int]:
+    return {layer["path"]: layer["bits"] for layer in sensitivities(run_dir)["layers"]}
+
+
+def test_a_mixed_bit_student_loads_back_bit_exactly_with_its_per_layer_bits(budget_run):
+    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import compute_bits_per_weight
+
+    chosen = chosen_bits(budget_run)
+    assert len(set(chosen.values())) > 1, "the budget chose one width for every layer"
+    config = json.loads((budget_run / "model" / "config.json").read_text())
+    entries = layer_quantization(config, "tuned")
+    assert {path: entry["bits"] for path, entry in entries.items()} == chosen
+    model, _ = mlx_load(str(budget_run / "model"))
+    modules = dict(model.named_modules())
+    assert {path: modules[path].bits for path in chosen} == chosen
+    saved = saved_weights(budget_run / "model")
+    loaded = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert loaded.keys() == saved.keys()
+    assert all(
+        loaded[k].dtype == saved[k].dtype and np.array_equal(loaded[k], saved[k]) for k in saved
+    )
+    # The record's bits per weight is mlx-lm's measure of the saved model, within the budget.
+    stored = compute_bits_per_weight(model)
+    assert stored == pytest.approx(sensitivities(budget_run)["bits_per_weight"], rel=1e-9)
+    assert stored <= BUDGET
+
+
+def test_the_chosen_mix_spends_the_budget(budget_run, tiny_teacher):
+    """Within the budget, and no layer can be raised to any wider allowed width without
+    exceeding it."""
+    layout = model_layout(load_model(str(tiny_teacher)).model, group_size=32)
+    chosen = chosen_bits(budget_run)
+    assert layout.bits_per_weight(chosen) <= BUDGET
+    for candidate in layout.candidates:
+        for wider in (b for b in bit_budget.DEFAULT_ALLOWED_BITS if b > chosen[candidate.path]):
+            assert layout.bits_per_weight({**chosen, candidate.path: wider}) > BUDGET
+
+
+def test_greedy_allocation_follows_the_estimates_and_fills_the_budget():
+    layout = Layout(
+        [Candidate(f"layer{i}", 4096, 16) for i in range(6)],
+        group_size=64,
+        fixed_bits=0,
+        parameters=6 * 4096,
+    )
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.1, 10.0, size=6)
+    estimates = {
+        f"layer{i}": {b: float(scale[i] * 4.0**-b) for b in (2, 3, 4, 5, 6, 8)} for i in range(6)
+    }
+    for budget in (3.0, 4.5, 5.25, 7.0):
+        choice = allocate(layout, estimates, [2, 3, 4, 5, 6, 8], budget)
+        assert layout.bits_per_weight(choice) <= budget
+        order = sorted(choice, key=lambda path: estimates[path][2])  # least sensitive first
+        assert [choice[p] for p in order] == sorted(choice[p] for p in order)
+
+
+def test_an_unreachable_budget_is_one_line_naming_the_nearest(tiny_store, tiny_teacher, tmp_path):
+    def tune_cli(budget: float):
+        overrides = {"store": str(tiny_store), "tune.run_dir": str(tmp_path / "run")}
+        overrides |= {"tune.group_size": 32, "tune.allowed_bits": "[3,4]"}
+        return run_cli("tune", "--bits-per-weight", str(budget), *cli_args(overrides))
+
+    layout = model_layout(load_model(str(tiny_teacher)).model, group_size=32)
+    least, most = bit_budget.reachable(layout, [3, 4])
+    # float32 scales and biases at group 32 add 2 bits, the float norms of a tiny model more
+    assert 5.0 < least < 5.2 and 6.0 < most < 6.2
+    for budget, words, nearest in ((1.0, "below", least), (9.0, "above", most)):
+        result = tune_cli(budget)
+        assert result.returncode == 2, result.stderr
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr
+        assert f"tune.bits_per_weight={budget} is {words}" in lines[0]
+        named = float(lines[0].split(" is ", 2)[2].split()[0])
+        assert named == pytest.approx(nearest, abs=1e-3)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert layout.bits_per_weight(layout.uniform(3)) == least  # what all-3-bit stores
+
+
+def stored_kl(model, batches: list[tuple]) -> float:
+    """KL(stored teacher || model) per position at T=1 over the top-k and the tail bucket."""
+    total, positions = 0.0, 0.0
+    for tokens, teacher_topk, indices, teacher_tail, mask in batches:
+        logits = model(tokens).astype(mx.float32)
+        student_topk = mx.take_along_axis(logits, indices, axis=-1)
+        student_tail = tail_logsumexp(logits, indices)
+        kl = kl_tail(student_topk, student_tail, teacher_topk, teacher_tail, 1.0)
+        total += (kl * mask).sum().item()
+        positions += mask.sum().item()
+    return total / positions
+
+
+def test_the_estimates_rank_layers_as_their_measured_kl_does(tiny_store, tiny_teacher):
+    """Each layer alone rounded to 3 bits: the KL to the stored targets it adds, measured, is
+    ordered as the estimates order it (a random score has a rank correlation near 0; measured
+    here 0.99) and close to it in nats."""
+    reader = StoreReader(str(tiny_store))
+    config = tune_config(tiny_store, Path("unused"))
+    batches = list(_sensitivity_batches(config, reader, None))
+    model = load_model(str(tiny_teacher)).model
+    paths = [c.path for c in model_layout(model, 32).candidates]
+    fishers, positions = bit_budget.fisher_diagonals(model, paths, batches, seed=0)
+    estimates = bit_budget.estimated_kl(model, fishers, positions, [3], 32)
+    baseline = stored_kl(model, batches)  # the stored logits' rounding: not zero
+    measured = {}
+    for path in paths:
+        alone = load_model(str(tiny_teacher)).model
+        nn.quantize(alone, group_size=32, bits=3, class_predicate=lambda p, m, path=path: p == path)
+        measured[path] = stored_kl(alone, batches) - baseline
+    ranks = [
+        np.argsort(np.argsort(v))
+        for v in ([estimates[p][3] for p in paths], [measured[p] for p in paths])
+    ]
+    rho = np.corrcoef(*ranks)[0, 1]  # Spearman's rank correlation
+    assert rho > 0.8, (rho, estimates, measured)
+    # and in nats: the second-order estimate is the measured KL to within a factor of 2
+    assert all(0.5 < estimates[p][3] / measured[p] < 2.0 for p in paths), (estimates, measured)
+
+
+def test_a_layer_made_fragile_gets_more_bits(tmp_path_factory):
+    """One MLP layer gets an outlier in every group, so rounding its other weights costs far
+    more: against the same teacher without them, its estimates rise and it gets more bits."""
+    from mlx_lm.utils import save_model
+
+    fragile = "model.layers.0.mlp.up_proj"
+    found = {}
+    for name in ("plain", "fragile"):
+        folder = make_tiny_model_folder(tmp_path_factory.mktemp(name) / "teacher", seed=1)
+        if name == "fragile":
+            loaded = load_model(str(folder))
+            layer = dict(loaded.model.named_modules())[fragile]
+            weight = np.array(layer.weight)
+            weight[:, ::32] = 10.0 * np.abs(weight).max()  # one outlier per group of 32
+            layer.weight = mx.array(weight)
+            save_model(folder, loaded.model)
+        store = make_tune_store(folder, tmp_path_factory)
+        run_dir = tmp_path_factory.mktemp(f"{name}-run") / "run"
+        tune(tune_config(store, run_dir, bits_per_weight=BUDGET, max_steps=1, epochs=1))
+        found[name] = {layer["path"]: layer for layer in sensitivities(run_dir)["layers"]}
+    plain, made = found["plain"][fragile], found["fragile"][fragile]
+    assert made["bits"] > plain["bits"]
+    assert all(made["estimated_kl"][b] > 3 * plain["estimated_kl"][b] for b in ("3", "4", "5"))
+
+
+@pytest.mark.parametrize(
+    "levers", [{}, {"init": "gptq", "learned_rounding": True}], ids=["rtn", "gptq+rounding"]
+)
+def test_resume_with_a_budget_is_bit_identical(tiny_store, tmp_path, levers):
+    assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, bits_per_weight=BUDGET, **levers)
+
+
+def test_a_resumed_run_keeps_its_bits_and_refuses_another_budget(tiny_store, tmp_path):
+    run_dir = tmp_path / "run"
+    tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, max_steps=4, epochs=1))
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["layer_bits"] == chosen_bits(run_dir)
+    phases = []
+    tune(
+        tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, max_steps=4, epochs=1),
+        on_phase=phases.append,
+    )
+    assert not any("sensitivities" in phase for phase in phases)  # the recorded bits are used
+    kept = (run_dir / "sensitivities.json").read_bytes()
+    with pytest.raises(StageError, match="tune.bits_per_weight was 5.5, now 6.0"):
+        tune(tune_config(tiny_store, run_dir, bits_per_weight=6.0, max_steps=4, epochs=1))
+    assert (run_dir / "sensitivities.json").read_bytes() == kept  # the refused run wrote none
+
+
+def test_budget_settings_are_checked_and_keyed_only_when_set():
+    plain = TuneConfig()
+    assert "bits_per_weight" not in plain.identity() and "allowed_bits" not in plain.identity()
+    assert TuneConfig(allowed_bits=[2, 8]).resume_key() == plain.resume_key()
+    budget = TuneConfig(bits_per_weight=4.5)
+    assert budget.identity()["bits_per_weight"] == 4.5
+    assert budget.resume_key() != TuneConfig(bits_per_weight=4.5, allowed_bits=[3, 4]).resume_key()
+    for bad, words in (
+        ({"allowed_bits": [4, 7]}, "distinct values of 2, 3, 4, 5, 6, 8"),
+        ({"allowed_bits": [4, 4]}, "distinct values"),
+        ({"allowed_bits": [8]}, "a width below 8"),
+        ({"bits_per_weight": 0.0}, "bits_per_weight must be > 0"),
+        ({"bits_per_weight": 4.5, "student": "some/model"}, "leave tune.student unset"),
+    ):
+        with pytest.raises(InvalidConfig, match=words):
+            TuneConfig(**bad)
+    from_cli = load_config(None, {"tune.bits_per_weight": "4.5"}).tune
+    assert from_cli.bits_per_weight == 4.5
+
+
+def test_rtn_of_a_mixed_student_rebuilds_its_mix(budget_run, tiny_teacher):
+    """eval's RTN row of a mixed student: the same per-layer bits from its config.json."""
+    config = json.loads((budget_run / "model" / "config.json").read_text())
+    rtn, rtn_config = quantize_student(
+        load_model(str(tiny_teacher)), 4, 32, per_layer=layer_quantization(config, "tuned")
+    )
+    modules = dict(rtn.named_modules())
+    assert {path: modules[path].bits for path in chosen_bits(budget_run)} == chosen_bits(budget_run)
+    assert layer_quantization(rtn_config, "rtn") == layer_quantization(config, "tuned")
+
+
+def test_report_plots_the_layer_sensitivities(budget_run):
+    from pipeline.report import build_figure, summarize, write_report
+
+    summary = summarize(budget_run)
+    assert summary.sensitivities == sensitivities(budget_run)
+    assert any(line.startswith(f"bits budget {BUDGET} per weight") for line in summary.lines())
+    _, panel = build_figure(summary).axes
+    labels = [text.get_text() for text in panel.get_legend().get_texts()]
+    assert labels == [f"{b}-bit" for b in bit_budget.DEFAULT_ALLOWED_BITS] + ["chosen"]
+    chosen = panel.get_lines()[-1].get_ydata()
+    layers = sensitivities(budget_run)["layers"]
+    assert list(chosen) == [layer["estimated_kl"][str(layer["bits"])] for layer in layers]
+    _, plot = write_report(budget_run)
+    assert plot is not None and plot.stat().st_size > 0
+
+
+def test_a_wider_layer_steps_in_proportion_to_its_grid():
+    """Under a budget a 6-bit layer's scales and biases move (2**4 - 1) / (2**6 - 1) as far per
+    Adam step as a 4-bit layer's (tune.bits, the width the learning rate is set for); a 3-bit
+    layer's as far as a 4-bit one's."""
+    from types import SimpleNamespace
+
+    from stages.tune import _scales_optimizer
+
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(3)))
+    widths = {"layers.0": 4, "layers.1": 3, "layers.2": 6}
+    nn.quantize(model, 32, 4, class_predicate=lambda p, m: {"bits": widths[p], "group_size": 32})
+    model.freeze()
+    for layer in model.layers:
+        layer.unfreeze(keys=["scales", "biases"], recurse=False)
+    config = TuneConfig(bits_per_weight=5.0, warmup_steps=0, schedule="constant")
+    optimizer = _scales_optimizer(SimpleNamespace(config=config, model=model), total_steps=10)
+    params = model.trainable_parameters()
+    optimizer.init(params)
+    grads = tree_flatten(params)
+    ones = tree_unflatten([(k, mx.ones_like(v)) for k, v in grads])
+    moved = dict(tree_flatten(optimizer.apply_gradients(ones, params)))
+    step = {k: np.abs(np.array(moved[k] - v)).max() for k, v in grads}
+    assert step["layers.0.scales"] == pytest.approx(config.learning_rate, rel=1e-3)
+    assert step["layers.1.scales"] == pytest.approx(config.learning_rate, rel=1e-3)
+    assert step["layers.2.scales"] == pytest.approx(config.learning_rate * 15 / 63, rel=1e-3)
+    assert step["layers.2.biases"] == pytest.approx(step["layers.2.scales"], rel=1e-3)
+    assert optimizer.learning_rate.item() == pytest.approx(config.learning_rate)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_moe"])
+def test_the_budget_counts_as_mlx_lm_measures_the_quantized_model(model_type, tmp_path):
+    """bfloat16 models (16-bit scales and biases), an untied head, mixture-of-experts switch
+    layers and a router mlx-lm's own predicate keeps at 8 bits: the layout's bits per weight
+    for a mix is mlx-lm's compute_bits_per_weight of the model quantized with it."""
+    from mlx_lm.utils import compute_bits_per_weight
+
+    from tests.tiny_models import make_arch_model_folder
+
+    folder = make_arch_model_folder(tmp_path / model_type, model_type)
+    layout = model_layout(load_model(str(folder)).model, group_size=32)
+    widths = [3, 4, 5, 6, 8]
+    choice = {c.path: widths[i % len(widths)] for i, c in enumerate(layout.candidates)}
+    per_layer = {p: {"bits": b, "group_size": 32} for p, b in choice.items()}
+    quantized, _ = quantize_student(load_model(str(folder)), 4, 32, per_layer=per_layer)
+    assert layout.bits_per_weight(choice) == pytest.approx(compute_bits_per_weight(quantized))
+    # 4 bits + a bfloat16 scale and bias per 32 weights, plus the few float parameters
+    assert layout.bits_per_weight(layout.uniform(4)) == pytest.approx(4 + 2 * 16 / 32, abs=0.2)
