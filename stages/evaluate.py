@@ -20,6 +20,7 @@ import numpy as np
 from stages import models
 from stages.data import DataSpec, TokenSequences, build_held_out_sequences
 from stages.errors import InvalidConfig, ModelError, StageError
+from stages.float_modes import MODES
 from stages.settings import (
     above_limit_problems,
     choice_problems,
@@ -302,6 +303,11 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     # mixed-bit student's RTN has its per-layer bits (config.json names them).
     rtn_source = models.load_model(teacher_spec, trust)
     mode = models.quantization_mode(tuned.config)  # RTN of the same mode as the student
+    if mode not in MODES:
+        raise ModelError(
+            f"student {config.student!r}: its config.json names quantization mode {mode!r}, "
+            f"not one of {', '.join(MODES)}"
+        )
     per_layer = models.layer_quantization(tuned.config, config.student)
     rtn, _ = models.quantize_student(rtn_source, bits, group_size, mode, per_layer)
     models.to_compute_dtype(rtn, dtype)

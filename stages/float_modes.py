@@ -102,6 +102,18 @@ def fold_latent_weights(model: Any) -> int:
     return folded
 
 
+def untuned_float_layers(model: Any) -> list[str]:
+    """Paths of the floating-point-mode layers left without a latent weight (mixture-of-experts
+    switch layers: not built yet), which would stay round-to-nearest."""
+    return [
+        path
+        for path, module in model.named_modules()
+        if getattr(module, "mode", AFFINE) in FLOAT_MODES
+        and "scales" in module
+        and not isinstance(module, _LatentWeight)
+    ]
+
+
 def is_latent(path: str) -> bool:
     """Whether a parameter path names a latent weight (its own learning rate)."""
     return path.endswith(LATENT)

@@ -431,10 +431,11 @@ def quantization_of(config: dict, name: str) -> tuple[int, int]:
 
 
 def quantization_mode(config: dict) -> str:
-    """The mode of a quantized model's config.json ("affine" when it names none, as mlx-lm)."""
+    """The mode of a quantized model's config.json ("affine" when it names none, as mlx-lm;
+    whatever else it names as written, for the caller to check)."""
     block = config.get("quantization")
     mode = block.get("mode", "affine") if isinstance(block, dict) else "affine"
-    return mode if isinstance(mode, str) else "affine"
+    return mode if isinstance(mode, str) else json.dumps(mode)
 
 
 def _whole_sizes(bits: Any, group_size: Any) -> bool:

@@ -38,6 +38,7 @@ from stages.float_modes import (
     add_latent_weights,
     fold_latent_weights,
     is_latent,
+    untuned_float_layers,
 )
 from stages.gptq import gptq_init, swap_quantized, tied_output_layers
 from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
@@ -402,6 +403,21 @@ class _Student:
     budget_record: dict | None = None  # and what chose them, when measured in this run
 
 
+def _measured_layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs | None):
+    """_layer_bits with the teacher computing in the compute dtype (a bfloat16 teacher on CPU in
+    float32: MLX's bfloat16 matmul is slow there and its gather_mm takes float32 only), put
+    back in its own dtype after, for quantizing."""
+    if inputs is None:
+        return {}, None
+    if config.bits_per_weight is None or inputs.recorded_bits is not None:
+        return _layer_bits(config, model, inputs)  # nothing to measure
+    own = to_compute_dtype(model, config.compute_dtype)
+    try:
+        return _layer_bits(config, model, inputs)
+    finally:
+        restore_dtypes(model, own)
+
+
 def _load_student(
     config: TuneConfig, reader: StoreReader, inputs: _StartInputs | None = None
 ) -> _Student:
@@ -419,7 +435,7 @@ def _load_student(
         teacher = str(reader.manifest.teacher.get("name", ""))
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
         originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
-        layer_bits, record = _layer_bits(config, loaded.model, inputs) if inputs else ({}, None)
+        layer_bits, record = _measured_layer_bits(config, loaded.model, inputs)
         per_layer = {p: {"bits": b, "group_size": config.group_size} for p, b in layer_bits.items()}
         # Quantized in the teacher's own dtype (as mlx-lm's convert does), then cast.
         model, quantized_config = quantize_student(
@@ -537,6 +553,12 @@ def _add_latents(config: TuneConfig, student: _Student) -> None:
         raise ModelError(
             f"no teacher layer could be quantized as {config.mode} (groups of {group_size} "
             "divide none of its widths): nothing to tune"
+        )
+    untuned = untuned_float_layers(student.model)
+    if untuned:  # mixture-of-experts switch layers: no latent weight for them yet
+        raise ModelError(
+            f"{len(untuned)} {config.mode} layers (e.g. {untuned[0]}) cannot be tuned in a "
+            "floating-point mode yet (mixture-of-experts layers); use tune.mode=affine"
         )
 
 
@@ -811,7 +833,14 @@ def _all_finite(tree) -> bool:
     return bool(mx.all(mx.stack(checks)).item())  # one evaluation for the whole tree
 
 
-def _diverged(step: int, checkpoint_step: int | None, run_dir: Path) -> StageError:
+def _rate_setting(config: TuneConfig) -> str:
+    """The setting whose rate moves the student: a floating-point mode's latents have their own."""
+    return "tune.learning_rate" if config.mode == AFFINE else "tune.latent_lr"
+
+
+def _diverged(
+    step: int, checkpoint_step: int | None, run_dir: Path, rate: str = "tune.learning_rate"
+) -> StageError:
     kept = (
         f"the last good checkpoint (step {checkpoint_step}) is kept in {run_dir}"
         if checkpoint_step is not None
@@ -819,7 +848,7 @@ def _diverged(step: int, checkpoint_step: int | None, run_dir: Path) -> StageErr
     )
     return StageError(
         f"the loss or its gradients became NaN/inf at step {step}; the update was not applied "
-        f"and {kept}; lower tune.learning_rate (or use another loss or temperature) and start "
+        f"and {kept}; lower {rate} (or use another loss or temperature) and start "
         "over with --overwrite"
     )
 
@@ -875,7 +904,7 @@ def tune(
         _train_loop(trainer, run, on_step)
         with _stop_requests():  # every step is done: a Ctrl-C now waits for the model on disk
             model_dir = _save_best(trainer, run, student)
-    return _result(run, model_dir)
+    return _result(run, model_dir, _rate_setting(config))
 
 
 def _check_before_loading(
@@ -1078,7 +1107,8 @@ def _step(trainer: _Trainer, run: _Run, stream: Iterator, step: int, speed: _Spe
     try:
         run.params, loss, ntoks = trainer.step(run.params, run.optimizer, stream, step)
     except _NonFinite:
-        raise _diverged(step, run.checkpoint_step, run.run_dir) from None
+        rate = _rate_setting(trainer.config)
+        raise _diverged(step, run.checkpoint_step, run.run_dir, rate) from None
     speed.seconds += time.perf_counter() - tic
     speed.tokens += ntoks
     run.state["step"] = step
@@ -1111,13 +1141,13 @@ def _save_best(trainer: _Trainer, run: _Run, student: _Student) -> Path:
     return model_dir
 
 
-def _result(run: _Run, model_dir: Path) -> TuneResult:
+def _result(run: _Run, model_dir: Path, rate: str) -> TuneResult:
     state = run.state
     warning = None
     if state["best_val_loss"] >= state["initial_val_loss"]:
         warning = (
             f"validation loss never improved on the start ({state['initial_val_loss']:.4f}); "
-            "try a lower tune.learning_rate, more data or more steps"
+            f"try a lower {rate}, more data or more steps"
         )
     return TuneResult(
         model_dir=model_dir,

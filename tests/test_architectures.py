@@ -206,3 +206,16 @@ def test_default_gptq_start_on_each_family_is_closer_than_rtn_and_loads(
     saved = json.loads((gptq.model_dir / "config.json").read_text())["quantization"]
     assert (saved["bits"], saved["group_size"]) == (4, 32)
     assert mx.isfinite(model(mx.array([[1, 2, 3]]))).all().item()
+
+
+def test_a_bits_budget_on_a_bf16_moe_teacher_measures_in_float32_and_saves_bf16(
+    bf16_teachers, tmp_path
+):
+    """The sensitivities run the teacher in the compute dtype (MLX's CPU gather_mm takes only
+    float32: in bfloat16 the measurement died), then it is quantized in its own dtype."""
+    config = run_config(tmp_path, bf16_teachers["qwen3_moe"], **{"tune.bits_per_weight": 6.0})
+    compute_targets(config.targets)
+    result = tune(config.tune)
+    assert set(float_dtypes(result.model_dir).values()) == {mx.bfloat16}
+    saved = json.loads((result.model_dir / "config.json").read_text())["quantization"]
+    assert {entry["bits"] for entry in saved.values() if isinstance(entry, dict)} > {4}

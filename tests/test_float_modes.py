@@ -11,8 +11,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from stages.errors import ModelError, StageError
 from stages.evaluate import RTN, TUNED, EvalConfig, evaluate
-from stages.float_modes import FLOAT_MODES, LATENT
+from stages.float_modes import FLOAT_MODES, LATENT, add_latent_weights, untuned_float_layers
 from stages.models import load_model, quantize_student
 from stages.tune import TuneConfig, tune
 from tests import test_tune
@@ -147,3 +148,33 @@ def test_bad_mode_combinations_are_refused_with_one_line(args, says, tiny_store,
     output = (result.stdout + result.stderr).strip()
     assert says in " ".join(output.split()) and "Traceback" not in output
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_switch_layers_would_stay_rtn_so_a_float_mode_moe_is_refused(tmp_path):
+    """Mixture-of-experts switch layers get no latent weight (not built): they are found, and
+    tune refuses the run rather than leave most of a MoE model's weights round-to-nearest."""
+    from stages.rounding import full_precision_weights
+    from stages.tune import _add_latents, _Student
+    from tests.tiny_models import make_arch_model_folder
+
+    folder = make_arch_model_folder(tmp_path / "moe", "qwen3_moe", dtype=mx.float32)
+    loaded = load_model(str(folder))
+    originals = full_precision_weights(loaded.model)
+    model, config = quantize_student(loaded, 4, 32, "mxfp4")
+    assert add_latent_weights(model, originals) > 0
+    untuned = untuned_float_layers(model)
+    assert untuned and all("switch_mlp" in path for path in untuned)
+    fresh, _ = quantize_student(load_model(str(folder)), 4, 32, "mxfp4")
+    student = _Student(fresh, None, {}, folder, originals)
+    with pytest.raises(ModelError, match=r"cannot be tuned in a floating-point mode yet"):
+        _add_latents(TuneConfig(mode="mxfp4"), student)
+
+
+def test_eval_refuses_a_student_of_an_unknown_mode(tiny_store, tmp_path):
+    run = tune(fp_config(tiny_store, tmp_path / "run", "mxfp4", max_steps=1))
+    config_file = run.model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization"]["mode"] = 7
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(StageError, match=r"names quantization mode '7', not one of affine"):
+        evaluate(EvalConfig(store=str(tiny_store), student=str(run.model_dir)))
