@@ -143,7 +143,12 @@ class TuneConfig:
     )
     loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
-    learning_rate: float = setting(1e-4, "peak Adam learning rate", "--learning-rate")
+    learning_rate: float = setting(
+        5e-5,
+        "peak Adam learning rate (chosen on the validation rows by bench.quality --ours-sweep; "
+        "README: Benchmarks)",
+        "--learning-rate",
+    )
     warmup_steps: int = setting(5, "linear warm-up steps from 0 to the peak learning rate")
     schedule: str = setting(
         "cosine", "after warm-up: cosine (decay to 10%) or constant", choices=SCHEDULES
