@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from stages.models import HeadFromWeight, LinearFromWeight
+from stages.models import classes_from_weight
 
 AFFINE = "affine"
 # mode -> (bits, group_size): each floating-point mode has one of each (mx.quantize's).
@@ -49,16 +48,7 @@ class _LatentWeight:
         return weight.astype(self.compute_dtype)
 
 
-class LatentLinear(_LatentWeight, LinearFromWeight, nn.QuantizedLinear):
-    pass
-
-
-class LatentEmbedding(_LatentWeight, HeadFromWeight, nn.QuantizedEmbedding):
-    def __call__(self, x: mx.array) -> mx.array:
-        return self._weight(x)
-
-
-_LATENT_CLASSES = {nn.QuantizedLinear: LatentLinear, nn.QuantizedEmbedding: LatentEmbedding}
+_LATENT_CLASSES = classes_from_weight(_LatentWeight)
 
 
 def _float_mode_layers(model: Any, originals: dict[str, mx.array]):

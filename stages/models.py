@@ -625,6 +625,25 @@ class HeadFromWeight:
         return x @ self._weight().T
 
 
+def classes_from_weight(mixin: type) -> dict[type, type]:
+    """A quantized Linear and Embedding whose weight `mixin._weight(rows=None)` builds, keyed by
+    the mlx class each stands in for: the Linear computes x @ W.T, the Embedding builds only the
+    rows it looks up and serves as the tied output layer."""
+    import mlx.nn as nn
+
+    stem = mixin.__name__.strip("_").removesuffix("Weight")
+
+    class Linear(mixin, LinearFromWeight, nn.QuantizedLinear):
+        pass
+
+    class Embedding(mixin, HeadFromWeight, nn.QuantizedEmbedding):
+        def __call__(self, x: mx.array) -> mx.array:
+            return self._weight(x)
+
+    Linear.__name__, Embedding.__name__ = f"{stem}Linear", f"{stem}Embedding"
+    return {nn.QuantizedLinear: Linear, nn.QuantizedEmbedding: Embedding}
+
+
 FAST_MATMUL = ("auto", "on", "off")
 
 

@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from stages.models import HeadFromWeight, LinearFromWeight, is_trainable_quantized
+from stages.models import classes_from_weight, is_trainable_quantized
 
 INITS = ("rtn", "clip_search", "gptq")
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -169,16 +169,7 @@ class _RoundedWeight:
         return weight.astype(self["scales"].dtype)
 
 
-class RoundedLinear(_RoundedWeight, LinearFromWeight, nn.QuantizedLinear):
-    pass
-
-
-class RoundedEmbedding(_RoundedWeight, HeadFromWeight, nn.QuantizedEmbedding):
-    def __call__(self, x: mx.array) -> mx.array:
-        return self._weight(x)
-
-
-_ROUNDED = {nn.QuantizedLinear: RoundedLinear, nn.QuantizedEmbedding: RoundedEmbedding}
+_ROUNDED = classes_from_weight(_RoundedWeight)
 
 
 def add_rounding_offsets(model: Any, originals: dict[str, mx.array]) -> int:
