@@ -408,24 +408,8 @@ class _Student:
     budget_record: dict | None = None  # and what chose them, when measured in this run
 
 
-def _measured_layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs | None):
-    """_layer_bits with the teacher computing in the compute dtype (a bfloat16 teacher on CPU in
-    float32: MLX's bfloat16 matmul is slow there and its gather_mm takes float32 only), put
-    back in its own dtype after, for quantizing."""
-    if inputs is None:
-        return {}, None
-    if config.bits_per_weight is None or inputs.recorded_bits is not None:
-        return _layer_bits(config, model, inputs)  # nothing to measure
-    own = to_compute_dtype(model, config.compute_dtype)
-    try:
-        return _layer_bits(config, model, inputs)
-    finally:
-        restore_dtypes(model, own)
-
-
-def _load_student(
-    config: TuneConfig, reader: StoreReader, inputs: _StartInputs | None = None
-) -> _Student:
+def _load_student(config: TuneConfig, inputs: _StartInputs) -> _Student:
+    reader = inputs.reader
     if config.student:
         loaded = load_model(config.student, config.trust_remote_code, config.compute_dtype)
         if "quantization" not in loaded.config:
@@ -440,7 +424,7 @@ def _load_student(
         teacher = str(reader.manifest.teacher.get("name", ""))
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
         originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
-        layer_bits, record = _measured_layer_bits(config, loaded.model, inputs)
+        layer_bits, record = _layer_bits(config, loaded.model, inputs)
         per_layer = {p: {"bits": b, "group_size": config.group_size} for p, b in layer_bits.items()}
         # Quantized in the teacher's own dtype (as mlx-lm's convert does), then cast.
         model, quantized_config = quantize_student(
@@ -480,7 +464,10 @@ class _StartInputs:
 def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[dict, dict | None]:
     """Each layer's bits under tune.bits_per_weight ({} without one): as the checkpoint being
     resumed recorded them, or chosen from the full-precision `model`'s sensitivities on the
-    store's first training sequences (with the record of them for the run folder)."""
+    store's first training sequences (with the record of them for the run folder). The model
+    computes them in the compute dtype (a bfloat16 teacher on CPU in float32: MLX's bfloat16
+    matmul is slow there and its gather_mm takes float32 only) and is put back in its own
+    dtype after, for quantizing."""
     if config.bits_per_weight is None:
         return {}, None
     if inputs.recorded_bits is not None:
@@ -490,15 +477,19 @@ def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[d
     label = "measuring layer sensitivities: sequence {}/" + str(rows)
     on_batch = lambda number: inputs.phase(label.format(number + 1))  # noqa: E731
     inputs.phase("measuring layer sensitivities")
-    return choose_layer_bits(
-        model,
-        batches,
-        config.bits_per_weight,
-        config.allowed_bits,
-        config.group_size,
-        config.seed,
-        on_batch,
-    )
+    own = to_compute_dtype(model, config.compute_dtype)
+    try:
+        return choose_layer_bits(
+            model,
+            batches,
+            config.bits_per_weight,
+            config.allowed_bits,
+            config.group_size,
+            config.seed,
+            on_batch,
+        )
+    finally:
+        restore_dtypes(model, own)
 
 
 @dataclass
@@ -598,26 +589,26 @@ def _gptq_start(config: TuneConfig, student: _Student, inputs: _StartInputs) -> 
             swap_quantized(modules[path], arrays)
 
 
-def _recorded_tied_outputs(run_dir: Path, config: TuneConfig, overwrite: bool) -> list | None:
-    """The tied output layers the checkpoint of this same run kept (None: no such checkpoint)."""
+def _same_run_state(run_dir: Path, config: TuneConfig, overwrite: bool) -> dict:
+    """The state of the checkpoint this run will resume ({}: none, or one of other settings)."""
     saved = None if overwrite else run_folder.checkpoint_state(run_dir)
-    if saved and saved.get("resume_key") == config.resume_key():
-        recorded = saved.get("tied_outputs")
-        return recorded if isinstance(recorded, list) else None
-    return None
+    return saved if saved and saved.get("resume_key") == config.resume_key() else {}
 
 
-def _recorded_layer_bits(run_dir: Path, config: TuneConfig, overwrite: bool) -> dict | None:
+def _recorded_tied_outputs(state: dict) -> list | None:
+    """The tied output layers the checkpoint of this same run kept (None: no such checkpoint)."""
+    recorded = state.get("tied_outputs")
+    return recorded if isinstance(recorded, list) else None
+
+
+def _recorded_layer_bits(state: dict) -> dict | None:
     """Each layer's bits as the checkpoint of this same run chose them (None: no such
     checkpoint, or a run without a bits budget)."""
-    saved = None if overwrite else run_folder.checkpoint_state(run_dir)
-    if saved and saved.get("resume_key") == config.resume_key():
-        recorded = saved.get("layer_bits")
-        valid = isinstance(recorded, dict) and all(
-            isinstance(b, int) and b in AFFINE_BITS for b in recorded.values()
-        )
-        return recorded if valid else None
-    return None
+    recorded = state.get("layer_bits")
+    valid = isinstance(recorded, dict) and all(
+        isinstance(b, int) and b in AFFINE_BITS for b in recorded.values()
+    )
+    return recorded if valid else None
 
 
 def _float32_trainable(model: Any) -> dict:
@@ -893,8 +884,8 @@ def tune(
     dist = Distributed()
     phase = on_phase if on_phase and dist.rank == 0 else lambda text: None
     _check_before_loading(config, reader, run_dir, dist)
-    recorded = _recorded_tied_outputs(run_dir, config, overwrite)
-    recorded_bits = _recorded_layer_bits(run_dir, config, overwrite)
+    state = _same_run_state(run_dir, config, overwrite)
+    recorded, recorded_bits = _recorded_tied_outputs(state), _recorded_layer_bits(state)
     inputs = _StartInputs(reader, phase, dist, recorded, recorded_bits, run_dir)
     student = _prepare_student(config, inputs)
     with _claimed_run_dir(run_dir, dist, overwrite):
@@ -929,7 +920,7 @@ def _prepare_student(config: TuneConfig, inputs: _StartInputs) -> _Student:
     """The student, loaded with its scales and biases trainable."""
     phase = inputs.phase
     phase("loading the student" if config.student else "loading and quantizing the teacher")
-    student = _load_student(config, inputs.reader, inputs)
+    student = _load_student(config, inputs)
     tuned = unfreeze_scales_and_biases(student.model, config.train_norms)
     if tuned == 0 and config.mode == AFFINE:
         why = (

@@ -178,8 +178,8 @@ def test_nan_weights_are_refused_before_tuning(made, tmp_path):
 
     original = tune_module._load_student
 
-    def poisoned(config, reader, *inputs):
-        student = original(config, reader, *inputs)
+    def poisoned(config, inputs):
+        student = original(config, inputs)
         student.model.update(_nan_scales(student.model))
         return student
 
