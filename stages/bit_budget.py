@@ -292,17 +292,18 @@ def budget_record(
 
 
 def choose_layer_bits(
+    layout: Layout,
     model: Any,
     batches: Iterable[Batch],
     budget: float,
     allowed: list[int],
-    group_size: int,
     seed: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """(path -> bits, the record for the run folder) of the full-precision `model`; a budget no
-    mix reaches is refused before anything is measured."""
-    layout = model_layout(model, group_size)
+    """(path -> bits, the record for the run folder) of the full-precision `model`, whose
+    stored bits `layout` counts (taken in the dtype it is quantized in: the model may compute
+    in another); a budget no mix reaches is refused before anything is measured."""
+    group_size = layout.group_size
     check_reachable(layout, allowed, budget)
     paths = [c.path for c in layout.candidates]
     fishers, positions = fisher_diagonals(model, paths, batches, seed, on_batch)

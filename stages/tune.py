@@ -27,6 +27,7 @@ from stages.bit_budget import (
     DEFAULT_ALLOWED_BITS,
     SENSITIVITY_ROWS,
     choose_layer_bits,
+    model_layout,
 )
 from stages.data import loss_mask
 from stages.distributed import Distributed
@@ -477,14 +478,15 @@ def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[d
     label = "measuring layer sensitivities: sequence {}/" + str(rows)
     on_batch = lambda number: inputs.phase(label.format(number + 1))  # noqa: E731
     inputs.phase("measuring layer sensitivities")
+    layout = model_layout(model, config.group_size)  # scales as stored: the teacher's dtype
     own = to_compute_dtype(model, config.compute_dtype)
     try:
         return choose_layer_bits(
+            layout,
             model,
             batches,
             config.bits_per_weight,
             config.allowed_bits,
-            config.group_size,
             config.seed,
             on_batch,
         )

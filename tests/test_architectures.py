@@ -219,3 +219,11 @@ def test_a_bits_budget_on_a_bf16_moe_teacher_measures_in_float32_and_saves_bf16(
     assert set(float_dtypes(result.model_dir).values()) == {mx.bfloat16}
     saved = json.loads((result.model_dir / "config.json").read_text())["quantization"]
     assert {entry["bits"] for entry in saved.values() if isinstance(entry, dict)} > {4}
+    # the budget counted the scales as stored, in bfloat16, not as the float32 measurement
+    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import compute_bits_per_weight
+
+    record = json.loads((Path(config.tune.run_dir) / "sensitivities.json").read_text())
+    stored = compute_bits_per_weight(mlx_load(str(result.model_dir))[0])
+    assert record["bits_per_weight"] == pytest.approx(stored, rel=1e-6)
+    assert stored <= 6.0
