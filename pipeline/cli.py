@@ -338,19 +338,34 @@ def evaluate(
 @app.command()
 @guarded
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A tune run_dir (holds metrics.jsonl).")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="A tune run_dir (holds metrics.jsonl), or several.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="With several runs: the comparison plot to write (a .png)."),
+    ] = None,
 ) -> None:
-    """Summary of a tune run and a PNG plot of its losses (report.md, report.png in RUN_DIR)."""
-    from pipeline.report import write_report
+    """Summary of a tune run and a PNG plot of its losses (report.md, report.png in RUN_DIR);
+    with several runs, a table and one plot comparing them (--out), their folders only read."""
+    from pipeline.report import differing_settings, write_comparison, write_report
 
-    summary, plot = write_report(run_dir)
-    for line in summary.lines():
-        ui.info(line)
+    if len(run_dirs) > 1:
+        if out is None:
+            raise PipelineError("several runs are compared in one plot: give --out FILE.png")
+        summaries, plot = write_comparison(run_dirs, out)
+        ui.out.print(ui.comparison_table(summaries, differing_settings(summaries)))
+    else:
+        if out is not None:
+            raise PipelineError(
+                "--out is for comparing several runs; one run's report goes into its folder"
+            )
+        summary, plot = write_report(run_dirs[0])
+        for line in summary.lines():
+            ui.info(line)
     if plot is None:
-        raise PipelineError(
-            "the plot needs matplotlib: pip install 'dwq-pipeline[plot]' (summary written to "
-            f"{run_dir / 'report.md'})"
-        )
+        written = "" if len(run_dirs) > 1 else f" (summary written to {run_dirs[0] / 'report.md'})"
+        raise PipelineError(f"the plot needs matplotlib: pip install 'dwq-pipeline[plot]'{written}")
     ui.info(f"plot: {plot}")
 
 

@@ -1,4 +1,5 @@
-"""`dwq-pipeline report RUN`: a tune run's metrics log as a summary and a PNG plot.
+"""`dwq-pipeline report RUN`: a tune run's metrics log as a summary and a PNG plot;
+`dwq-pipeline report RUN RUN ... --out FILE.png`: several runs side by side.
 
 Levels on the plot are in the run's own loss: the student before tuning (step 0 validation, at
 the run's start: GPTQ by default, RTN, clip search or the given student) and the teacher, whose
@@ -6,13 +7,17 @@ loss against itself is 0. If `eval --save RUN/eval.json` was run, its full-vocab
 join the summary. A run with a bits budget (`tune.bits_per_weight`) adds a panel of its layer
 sensitivities (`sensitivities.json`): each layer's estimated KL at every allowed width, and the
 width it got.
+
+Several runs (the levers of one tuning, say) are compared on one plot: each run's validation
+loss against step, labelled with the settings in which the runs differ, and, where runs have an
+eval.json, their held-out KL next to RTN's; the runs' folders are only read.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +75,7 @@ class RunSummary:
     validation: list[tuple[int, float]]
     evaluation: dict[str, Any] | None
     sensitivities: dict[str, Any] | None = None  # a bits budget's layers, estimates and bits
+    settings: dict[str, Any] = field(default_factory=dict)  # the run's tune_config.json
 
     @property
     def val_reduction(self) -> float:
@@ -155,6 +161,7 @@ def summarize(run_dir: Path) -> RunSummary:
         validation=validation,
         evaluation=_read_json(run_dir / EVAL_FILE, _is_evaluation),
         sensitivities=_budget_sensitivities(run_dir, config),
+        settings=config,
     )
 
 
@@ -287,3 +294,141 @@ def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:
     figure.savefig(png, format="png", metadata={"Software": PLOT_SOFTWARE})
     write_bytes_atomic(run_dir / PLOT_FILE, png.getvalue())
     return summary, run_dir / PLOT_FILE
+
+
+# Settings that say where a run is, not how it tuned: never what tells runs apart on the plot.
+PLACE_SETTINGS = frozenset({"run_dir", "storage_options", "wait_timeout_s", "prefetch"})
+
+
+def _recorded_or_default(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings with the ones its version did not record yet at their default (a run
+    older than a setting ran as its default does)."""
+    from dataclasses import MISSING, fields
+
+    from stages.tune import TuneConfig
+
+    defaults = {
+        f.name: f.default if f.default is not MISSING else f.default_factory()
+        for f in fields(TuneConfig)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
+    return defaults | settings
+
+
+def differing_settings(summaries: list[RunSummary]) -> list[str]:
+    """The tune settings whose values are not the same in every run (in the config's order)."""
+    settings = [_recorded_or_default(s.settings) for s in summaries]
+    keys: dict[str, None] = {}
+    for values in settings:
+        keys |= dict.fromkeys(values)
+    return [
+        key
+        for key in keys
+        if key not in PLACE_SETTINGS
+        and len({json.dumps(values.get(key), sort_keys=True) for values in settings}) > 1
+    ]
+
+
+def setting_values(summary: RunSummary, keys: list[str]) -> str:
+    """`key value` for each of `keys`, as this run has it."""
+    settings = _recorded_or_default(summary.settings)
+    return ", ".join(f"{key} {_short(settings.get(key))}" for key in keys)
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_label(summary: RunSummary, keys: list[str]) -> str:
+    """The run's folder name and its values of the settings that differ between the runs."""
+    values = setting_values(summary, keys)
+    return f"{summary.run_dir.name}: {values}" if values else summary.run_dir.name
+
+
+def held_out_kl(summary: RunSummary) -> tuple[float, float] | None:
+    """(tuned, RTN) full-vocabulary KL from the run's eval.json, when it has both."""
+    models = (summary.evaluation or {}).get("models", {})
+    if "tuned" not in models or "rtn" not in models:
+        return None
+    return models["tuned"]["kl"], models["rtn"]["kl"]
+
+
+def build_comparison(summaries: list[RunSummary]):
+    """Validation loss against step for every run; held-out KL per run where evaluated."""
+    from matplotlib.figure import Figure
+
+    keys = differing_settings(summaries)
+    evaluated = [(s, held_out_kl(s)) for s in summaries if held_out_kl(s)]
+    figure = Figure(figsize=(9, 8.5) if evaluated else (9, 5), dpi=120)
+    ax = figure.add_subplot(2, 1, 1) if evaluated else figure.add_subplot()
+    for summary in summaries:
+        steps, losses = zip(*summary.validation, strict=True)
+        ax.plot(steps, losses, "o-", lw=2, ms=4, label=run_label(summary, keys))
+    ax.axhline(0.0, color="tab:green", ls=":", lw=2, label="teacher (loss 0)")
+    ax.set_xlabel("optimizer step")
+    losses = sorted({s.loss for s in summaries})
+    ax.set_ylabel(f"validation {losses[0]} per token" if len(losses) == 1 else "validation loss")
+    ax.set_title(f"{len(summaries)} runs: validation loss (each in its run's own loss)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    if evaluated:
+        _plot_held_out(figure.add_subplot(2, 1, 2), evaluated, keys)
+    figure.tight_layout()
+    return figure
+
+
+def _plot_held_out(ax, evaluated: list[tuple[RunSummary, tuple[float, float]]], keys) -> None:
+    positions = range(len(evaluated))
+    tuned = [kl for _, (kl, _) in evaluated]
+    ax.bar(positions, tuned, width=0.5, color="tab:blue", label="tuned")
+    ax.set_xlim(-0.75, len(evaluated) - 0.25)
+    ax.plot(positions, [rtn for _, (_, rtn) in evaluated], "rx", ms=10, label="RTN")
+    for position, (summary, (kl, rtn)) in zip(positions, evaluated, strict=True):
+        closed = f"\n{1 - kl / rtn:.0%} closed" if rtn else ""
+        ax.annotate(f"{kl:.4f}{closed}", (position, kl), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(positions), [run_label(s, keys) for s, _ in evaluated], fontsize=7)
+    ax.set_ylabel("held-out KL(teacher||model) per token")
+    ax.set_title("held-out text (each run's eval.json)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="best")
+
+
+def _check_comparison_target(out: Path, run_dirs: list[Path]) -> None:
+    """One PNG, not a run given twice, and never a file this command did not write."""
+    if out.suffix.lower() != ".png":
+        raise PipelineError(f"--out {out}: the comparison is a PNG; give a path ending in .png")
+    seen: set[Path] = set()
+    for run_dir in run_dirs:
+        if run_dir.resolve() in seen:
+            raise PipelineError(f"{run_dir} is given twice; give each run once")
+        seen.add(run_dir.resolve())
+    if out.exists() or out.is_symlink():
+        try:
+            data = out.read_bytes() if out.is_file() and not out.is_symlink() else b""
+        except OSError:
+            data = b""
+        if not _is_our_plot(data):
+            raise PipelineError(
+                f"{out} was not written by `dwq-pipeline report`; it is never replaced: choose "
+                "another --out"
+            )
+    if not out.parent.is_dir():
+        raise PipelineError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def write_comparison(run_dirs: list[Path], out: Path) -> tuple[list[RunSummary], Path | None]:
+    """Every run's summary and the comparison plot at `out` (None without matplotlib)."""
+    import io
+
+    from store.durable import write_bytes_atomic
+
+    _check_comparison_target(out, run_dirs)
+    summaries = [summarize(run_dir) for run_dir in run_dirs]
+    try:
+        figure = build_comparison(summaries)
+    except ImportError:
+        return summaries, None
+    png = io.BytesIO()
+    figure.savefig(png, format="png", metadata={"Software": PLOT_SOFTWARE})
+    write_bytes_atomic(out, png.getvalue())
+    return summaries, out

@@ -166,6 +166,37 @@ def eval_table(result: EvalResult) -> Table:
     return table
 
 
+def comparison_table(summaries: list, keys: list[str]) -> Table:
+    """One row per run (pipeline/report.py's RunSummary): the settings in which the runs
+    differ, validation before and after, held-out KL where the run was evaluated."""
+    from pipeline.report import held_out_kl, setting_values
+
+    table = Table(title=f"{len(summaries)} runs compared", caption=_comparison_caption(summaries))
+    headers = ("run", "settings that differ", "steps", "validation start -> best (step)")
+    for column in (*headers, "held-out KL (RTN's)", "tok/s", "peak GB"):
+        justify = "left" if column in headers[:2] else "right"
+        table.add_column(column, justify=justify, overflow="fold")
+    for s in summaries:
+        held_out = held_out_kl(s)
+        table.add_row(
+            escape(str(s.run_dir)),
+            escape(setting_values(s, keys)) or "none",
+            f"{s.steps}/{s.total_steps}",
+            f"{s.start_val_loss:.4f} -> {s.best_val_loss:.4f} ({s.best_step})",
+            f"{held_out[0]:.4f} ({held_out[1]:.4f})" if held_out else "no eval.json",
+            f"{s.tokens_per_s:,.0f}",
+            f"{s.peak_memory_gb:.2f}",
+        )
+    return table
+
+
+def _comparison_caption(summaries: list) -> str:
+    losses = sorted({s.loss for s in summaries})
+    if len(losses) > 1:
+        return "validation is each run's own loss (" + "; ".join(losses) + "): compare held-out KL"
+    return f"validation: {losses[0]} per token; held-out: full-vocabulary KL(teacher||model)"
+
+
 def config_table(config) -> Table:
     from dataclasses import fields
 

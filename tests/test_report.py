@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,98 @@ def test_report_of_a_folder_without_metrics_is_one_line(tmp_path):
     result = run_cli("report", str(tmp_path))
     assert result.returncode == 2
     assert "no metrics.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def _copy_with(run_dir: Path, to: Path, scale: float, **settings) -> Path:
+    """A copy of the run with other settings and its validation losses scaled (a second run)."""
+    import shutil
+
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("report.*", "eval.json"))
+    config = json.loads((to / "tune_config.json").read_text()) | settings
+    (to / "tune_config.json").write_text(json.dumps(config))
+    records = [json.loads(line) for line in (to / METRICS_FILE).read_text().splitlines()]
+    for record in records:
+        if "val_loss" in record:
+            record["val_loss"] *= scale
+    (to / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return to
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_several_runs_are_compared_on_one_plot_and_only_read(run_dir, tmp_path):
+    import matplotlib.image
+
+    from pipeline.report import _is_our_plot, build_comparison, differing_settings
+
+    other = _copy_with(run_dir, tmp_path / "lower-lr", 0.5, learning_rate=3e-5, train_norms=True)
+    before = {run: _files(run) for run in (run_dir, other)}
+    summaries = [summarize(run_dir), summarize(other)]
+    assert differing_settings(summaries) == ["learning_rate", "train_norms"]
+
+    out = tmp_path / "compare.png"
+    wide = dict(os.environ, COLUMNS="250")  # the table's rows unfolded
+    result = run_cli("report", str(run_dir), str(other), "--out", str(out), env=wide)
+    assert result.returncode == 0, result.stderr
+    assert {run: _files(run) for run in (run_dir, other)} == before  # the runs are only read
+    assert _is_our_plot(out.read_bytes())
+    assert matplotlib.image.imread(out).std() > 0.05
+    assert "2 runs compared" in result.stdout and "lower-lr" in result.stdout
+    assert "learning_rate 3e-05, train_norms True" in result.stdout
+
+    ax = build_comparison(summaries).axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    rate = json.loads((run_dir / "tune_config.json").read_text())["learning_rate"]
+    assert labels[:2] == [
+        f"{run_dir.name}: learning_rate {rate:g}, train_norms False",
+        "lower-lr: learning_rate 3e-05, train_norms True",
+    ]
+    (first, second) = [line.get_ydata() for line in ax.get_lines()[:2]]
+    assert list(second) == pytest.approx([0.5 * y for y in first])
+
+    rerun = run_cli("report", str(run_dir), str(other), "--out", str(out))
+    assert rerun.returncode == 0, rerun.stderr  # its own plot is replaced
+
+
+def test_a_setting_an_older_run_did_not_record_counts_as_its_default(run_dir, tmp_path):
+    from pipeline.report import differing_settings
+
+    older = _copy_with(run_dir, tmp_path / "older", 1.0)
+    config = json.loads((older / "tune_config.json").read_text())
+    for newer_setting in ("mode", "bits_per_weight", "allowed_bits", "latent_lr"):
+        del config[newer_setting]
+    (older / "tune_config.json").write_text(json.dumps(config))
+    assert differing_settings([summarize(run_dir), summarize(older)]) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give --out FILE.png"),
+        (["--out", "{tmp}/notes.txt"], "give a path ending in .png"),
+        (["--out", "{tmp}/mine.png"], "was not written by `dwq-pipeline report`"),
+        (["--out", "{tmp}/no/such/folder/c.png"], "does not exist"),
+        (["{run}", "--out", "{tmp}/c.png"], "is given twice"),
+    ],
+)
+def test_a_comparison_that_cannot_be_written_is_refused_in_one_line(
+    run_dir, tmp_path, extra, message
+):
+    other = _copy_with(run_dir, tmp_path / "runs" / "other", 1.0, seed=7)
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG the user's own picture")
+    args = [a.format(tmp=tmp_path, run=run_dir) for a in extra]
+    result = run_cli("report", str(run_dir), str(other), *args)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert mine.read_bytes() == b"\x89PNG the user's own picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "runs"]
+
+
+def test_out_with_one_run_is_refused(run_dir, tmp_path):
+    result = run_cli("report", str(run_dir), "--out", str(tmp_path / "c.png"))
+    assert result.returncode == 2
+    assert "--out is for comparing several runs" in result.stderr
+    assert not (tmp_path / "c.png").exists()
