@@ -6,6 +6,8 @@ the same matmul path (dequantize + BLAS), at 4-bit and 3-bit group 64:
 
 - RTN: the teacher quantized round-to-nearest (mlx-lm's `quantize_model`), not tuned;
 - ours: `tune` with configs/default.yaml's settings;
+- ours with each of LEVERS changed alone (a quality lever switched on, or the settings the
+  default replaced), every seed;
 - mlx-lm: `dwq_quantize` with its optimizer as its command builds it (bias-corrected Adam,
   constant rate, T=2) at each learning rate of a sweep, in two rounds: every rate with the first
   seed, then the FINALISTS rates with the lowest validation KL get every other seed; its best
@@ -17,7 +19,11 @@ Neither side keeps a best-by-validation checkpoint: both are scored with their f
 figure is a mean over SEEDS (the seed orders the batches) with its min-max. Scores are
 full-vocabulary KL(teacher || student) per token, perplexity and top-1 agreement with the
 teacher, on the default data's test split as `dwq-pipeline eval` draws it, and tune seconds
-(validation at start and end included, model loading excluded).
+(validation at start and end included, model loading excluded), and peak memory: MLX's peak
+during the run above what the bench process held before it (teacher and a shared student), plus
+the student's own bytes on mlx-lm's side, which tunes that shared student in place; a row whose
+runs were cached before peaks were recorded gets a 2-step probe run of the same settings (the
+peak does not depend on the step count beyond the first).
 
 Each finished run's parameters are kept in artifacts/bench/quality/ (quality-quick/ for the quick
 scale), keyed by side, bits, learning rate or tune settings, and seed, next to the store they
@@ -89,6 +95,17 @@ SCORE_BATCH = 4
 NEVER = 10**9  # val_every / checkpoint_every: validate and checkpoint at start and end only
 # `--ours-sweep`: our settings besides the default, each tuned with every seed and scored on the
 # validation rows only, to choose our defaults the way mlx-lm's rate is chosen (never on test).
+# Rows beside our default in the main table: one setting changed at a time, every seed.
+LEVERS = {
+    "lr 1e-4 (the default before)": {"learning_rate": 1e-4},
+    "RTN start, lr 1e-4 (DWQ's start; the default at the review)": {
+        "init": "rtn",
+        "learning_rate": 1e-4,
+    },
+    "+train_norms": {"train_norms": True},
+    "+learned_rounding": {"learned_rounding": True},
+}
+PROBE_STEPS = 2  # a peak-memory probe's steps
 OURS_SWEEP = {
     "lr 2e-5": {"learning_rate": 2e-5},
     "lr 5e-5": {"learning_rate": 5e-5},
@@ -218,25 +235,93 @@ def our_jobs(
 
     def job(tune_config: TuneConfig, run_dir: Path):
         tic = time.perf_counter()
-        result = tune(dataclasses.replace(tune_config, run_dir=str(run_dir)))
+        result, peak = peak_gb(lambda: tune(dataclasses.replace(tune_config, run_dir=str(run_dir))))
         seconds = time.perf_counter() - tic - setup
         assert result.steps == steps, (result.steps, steps)  # the same budget as mlx-lm's
         params = saved_model_params(result.model_dir, base, rtn)
         shutil.rmtree(run_dir)  # made by this bench; the cache keeps what counts
-        return params, seconds, {"best_step": result.best_step, "steps": result.steps}
+        return (
+            params,
+            seconds,
+            {"best_step": result.best_step, "steps": result.steps, "peak_gb": peak},
+        )
 
     names, jobs = {}, {}
     for seed in SEEDS:
-        settings = (
-            dict(
-                bits=bits, group_size=group_size, seed=seed, val_every=NEVER, checkpoint_every=NEVER
-            )
-            | extra
-        )
-        tune_config = dataclasses.replace(config.tune, **settings)
-        names[seed] = f"ours-{settings_digest(tune_config)}-{cache.tag}-seed{seed}"
+        tune_config = our_settings(config, bits, group_size, seed, **extra)
+        names[seed] = our_run_name(tune_config, cache)
         jobs[names[seed]] = functools.partial(job, tune_config, tmp / names[seed])
     return jobs, names
+
+
+def our_settings(config, bits: int, group_size: int, seed: int, **extra) -> TuneConfig:
+    """The default tune settings of one of our bench runs, changed by `extra`."""
+    bench = dict(
+        bits=bits, group_size=group_size, seed=seed, val_every=NEVER, checkpoint_every=NEVER
+    )
+    return dataclasses.replace(config.tune, **(bench | extra))
+
+
+def our_run_name(tune_config: TuneConfig, cache) -> str:
+    return f"ours-{settings_digest(tune_config)}-{cache.tag}-seed{tune_config.seed}"
+
+
+def row_peak(cache, run: Run, name: str, probe: Callable[[], float]) -> float:
+    """The peak GB recorded with the run `name`, or measured by `probe` (a short run of the
+    same settings, kept beside the cached run) for a run cached before peaks were recorded."""
+    if "peak_gb" in run.info:
+        return run.info["peak_gb"]
+    path = cache.folder / f"{name}.peak.json"
+    if path.exists():
+        return json.loads(path.read_text())["peak_gb"]
+    peak = probe()
+    path.write_text(json.dumps({"peak_gb": peak}))
+    return peak
+
+
+def our_probe(tune_config: TuneConfig, tmp: Path) -> float:
+    run_dir = tmp / "peak-probe"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a probe this bench cut short
+    probe = dataclasses.replace(tune_config, run_dir=str(run_dir), max_steps=PROBE_STEPS)
+    _, peak = peak_gb(lambda: tune(probe))
+    shutil.rmtree(run_dir)
+    return peak
+
+
+def mlx_lm_probe(base, stored: StoredTargets, batch_size: int, rate: float, cache) -> float:
+    base.update(cache.rtn_tree)
+    train, valid = stored.rows("train", PROBE_STEPS * batch_size), stored.rows("valid")
+    _, peak = peak_gb(lambda: run_mlx_lm_dwq(base, stored, train, valid, batch_size, rate))
+    base.update(cache.rtn_tree)
+    return peak + parameter_gb(base)
+
+
+def lever_runs(config, quantization, base, setup, steps, cache, tmp) -> tuple[dict, int]:
+    """Each of LEVERS with every seed: (runs by label and seed, runs done here)."""
+    bits, group_size = quantization
+    jobs, names = {}, {}
+    for label, extra in LEVERS.items():
+        more, by_seed = our_jobs(config, tmp, bits, group_size, base, setup, steps, cache, **extra)
+        jobs |= more
+        names[label] = by_seed
+    runs, done = run_each(cache, base, jobs)
+    by_label = {
+        label: {seed: runs[n] for seed, n in by_seed.items()} for label, by_seed in names.items()
+    }
+    return by_label, done
+
+
+def peak_gb(run: Callable[[], Any]) -> tuple[Any, float]:
+    """run()'s result and MLX's peak memory during it above what was held before it, in GB."""
+    mx.clear_cache()
+    held = mx.get_active_memory()
+    mx.reset_peak_memory()
+    result = run()
+    return result, (mx.get_peak_memory() - held) / 1e9
+
+
+def parameter_gb(model) -> float:
+    return sum(value.nbytes for _, value in tree_flatten(model.parameters())) / 1e9
 
 
 def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache) -> tuple:
@@ -246,8 +331,10 @@ def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache
 
     def job(rate: float, seed: int):
         base.update(cache.rtn_tree)
-        seconds = run_mlx_lm_dwq(base, stored, train, valid, batch_size, rate, seed)
-        return base.parameters(), seconds, {}
+        seconds, peak = peak_gb(
+            lambda: run_mlx_lm_dwq(base, stored, train, valid, batch_size, rate, seed)
+        )
+        return base.parameters(), seconds, {"peak_gb": peak + parameter_gb(base)}
 
     names = {pair: f"mlx-lm-{cache.tag}-lr{pair[0]:g}-seed{pair[1]}" for pair in pairs}
     return {names[p]: functools.partial(job, *p) for p in pairs}, names
@@ -360,8 +447,13 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
     ours, best, theirs, valid_kl, done = both_sides(
         config, (bits, group_size), base, setup, steps, cache, stored, teacher, valid, tmp
     )
-    full_runs = len(FULL_SEEDS) + len(FULL_LEARNING_RATES) + 2 * (len(FULL_SEEDS) - 1)
+    levers, lever_done = lever_runs(config, (bits, group_size), base, setup, steps, cache, tmp)
+    done += lever_done
+    full_runs = len(FULL_SEEDS) * (1 + len(LEVERS)) + len(FULL_LEARNING_RATES)
+    full_runs += 2 * (len(FULL_SEEDS) - 1)
     clock.add(time.perf_counter() - tic, max(done, 1) * run_work, done and full_run * full_runs)
+    mlx_lm = (best, theirs[best][SEEDS[0]])
+    peaks = row_peaks(config, (bits, group_size), base, cache, stored, tmp, ours, levers, mlx_lm)
 
     test, split = held_out_sequences(
         EvalConfig(store=str(store), num_sequences=config.eval.num_sequences), teacher.tokenizer
@@ -369,7 +461,9 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
     students = {"rtn": rtn}
     students |= {f"ours {seed}": run.params for seed, run in ours.items()}
     students |= {f"mlx-lm {seed}": theirs[best][seed].params for seed in SEEDS}
-    scored = 1 + 2 * len(SEEDS), 1 + 2 * len(FULL_SEEDS)
+    for label, by_seed in levers.items():
+        students |= {f"{label} {seed}": run.params for seed, run in by_seed.items()}
+    scored = 1 + (2 + len(LEVERS)) * len(SEEDS), 1 + (2 + len(LEVERS)) * len(FULL_SEEDS)
     with clock.part(len(test) * seq_len * scored[0], full[3] * full[1] * scored[1]):
         test_scores = score(teacher, base, students, test)
     return {
@@ -378,16 +472,40 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
         "split": split,
         "test_tokens": int(test.loss_mask().sum()),
         "best_learning_rate": best,
+        "ours_learning_rate": config.tune.learning_rate,
         "ours_settings": settings_digest(dataclasses.replace(config.tune, bits=bits)),
         "ours_best_step": [run.info.get("best_step") for run in ours.values()],
         "valid_kl": {f"{rate:g}": values for rate, values in valid_kl.items()},
         "scores": {name: vars(value) for name, value in test_scores.items()},
         "ours_seconds": [run.seconds for run in ours.values()],
+        "levers": {
+            label: {"settings": LEVERS[label], "seconds": [run.seconds for run in by_seed.values()]}
+            for label, by_seed in levers.items()
+        },
+        "peak_gb": peaks,
         "mlx_lm_seconds": {
             f"{rate:g}": [run.seconds for run in by_seed.values()]
             for rate, by_seed in theirs.items()
         },
     }
+
+
+def row_peaks(config, quantization, base, cache, stored, tmp, ours, levers, mlx_lm) -> dict:
+    """Peak GB of each row (ours, each lever, mlx-lm at its best rate), from its first seed's run
+    or a probe of its settings."""
+    bits, group_size = quantization
+    seed = SEEDS[0]
+    peaks = {}
+    for label, extra, run in [("ours", {}, ours[seed])] + [
+        (label, LEVERS[label], by_seed[seed]) for label, by_seed in levers.items()
+    ]:
+        settings = our_settings(config, bits, group_size, seed, **extra)
+        probe = functools.partial(our_probe, settings, tmp)
+        peaks[label] = row_peak(cache, run, our_run_name(settings, cache), probe)
+    rate, run = mlx_lm
+    probe = functools.partial(mlx_lm_probe, base, stored, config.tune.batch_size, rate, cache)
+    peaks["mlx-lm"] = row_peak(cache, run, f"mlx-lm-{cache.tag}-lr{rate:g}-seed{seed}", probe)
+    return peaks
 
 
 def full_budget() -> tuple[int, int, int, int]:
@@ -414,58 +532,41 @@ def table(result: dict, budget: tuple[int, int, int]) -> Table:
         f"{steps} steps; {result['split']} split, {result['test_tokens']:,} tokens; "
         f"mean (min-max) of {len(SEEDS)} seeds"
     )
-    out = Table(title=title)
-    for column in (
-        "student",
-        "lr",
-        "valid KL",
-        "test KL",
-        "closed",
-        "perplexity",
-        "top-1",
-        "tune s",
-    ):
+    out = Table(title=title, caption="peak GB: MLX's peak during a run (see bench/quality.py)")
+    columns = ("student", "lr", "valid KL", "test KL", "closed", "perplexity", "top-1", "tune s")
+    for column in (*columns, "peak GB"):
         out.add_column(column, justify="right")
 
     def closed(kls: list[float]) -> str:
         return spread([1 - kl / rtn_kl for kl in kls], "{:.1%}")
 
-    teacher = scores["teacher"]
-    out.add_row("teacher", "", "", "0", "", f"{teacher['perplexity']:.2f}", "100%", "")
-    rtn = scores["rtn"]
-    out.add_row(
-        "RTN",
-        "",
-        "",
-        f"{rtn['kl']:.4f}",
-        "0%",
-        f"{rtn['perplexity']:.2f}",
-        f"{rtn['top1_agreement']:.1%}",
-        "",
-    )
-    for label, prefix, rate, seconds in (
-        ("ours, default settings", "ours", "default", result["ours_seconds"]),
-        (
-            "mlx-lm, best lr",
-            "mlx-lm",
-            f"{result['best_learning_rate']:g}",
-            result["mlx_lm_seconds"][f"{result['best_learning_rate']:g}"],
-        ),
-    ):
+    teacher, rtn = scores["teacher"], scores["rtn"]
+    out.add_row("teacher", "", "", "0", "", f"{teacher['perplexity']:.2f}", "100%", "", "")
+    rtn_figures = (f"{rtn['kl']:.4f}", "0%", f"{rtn['perplexity']:.2f}")
+    out.add_row("RTN", "", "", *rtn_figures, f"{rtn['top1_agreement']:.1%}", "", "")
+    best = f"{result['best_learning_rate']:g}"
+    ours_rate = result["ours_learning_rate"]
+    students = [("ours, default settings", "ours", ours_rate, result["ours_seconds"])]
+    for label, lever in result["levers"].items():
+        rate = lever["settings"].get("learning_rate", ours_rate)
+        students.append((f"ours, {label}", label, rate, lever["seconds"]))
+    students.append(("mlx-lm, best lr", "mlx-lm", float(best), result["mlx_lm_seconds"][best]))
+    for label, prefix, rate, seconds in students:
         kls = side(result, prefix, "kl")
         out.add_row(
             label,
-            rate,
+            f"{rate:g}",
             "",
             spread(kls),
             closed(kls),
             spread(side(result, prefix, "perplexity"), "{:.2f}"),
             spread(side(result, prefix, "top1_agreement"), "{:.1%}"),
             spread(seconds, "{:.0f}"),
+            f"{result['peak_gb'][prefix]:.2f}",
         )
     for rate, kls in result["valid_kl"].items():
-        chosen = " (best)" if float(rate) == result["best_learning_rate"] else ""
-        out.add_row(f"mlx-lm sweep{chosen}", rate, spread(kls), "", "", "", "", "")
+        chosen = " (best)" if rate == best else ""
+        out.add_row(f"mlx-lm sweep{chosen}", rate, spread(kls), "", "", "", "", "", "")
     return out
 
 

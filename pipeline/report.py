@@ -383,7 +383,7 @@ def _plot_held_out(ax, evaluated: list[tuple[RunSummary, tuple[float, float]]], 
     ax.bar(positions, tuned, width=0.5, color="tab:blue", label="tuned")
     ax.set_xlim(-0.75, len(evaluated) - 0.25)
     ax.plot(positions, [rtn for _, (_, rtn) in evaluated], "rx", ms=10, label="RTN")
-    for position, (summary, (kl, rtn)) in zip(positions, evaluated, strict=True):
+    for position, (_, (kl, rtn)) in zip(positions, evaluated, strict=True):
         closed = f"\n{1 - kl / rtn:.0%} closed" if rtn else ""
         ax.annotate(f"{kl:.4f}{closed}", (position, kl), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(positions), [run_label(s, keys) for s, _ in evaluated], fontsize=7)
