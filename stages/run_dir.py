@@ -282,6 +282,23 @@ def load_checkpoint(
     state = checkpoint_state(run_dir)
     if state is None:
         return None
+    refuse_other_run(run_dir, state, resume_key, store_digest, settings)
+    loaded = {}
+    for name in ("params", "best", "optimizer"):
+        path = run_dir / CHECKPOINT_DIR / f"{name}.safetensors"
+        try:
+            loaded[name] = tree_unflatten(list(mx.load(str(path)).items()))
+        except Exception as exc:  # MLX raises bare RuntimeError/ValueError on unreadable files
+            raise _damaged_checkpoint(path, type(exc).__name__) from exc
+    optimizer.state = loaded["optimizer"]
+    return loaded["params"], loaded["best"], state
+
+
+def refuse_other_run(
+    run_dir: Path, state: dict, resume_key: str, store_digest: str, settings: dict | None = None
+) -> None:
+    """Refuses the checkpoint `state` when it is of another store or other settings (or from an
+    earlier dwq-pipeline that did not record its store): it cannot be resumed by this run."""
     if "store" not in state:
         raise StageError(
             f"{run_dir} holds a checkpoint from an earlier dwq-pipeline that did not record its "
@@ -298,15 +315,6 @@ def load_checkpoint(
             f"{_first_difference(state.get('settings'), settings or {})}; "
             "pass --overwrite to start over or choose another --run-dir"
         )
-    loaded = {}
-    for name in ("params", "best", "optimizer"):
-        path = run_dir / CHECKPOINT_DIR / f"{name}.safetensors"
-        try:
-            loaded[name] = tree_unflatten(list(mx.load(str(path)).items()))
-        except Exception as exc:  # MLX raises bare RuntimeError/ValueError on unreadable files
-            raise _damaged_checkpoint(path, type(exc).__name__) from exc
-    optimizer.state = loaded["optimizer"]
-    return loaded["params"], loaded["best"], state
 
 
 # ---- the metrics log ---------------------------------------------------------------------------

@@ -481,7 +481,7 @@ def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[d
     layout = model_layout(model, config.group_size)  # scales as stored: the teacher's dtype
     own = to_compute_dtype(model, config.compute_dtype)
     try:
-        return choose_layer_bits(
+        choice, record = choose_layer_bits(
             layout,
             model,
             batches,
@@ -492,6 +492,10 @@ def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[d
         )
     finally:
         restore_dtypes(model, own)
+    # Every rank measured the same rows, but machines of a ring may round differently and break
+    # a near tie otherwise: all take rank 0's mix, so every rank tunes the same student.
+    paths = list(choice)  # the layout's order, the same on every rank
+    return dict(zip(paths, inputs.dist.from_root([choice[p] for p in paths]), strict=True)), record
 
 
 @dataclass
@@ -591,10 +595,18 @@ def _gptq_start(config: TuneConfig, student: _Student, inputs: _StartInputs) -> 
             swap_quantized(modules[path], arrays)
 
 
-def _same_run_state(run_dir: Path, config: TuneConfig, overwrite: bool) -> dict:
-    """The state of the checkpoint this run will resume ({}: none, or one of other settings)."""
+def _same_run_state(
+    run_dir: Path, config: TuneConfig, reader: StoreReader, overwrite: bool
+) -> dict:
+    """The state of the checkpoint this run will resume ({}: none, or --overwrite starts over).
+    One of another store or other settings is refused here, before the student loads: GPTQ and
+    a bits budget's sensitivities take minutes that a refusal after them would waste."""
     saved = None if overwrite else run_folder.checkpoint_state(run_dir)
-    return saved if saved and saved.get("resume_key") == config.resume_key() else {}
+    if not saved:
+        return {}
+    digest = reader.manifest.digest
+    run_folder.refuse_other_run(run_dir, saved, config.resume_key(), digest, config.identity())
+    return saved
 
 
 def _recorded_tied_outputs(state: dict) -> list | None:
@@ -886,7 +898,7 @@ def tune(
     dist = Distributed()
     phase = on_phase if on_phase and dist.rank == 0 else lambda text: None
     _check_before_loading(config, reader, run_dir, dist)
-    state = _same_run_state(run_dir, config, overwrite)
+    state = _same_run_state(run_dir, config, reader, overwrite)
     recorded, recorded_bits = _recorded_tied_outputs(state), _recorded_layer_bits(state)
     inputs = _StartInputs(reader, phase, dist, recorded, recorded_bits, run_dir)
     student = _prepare_student(config, inputs)

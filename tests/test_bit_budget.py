@@ -213,9 +213,12 @@ def test_a_resumed_run_keeps_its_bits_and_refuses_another_budget(tiny_store, tmp
     )
     assert not any("sensitivities" in phase for phase in phases)  # the recorded bits are used
     kept = (run_dir / "sensitivities.json").read_bytes()
+    phases.clear()
     with pytest.raises(StageError, match="tune.bits_per_weight was 5.5, now 6.0"):
-        tune(tune_config(tiny_store, run_dir, bits_per_weight=6.0, max_steps=4, epochs=1))
+        other = tune_config(tiny_store, run_dir, bits_per_weight=6.0, max_steps=4, epochs=1)
+        tune(other, on_phase=phases.append)
     assert (run_dir / "sensitivities.json").read_bytes() == kept  # the refused run wrote none
+    assert phases == []  # refused before the teacher loads: no sensitivities measured for it
 
 
 def test_budget_settings_are_checked_and_keyed_only_when_set():
@@ -312,3 +315,20 @@ def test_the_budget_counts_as_mlx_lm_measures_the_quantized_model(model_type, tm
     assert layout.bits_per_weight(choice) == pytest.approx(compute_bits_per_weight(quantized))
     # 4 bits + a bfloat16 scale and bias per 32 weights, plus the few float parameters
     assert layout.bits_per_weight(layout.uniform(4)) == pytest.approx(4 + 2 * 16 / 32, abs=0.2)
+
+
+def test_every_rank_tunes_rank_0s_mix(tiny_store, tmp_path, monkeypatch):
+    """A rank whose own measurement broke a near tie the other way still takes rank 0's mix
+    (simulated here: rank 0 gave the first layer 8 bits)."""
+    from stages.distributed import Distributed
+
+    def root_mix(self, values):
+        return [8, *values[1:]]
+
+    monkeypatch.setattr(Distributed, "from_root", root_mix)
+    run_dir = tmp_path / "run"
+    tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, **SHORT))
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    bits = {path: entry["bits"] for path, entry in layer_quantization(config, "tuned").items()}
+    first = next(iter(chosen_bits(run_dir)))  # the layout's order, as the mix was shared
+    assert bits[first] == 8 and chosen_bits(run_dir)[first] != 8

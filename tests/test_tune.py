@@ -240,8 +240,11 @@ def test_loss_needing_a_temperature_the_store_lacks_is_refused(tiny_store, tmp_p
 
 def test_checkpoint_from_other_settings_is_refused_then_overwritten(tiny_store, tmp_path):
     tune(tune_config(tiny_store, tmp_path / "run", max_steps=2))
+    phases = []
     with pytest.raises(StageError, match=r"other settings \(tune.learning_rate was 0.0001, now"):
-        tune(tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4))
+        other = tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4)
+        tune(other, on_phase=phases.append)
+    assert phases == []  # refused before the student loads (GPTQ, a budget: minutes)
     assert (
         tune(
             tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4),
