@@ -292,6 +292,8 @@ class TuneConfig:
             del kept["mode"], kept["latent_lr"]
         else:
             kept["bits"], kept["group_size"] = self.quantization
+            if not self.train_norms:  # the latents have tune.latent_lr: nothing else trains
+                del kept["learning_rate"]
         if self.bits_per_weight is None:
             del kept["bits_per_weight"], kept["allowed_bits"]
         else:

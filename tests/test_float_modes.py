@@ -130,6 +130,21 @@ def test_identity_names_the_mode_only_when_not_affine():
     assert TuneConfig(mode="nvfp4").quantization == (4, 16)
 
 
+def test_the_learning_rate_keys_an_fp_mode_run_only_when_norms_train():
+    """In a floating-point mode the latents train at tune.latent_lr; tune.learning_rate moves
+    only the norms, so a resume with another one is refused only when they train."""
+    plain = TuneConfig(mode="mxfp4")
+    assert "learning_rate" not in plain.identity()
+    assert TuneConfig(mode="mxfp4", learning_rate=1e-3).resume_key() == plain.resume_key()
+    assert TuneConfig(mode="mxfp4", latent_lr=1e-3).resume_key() != plain.resume_key()
+    norms = TuneConfig(mode="mxfp4", train_norms=True)
+    assert (
+        norms.resume_key()
+        != TuneConfig(mode="mxfp4", train_norms=True, learning_rate=1e-3).resume_key()
+    )
+    assert TuneConfig(learning_rate=1e-3).resume_key() != TuneConfig().resume_key()  # affine
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
