@@ -98,10 +98,7 @@ NEVER = 10**9  # val_every / checkpoint_every: validate and checkpoint at start 
 # Rows beside our default in the main table: one setting changed at a time, every seed.
 LEVERS = {
     "lr 1e-4 (the default before)": {"learning_rate": 1e-4},
-    "RTN start, lr 1e-4 (DWQ's start; the default at the review)": {
-        "init": "rtn",
-        "learning_rate": 1e-4,
-    },
+    "RTN start, lr 1e-4 (DWQ's start)": {"init": "rtn", "learning_rate": 1e-4},
     "+train_norms": {"train_norms": True},
     "+learned_rounding": {"learned_rounding": True},
 }
