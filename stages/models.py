@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -708,6 +709,35 @@ def checkpoint_blocks(model: Any) -> int:
         if not getattr(type(block), "_checkpointed", False):
             block.__class__ = _checkpointed_class(type(block))
     return len(blocks)
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """A model split before its output layer: model(x) == head(backbone(x)), as mlx-lm's
+    models are (`model.model`, then `lm_head` or the tied embedding's `as_linear`)."""
+
+    backbone: Callable[[mx.array], mx.array]
+    module: Any  # the module holding the head's parameters
+    head: Callable[[mx.array], mx.array]
+
+
+def output_layer(model: Any, tokens: mx.array) -> OutputLayer | None:
+    """The model split before its output layer, when that split computes exactly what the
+    whole model does on `tokens`; None for a model built otherwise (a scaled or capped output,
+    say), which is then only ever called whole."""
+    backbone = getattr(model, "model", None)
+    if not callable(backbone):
+        return None
+    lm_head = getattr(model, "lm_head", None)
+    embedding = getattr(backbone, "embed_tokens", None)
+    if lm_head is not None:
+        output = OutputLayer(backbone, lm_head, lm_head)
+    elif embedding is not None and hasattr(embedding, "as_linear"):
+        output = OutputLayer(backbone, embedding, embedding.as_linear)
+    else:
+        return None
+    whole, split = model(tokens), output.head(output.backbone(tokens))
+    return output if whole.shape == split.shape and mx.array_equal(whole, split).item() else None
 
 
 @functools.cache
