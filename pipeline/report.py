@@ -44,18 +44,21 @@ def _check_replaceable(run_dir: Path) -> None:
     """Refuse, before anything is written, a report.md/report.png that this command did not
     write (the user's own file of that name is never replaced)."""
     for name, ours in ((SUMMARY_FILE, _is_our_summary), (PLOT_FILE, _is_our_plot)):
-        path = run_dir / name
-        if not path.exists() and not path.is_symlink():
-            continue
-        try:
-            data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
-        except OSError:
-            data = b""
-        if not ours(data):
-            raise PipelineError(
-                f"{path} was not written by `dwq-pipeline report`; it is never replaced: move "
-                "it away first"
-            )
+        _refuse_unless_ours(run_dir / name, ours, "move it away first")
+
+
+def _refuse_unless_ours(path: Path, ours: Callable[[bytes], bool], remedy: str) -> None:
+    """Refuse a file at `path` (or a folder, a link) that `report` did not write."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+    except OSError:
+        data = b""
+    if not ours(data):
+        raise PipelineError(
+            f"{path} was not written by `dwq-pipeline report`; it is never replaced: {remedy}"
+        )
 
 
 @dataclass(frozen=True)
@@ -402,16 +405,7 @@ def _check_comparison_target(out: Path, run_dirs: list[Path]) -> None:
         if run_dir.resolve() in seen:
             raise PipelineError(f"{run_dir} is given twice; give each run once")
         seen.add(run_dir.resolve())
-    if out.exists() or out.is_symlink():
-        try:
-            data = out.read_bytes() if out.is_file() and not out.is_symlink() else b""
-        except OSError:
-            data = b""
-        if not _is_our_plot(data):
-            raise PipelineError(
-                f"{out} was not written by `dwq-pipeline report`; it is never replaced: choose "
-                "another --out"
-            )
+    _refuse_unless_ours(out, _is_our_plot, "choose another --out")
     if not out.parent.is_dir():
         raise PipelineError(f"--out {out}: folder {out.parent} does not exist")
 
