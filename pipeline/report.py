@@ -281,22 +281,29 @@ def _plot_sensitivities(ax, record: dict[str, Any]) -> None:
 
 def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:
     """Summary (also written as report.md) and the plot; plot is None without matplotlib."""
-    import io
-
-    from store.durable import write_bytes_atomic, write_text_atomic
+    from store.durable import write_text_atomic
 
     summary = summarize(run_dir)
     _check_replaceable(run_dir)
     text = "".join(f"- {line}\n" for line in summary.lines())
     write_text_atomic(run_dir / SUMMARY_FILE, SUMMARY_MARK + text)
+    return summary, _write_plot(lambda: build_figure(summary), run_dir / PLOT_FILE)
+
+
+def _write_plot(build: Callable[[], Any], path: Path) -> Path | None:
+    """The figure `build` makes, as a PNG marked as ours at `path`; None without matplotlib."""
+    import io
+
+    from store.durable import write_bytes_atomic
+
     try:
-        figure = build_figure(summary)
+        figure = build()
     except ImportError:
-        return summary, None
+        return None
     png = io.BytesIO()
     figure.savefig(png, format="png", metadata={"Software": PLOT_SOFTWARE})
-    write_bytes_atomic(run_dir / PLOT_FILE, png.getvalue())
-    return summary, run_dir / PLOT_FILE
+    write_bytes_atomic(path, png.getvalue())
+    return path
 
 
 # Settings that say where a run is, not how it tuned: never what tells runs apart on the plot.
@@ -412,17 +419,6 @@ def _check_comparison_target(out: Path, run_dirs: list[Path]) -> None:
 
 def write_comparison(run_dirs: list[Path], out: Path) -> tuple[list[RunSummary], Path | None]:
     """Every run's summary and the comparison plot at `out` (None without matplotlib)."""
-    import io
-
-    from store.durable import write_bytes_atomic
-
     _check_comparison_target(out, run_dirs)
     summaries = [summarize(run_dir) for run_dir in run_dirs]
-    try:
-        figure = build_comparison(summaries)
-    except ImportError:
-        return summaries, None
-    png = io.BytesIO()
-    figure.savefig(png, format="png", metadata={"Software": PLOT_SOFTWARE})
-    write_bytes_atomic(out, png.getvalue())
-    return summaries, out
+    return summaries, _write_plot(lambda: build_comparison(summaries), out)
