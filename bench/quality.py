@@ -6,8 +6,8 @@ the same matmul path (dequantize + BLAS), at 4-bit and 3-bit group 64:
 
 - RTN: the teacher quantized round-to-nearest (mlx-lm's `quantize_model`), not tuned;
 - ours: `tune` with configs/default.yaml's settings;
-- ours with each of LEVERS changed alone (a quality lever switched on, or the settings the
-  default replaced), every seed;
+- ours with each of LEVERS (a quality lever switched on alone, or an earlier default's
+  settings), every seed;
 - mlx-lm: `dwq_quantize` with its optimizer as its command builds it (bias-corrected Adam,
   constant rate, T=2) at each learning rate of a sweep, in two rounds: every rate with the first
   seed, then the FINALISTS rates with the lowest validation KL get every other seed; its best
@@ -20,10 +20,13 @@ figure is a mean over SEEDS (the seed orders the batches) with its min-max. Scor
 full-vocabulary KL(teacher || student) per token, perplexity and top-1 agreement with the
 teacher, on the default data's test split as `dwq-pipeline eval` draws it, and tune seconds
 (validation at start and end included, model loading excluded), and peak memory: MLX's peak
-during the run above what the bench process held before it (teacher and a shared student), plus
-the student's own bytes on mlx-lm's side, which tunes that shared student in place; a row whose
-runs were cached before peaks were recorded gets a 2-step probe run of the same settings (the
-peak does not depend on the step count beyond the first).
+during the run above what the bench process held before it (its teacher and shared student).
+The two sides do not do the same work there: ours is the whole `tune` call (loading the
+teacher, quantizing, GPTQ or learned rounding holding the teacher's weights, then tuning from
+the store), mlx-lm's tunes the bench's already quantized RTN student in place (its bytes are
+added) from the stored targets, as its offline mode does. bench/memory.py compares like with
+like. A row whose runs were cached before peaks were recorded gets a 2-step probe run of the
+same settings (the peak does not depend on the step count beyond the first).
 
 Each finished run's parameters are kept in artifacts/bench/quality/ (quality-quick/ for the quick
 scale), keyed by side, bits, learning rate or tune settings, and seed, next to the store they
@@ -272,7 +275,9 @@ def row_peak(cache, run: Run, name: str, probe: Callable[[], float]) -> float:
     if path.exists():
         return json.loads(path.read_text())["peak_gb"]
     peak = probe()
-    path.write_text(json.dumps({"peak_gb": peak}))
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # bench processes share the cache
+    partial.write_text(json.dumps({"peak_gb": peak}))
+    os.replace(partial, path)
     return peak
 
 
@@ -529,7 +534,11 @@ def table(result: dict, budget: tuple[int, int, int]) -> Table:
         f"{steps} steps; {result['split']} split, {result['test_tokens']:,} tokens; "
         f"mean (min-max) of {len(SEEDS)} seeds"
     )
-    out = Table(title=title, caption="peak GB: MLX's peak during a run (see bench/quality.py)")
+    caption = (
+        "peak GB: MLX's peak during the run; ours: the whole tune call (teacher loaded, "
+        "quantized, GPTQ); mlx-lm: tuning a loaded RTN student (see bench/quality.py)"
+    )
+    out = Table(title=title, caption=caption)
     columns = ("student", "lr", "valid KL", "test KL", "closed", "perplexity", "top-1", "tune s")
     for column in (*columns, "peak GB"):
         out.add_column(column, justify="right")

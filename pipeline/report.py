@@ -311,18 +311,19 @@ PLACE_SETTINGS = frozenset({"run_dir", "storage_options", "wait_timeout_s", "pre
 
 
 def _recorded_or_default(settings: dict[str, Any]) -> dict[str, Any]:
-    """A run's settings with the ones its version did not record yet at their default (a run
-    older than a setting ran as its default does)."""
+    """A run's settings with the ones its version did not record yet as it ran them: a lever
+    off (a run from before the levers started from RTN, as `starting_student` says), any other
+    setting at its default."""
     from dataclasses import MISSING, fields
 
-    from stages.tune import TuneConfig
+    from stages.tune import LEVERS_OFF, TuneConfig
 
     defaults = {
         f.name: f.default if f.default is not MISSING else f.default_factory()
         for f in fields(TuneConfig)
         if f.default is not MISSING or f.default_factory is not MISSING
     }
-    return defaults | settings
+    return defaults | LEVERS_OFF | settings
 
 
 def differing_settings(summaries: list[RunSummary]) -> list[str]:
@@ -352,7 +353,7 @@ def _short(value: Any) -> str:
 def run_label(summary: RunSummary, keys: list[str]) -> str:
     """The run's folder name and its values of the settings that differ between the runs."""
     values = setting_values(summary, keys)
-    return f"{summary.run_dir.name}: {values}" if values else summary.run_dir.name
+    return f"{summary.run_dir}: {values}" if values else str(summary.run_dir)
 
 
 def held_out_kl(summary: RunSummary) -> tuple[float, float] | None:
@@ -412,6 +413,15 @@ def _check_comparison_target(out: Path, run_dirs: list[Path]) -> None:
         if run_dir.resolve() in seen:
             raise PipelineError(f"{run_dir} is given twice; give each run once")
         seen.add(run_dir.resolve())
+    target = out.resolve()
+    inside = next((run for run in run_dirs if target.is_relative_to(run.resolve())), None)
+    if inside is not None:
+        raise PipelineError(
+            f"--out {out} is inside the run folder {inside}, which a comparison only reads: "
+            "write it elsewhere"
+        )
+    if out.is_dir():
+        raise PipelineError(f"--out {out} is a folder; give the path of a .png file")
     _refuse_unless_ours(out, _is_our_plot, "choose another --out")
     if not out.parent.is_dir():
         raise PipelineError(f"--out {out}: folder {out.parent} does not exist")

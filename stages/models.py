@@ -736,8 +736,12 @@ def output_layer(model: Any, tokens: mx.array) -> OutputLayer | None:
         output = OutputLayer(backbone, embedding, embedding.as_linear)
     else:
         return None
-    whole, split = model(tokens), output.head(output.backbone(tokens))
-    return output if whole.shape == split.shape and mx.array_equal(whole, split).item() else None
+    try:
+        whole, split = model(tokens), output.head(output.backbone(tokens))
+        same = whole.shape == split.shape and mx.array_equal(whole, split).item()
+    except (TypeError, ValueError, AttributeError):  # a backbone that wants more, or returns more
+        return None
+    return output if same else None
 
 
 @functools.cache

@@ -271,7 +271,15 @@ def _first_difference(saved: Any, settings: dict[str, Any]) -> str:
     """' (tune.NAME was X, now Y)' for the first setting that differs from the saved ones."""
     saved = saved if isinstance(saved, dict) else {}
     name = next((k for k, v in settings.items() if k in saved and saved[k] != v), None)
-    return "" if name is None else f" (tune.{name} was {saved[name]!r}, now {settings[name]!r})"
+    if name is not None:
+        return f" (tune.{name} was {saved[name]!r}, now {settings[name]!r})"
+    # A setting only one side keys (a newer or older version's run): name it too.
+    name = next((k for k in {**saved, **settings} if (k in saved) != (k in settings)), None)
+    if name is None:
+        return ""
+    was = repr(saved[name]) if name in saved else "not part of the run's key"
+    now = repr(settings[name]) if name in settings else "not part of the run's key"
+    return f" (tune.{name} was {was}, now {now})"
 
 
 def load_checkpoint(

@@ -117,12 +117,18 @@ def test_the_model_splits_before_its_output_layer(model_type, tied):
 
 def test_a_model_whose_output_is_not_its_head_is_only_called_whole():
     """A model that changes its head's output (a logit scale, a soft cap) is not split."""
+    tokens = mx.array([[1, 2, 3]])
     model = deep_student()
     model.__class__ = type("ScaledLogits", (type(model),), {"__call__": _scaled_call})
-    assert output_layer(model, mx.array([[1, 2, 3]])) is None
-    del model.lm_head  # neither an lm_head nor a tied embedding to call
-    model.model.embed_tokens = None
-    assert output_layer(deep_student().model, mx.array([[1, 2, 3]])) is None
+    assert output_layer(model, tokens) is None
+    assert output_layer(deep_student().model, tokens) is None  # no backbone called `model`
+    untied = deep_student()
+    del untied.lm_head  # neither an lm_head nor a tied embedding to call
+    untied.model.embed_tokens = None
+    assert output_layer(untied, tokens) is None
+    odd = deep_student()
+    odd.model = lambda tokens: (tokens, None)  # a backbone that returns more than states
+    assert output_layer(odd, tokens) is None
 
 
 def _scaled_call(self, inputs, *args, **kwargs):

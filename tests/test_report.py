@@ -165,8 +165,8 @@ def test_several_runs_are_compared_on_one_plot_and_only_read(run_dir, tmp_path):
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     rate = json.loads((run_dir / "tune_config.json").read_text())["learning_rate"]
     assert labels[:2] == [
-        f"{run_dir.name}: learning_rate {rate:g}, train_norms False",
-        "lower-lr: learning_rate 3e-05, train_norms True",
+        f"{run_dir}: learning_rate {rate:g}, train_norms False",
+        f"{other}: learning_rate 3e-05, train_norms True",
     ]
     (first, second) = [line.get_ydata() for line in ax.get_lines()[:2]]
     assert list(second) == pytest.approx([0.5 * y for y in first])
@@ -175,8 +175,10 @@ def test_several_runs_are_compared_on_one_plot_and_only_read(run_dir, tmp_path):
     assert rerun.returncode == 0, rerun.stderr  # its own plot is replaced
 
 
-def test_a_setting_an_older_run_did_not_record_counts_as_its_default(run_dir, tmp_path):
-    from pipeline.report import differing_settings
+def test_a_setting_an_older_run_did_not_record_counts_as_it_ran(run_dir, tmp_path):
+    """At its default; a lever (tune.init among them) off: before the levers runs started
+    from RTN."""
+    from pipeline.report import differing_settings, setting_values
 
     older = _copy_with(run_dir, tmp_path / "older", 1.0)
     config = json.loads((older / "tune_config.json").read_text())
@@ -184,6 +186,11 @@ def test_a_setting_an_older_run_did_not_record_counts_as_its_default(run_dir, tm
         del config[newer_setting]
     (older / "tune_config.json").write_text(json.dumps(config))
     assert differing_settings([summarize(run_dir), summarize(older)]) == []
+    del config["init"]
+    (older / "tune_config.json").write_text(json.dumps(config))
+    runs = [summarize(run_dir), summarize(older)]
+    assert differing_settings(runs) == ["init"]
+    assert setting_values(runs[1], ["init"]) == "init rtn"
 
 
 @pytest.mark.parametrize(
@@ -194,20 +201,26 @@ def test_a_setting_an_older_run_did_not_record_counts_as_its_default(run_dir, tm
         (["--out", "{tmp}/mine.png"], "was not written by `dwq-pipeline report`"),
         (["--out", "{tmp}/no/such/folder/c.png"], "does not exist"),
         (["{run}", "--out", "{tmp}/c.png"], "is given twice"),
+        (["--out", "{tmp}/runs/other/report.png"], "inside the run folder"),
+        (["--out", "{tmp}/runs/other/checkpoint/c.png"], "inside the run folder"),
+        (["--out", "{tmp}/runs"], "give a path ending in .png"),
+        (["--out", "{tmp}/folder.png"], "is a folder"),
     ],
 )
 def test_a_comparison_that_cannot_be_written_is_refused_in_one_line(
     run_dir, tmp_path, extra, message
 ):
     other = _copy_with(run_dir, tmp_path / "runs" / "other", 1.0, seed=7)
+    (other / "report.png").write_bytes(b"\x89PNG Software\x00dwq-pipeline report: its own plot")
+    (tmp_path / "folder.png").mkdir()
     mine = tmp_path / "mine.png"
     mine.write_bytes(b"\x89PNG the user's own picture")
+    before = {run: _files(run) for run in (run_dir, other, tmp_path)}
     args = [a.format(tmp=tmp_path, run=run_dir) for a in extra]
     result = run_cli("report", str(run_dir), str(other), *args)
     assert result.returncode == 2, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert mine.read_bytes() == b"\x89PNG the user's own picture"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "runs"]
+    assert {run: _files(run) for run in (run_dir, other, tmp_path)} == before
 
 
 def test_out_with_one_run_is_refused(run_dir, tmp_path):

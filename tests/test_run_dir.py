@@ -156,3 +156,19 @@ def test_tune_keeps_a_users_files_in_model_and_checkpoint(tmp_path):
         save_model(tmp_path, lambda to: (to.mkdir(), (to / "config.json").write_text("{}")))
     kept = [p.read_text() for p in tmp_path.rglob("my_notes.txt")]
     assert kept == ["mine"]  # (moved aside into model.old by the first swap)
+
+
+def test_a_refused_resume_names_a_setting_only_one_run_keys(tmp_path):
+    """A checkpoint whose key holds a setting this run's does not (another version's) is refused
+    naming it, not with a bare "other settings"."""
+    from stages.run_dir import refuse_other_run
+
+    state = {
+        "store": "s",
+        "resume_key": "old",
+        "settings": {"mode": "mxfp4", "learning_rate": 1e-4},
+    }
+    with pytest.raises(StageError, match=r"tune.learning_rate was 0.0001, now not part of the run"):
+        refuse_other_run(tmp_path, state, "new", "s", {"mode": "mxfp4"})
+    with pytest.raises(StageError, match=r"tune.mode was 'mxfp4', now 'nvfp4'"):
+        refuse_other_run(tmp_path, state, "new", "s", {"mode": "nvfp4"})

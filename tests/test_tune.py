@@ -178,7 +178,9 @@ def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
         np.testing.assert_allclose(fast[name], slow[name], rtol=2e-3, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("levers", [{}, {"learned_rounding": True, "train_norms": True}])
+@pytest.mark.parametrize(
+    "levers", [{}, {"learned_rounding": True, "train_norms": True}, {"loss": "kl_topk"}]
+)
 @pytest.mark.parametrize("logits_per_chunk", [None, 1], ids=["one chunk", "a position a chunk"])
 def test_grad_checkpoint_tunes_the_same_weights(
     tiny_store, tmp_path, levers, logits_per_chunk, monkeypatch
