@@ -7,7 +7,7 @@ the same matmul path (dequantize + BLAS), at 4-bit and 3-bit group 64:
 - RTN: the teacher quantized round-to-nearest (mlx-lm's `quantize_model`), not tuned;
 - ours: `tune` with configs/default.yaml's settings;
 - ours with each of LEVERS (a quality lever switched on alone, or an earlier default's
-  settings), every seed;
+  settings), every seed, or the first only for FIRST_SEED_LEVERS (CPU time);
 - mlx-lm: `dwq_quantize` with its optimizer as its command builds it (bias-corrected Adam,
   constant rate, T=2) at each learning rate of a sweep, in two rounds: every rate with the first
   seed, then the FINALISTS rates with the lowest validation KL get every other seed; its best
@@ -105,6 +105,7 @@ LEVERS = {
     "+train_norms": {"train_norms": True},
     "+learned_rounding": {"learned_rounding": True},
 }
+FIRST_SEED_LEVERS = ("+train_norms", "+learned_rounding")
 PROBE_STEPS = 2  # a peak-memory probe's steps
 OURS_SWEEP = {
     "lr 2e-5": {"learning_rate": 2e-5},
@@ -226,7 +227,16 @@ def run_each(cache: RunCache, base, jobs: dict[str, Callable[[], tuple]]) -> tup
 
 
 def our_jobs(
-    config, tmp: Path, bits: int, group_size: int, base, setup: float, steps: int, cache, **extra
+    config,
+    tmp: Path,
+    bits: int,
+    group_size: int,
+    base,
+    setup: float,
+    steps: int,
+    cache,
+    seeds: tuple[int, ...] = SEEDS,
+    **extra,
 ):
     """`tune` with the default settings (changed by `extra`), once per seed: (jobs by name,
     names by seed). With validation at start and end only, the saved model is the final one
@@ -247,7 +257,7 @@ def our_jobs(
         )
 
     names, jobs = {}, {}
-    for seed in SEEDS:
+    for seed in seeds:
         tune_config = our_settings(config, bits, group_size, seed, **extra)
         names[seed] = our_run_name(tune_config, cache)
         jobs[names[seed]] = functools.partial(job, tune_config, tmp / names[seed])
@@ -303,7 +313,10 @@ def lever_runs(config, quantization, base, setup, steps, cache, tmp) -> tuple[di
     bits, group_size = quantization
     jobs, names = {}, {}
     for label, extra in LEVERS.items():
-        more, by_seed = our_jobs(config, tmp, bits, group_size, base, setup, steps, cache, **extra)
+        seeds = SEEDS[:1] if label in FIRST_SEED_LEVERS else SEEDS
+        more, by_seed = our_jobs(
+            config, tmp, bits, group_size, base, setup, steps, cache, seeds, **extra
+        )
         jobs |= more
         names[label] = by_seed
     runs, done = run_each(cache, base, jobs)
@@ -465,7 +478,7 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
     students |= {f"mlx-lm {seed}": theirs[best][seed].params for seed in SEEDS}
     for label, by_seed in levers.items():
         students |= {f"{label} {seed}": run.params for seed, run in by_seed.items()}
-    scored = 1 + (2 + len(LEVERS)) * len(SEEDS), 1 + (2 + len(LEVERS)) * len(FULL_SEEDS)
+    scored = len(students), 1 + (2 + len(LEVERS)) * len(FULL_SEEDS)
     with clock.part(len(test) * seq_len * scored[0], full[3] * full[1] * scored[1]):
         test_scores = score(teacher, base, students, test)
     return {
@@ -523,7 +536,12 @@ def full_budget() -> tuple[int, int, int, int]:
 
 
 def side(result: dict, prefix: str, field: str) -> list[float]:
-    return [result["scores"][f"{prefix} {seed}"][field] for seed in SEEDS]
+    """`field` of every seed scored for the row `prefix`."""
+    return [
+        result["scores"][f"{prefix} {seed}"][field]
+        for seed in SEEDS
+        if f"{prefix} {seed}" in result["scores"]
+    ]
 
 
 def table(result: dict, budget: tuple[int, int, int]) -> Table:
@@ -555,7 +573,8 @@ def table(result: dict, budget: tuple[int, int, int]) -> Table:
     students = [("ours, default settings", "ours", ours_rate, result["ours_seconds"])]
     for label, lever in result["levers"].items():
         rate = lever["settings"].get("learning_rate", ours_rate)
-        students.append((f"ours, {label}", label, rate, lever["seconds"]))
+        seeds = "" if len(lever["seconds"]) == len(SEEDS) else ", first seed only"
+        students.append((f"ours, {label}{seeds}", label, rate, lever["seconds"]))
     students.append(("mlx-lm, best lr", "mlx-lm", float(best), result["mlx_lm_seconds"][best]))
     for label, prefix, rate, seconds in students:
         kls = side(result, prefix, "kl")
