@@ -539,9 +539,11 @@ def print_predictions() -> None:
 # ---- the benchmark --------------------------------------------------------------------------
 
 
-def measure_model(name: str, config: dict, tmp: Path, clock: FullTime) -> list[dict]:
+def measure_model(
+    name: str, config: dict, tmp: Path, clock: FullTime, ours_only: bool = False
+) -> list[dict]:
     """Every run of one model: ours (checkpointed, short and long; short unchecked), mlx-lm
-    online and offline at the short length. Returns one row per run."""
+    online and offline at the short length (not with `ours_only`). Returns one row per run."""
     full = list(FULL_MODELS.values())[list(MEASURED).index(name)]
     teacher = build_model_folder(tmp / "teacher", config)
     student = save_student(teacher, tmp / "student")
@@ -552,7 +554,9 @@ def measure_model(name: str, config: dict, tmp: Path, clock: FullTime) -> list[d
         job["teacher"], job["target_dir"] = str(teacher), str(tmp / f"mlx-targets-{seq_len}")
         runs = [("ours", True)]
         if seq_len == SHORT:
-            runs += [("ours", False), ("mlx-lm online", False), ("mlx-lm targets", False)]
+            runs += [("ours", False)]
+        if seq_len == SHORT and not ours_only:
+            runs += [("mlx-lm online", False), ("mlx-lm targets", False)]
             runs += [("mlx-lm offline", False), ("mlx-lm offline", True)]
         full_len = {SHORT: 256, LONG: 1024}[seq_len]
         for kind, checkpointed in runs:
@@ -611,8 +615,14 @@ def ratios(rows: list[dict]) -> list[Ratio]:
 
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
+        theirs_measured = any(r["run"] != "ours" for r in rows if r["model"] == model)
         for measure, label in (("mlx_gb", "MLX peak GB"), ("rss_gb", "peak RSS GB")):
             ours = peak(model, "ours", SHORT, measure, True)
+            long = peak(model, "ours", LONG, measure, True)
+            what = f"{label} at {LONG} vs {SHORT} tokens, {model}"
+            out.append(Ratio("memory", what, ours, long, "<= 1.5"))
+            if not theirs_measured:
+                continue
             at = f"{model}, {BATCH}x{SHORT}"
             for run, goal in (("mlx-lm online", "<= 0.6"), ("mlx-lm offline", "<= 1.0")):
                 theirs = peak(model, run, SHORT, measure)
@@ -620,18 +630,22 @@ def ratios(rows: list[dict]) -> list[Ratio]:
             theirs = peak(model, "mlx-lm offline", SHORT, measure, True)
             what = f"{label} vs mlx-lm offline --grad-checkpoint, {at}"
             out.append(Ratio("memory", what, theirs, ours, "<= 1.0"))
-            long = peak(model, "ours", LONG, measure, True)
-            what = f"{label} at {LONG} vs {SHORT} tokens, {model}"
-            out.append(Ratio("memory", what, ours, long, "<= 1.5"))
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="peak memory of tune against mlx-lm's DWQ")
+    parser.add_argument(
+        "--ours-only", action="store_true", help="only our runs (mlx-lm's figures unchanged)"
+    )
+    args = parser.parse_args(argv)
     clock = FullTime("memory")
     rows = []
     for name, config in MEASURED.items():
         with tempfile.TemporaryDirectory() as tmp:
-            rows += measure_model(name, config, Path(tmp), clock)
+            rows += measure_model(name, config, Path(tmp), clock, args.ours_only)
     print_runs(rows)
     print_predictions()
     report(f"memory: tune vs mlx-lm's DWQ (one run; batch {BATCH}, {STEPS} steps)", ratios(rows))
@@ -640,7 +654,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3:
+    if len(sys.argv) == 3 and sys.argv[1] in RUNS:
         _child(sys.argv[1], sys.argv[2])
     else:
         main()
