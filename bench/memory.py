@@ -553,10 +553,8 @@ def measure_model(
         job = {"store": str(store), "student": str(student), "seq_len": seq_len}
         job["teacher"], job["target_dir"] = str(teacher), str(tmp / f"mlx-targets-{seq_len}")
         runs = [("ours", True)]
-        if seq_len == SHORT:
-            runs += [("ours", False)]
         if seq_len == SHORT and not ours_only:
-            runs += [("mlx-lm online", False), ("mlx-lm targets", False)]
+            runs += [("ours", False), ("mlx-lm online", False), ("mlx-lm targets", False)]
             runs += [("mlx-lm offline", False), ("mlx-lm offline", True)]
         full_len = {SHORT: 256, LONG: 1024}[seq_len]
         for kind, checkpointed in runs:
@@ -638,7 +636,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="peak memory of tune against mlx-lm's DWQ")
     parser.add_argument(
-        "--ours-only", action="store_true", help="only our runs (mlx-lm's figures unchanged)"
+        "--ours-only",
+        action="store_true",
+        help="only our checkpointed runs, short and long (mlx-lm's figures unchanged)",
     )
     args = parser.parse_args(argv)
     clock = FullTime("memory")
