@@ -787,11 +787,12 @@ class _Trainer:
         if self.output is None:
             return self.position_loss(self.model(tokens), *targets)
         hidden = self.output.backbone(tokens)
+        weight = self.output.weight()
         chunk = max(1, LOGITS_PER_CHUNK // (hidden.shape[0] * self.shape.vocab_size))
         total = mx.array(0.0)
         for start in range(0, hidden.shape[1], chunk):
             part = [None if t is None else t[:, start : start + chunk] for t in targets]
-            total = total + self.chunk_loss(hidden[:, start : start + chunk], *part)
+            total = total + self.chunk_loss(hidden[:, start : start + chunk], *part, weight)
         return total
 
     def position_loss(self, logits, teacher_topk, indices, teacher_tail, mask):
@@ -803,17 +804,19 @@ class _Trainer:
         per_position = self.loss_fn(student_topk, student_tail, teacher_topk, teacher_tail, t)
         return (per_position * mask).sum()
 
-    def chunk_loss(self, hidden, teacher_topk, indices, teacher_tail, mask):
-        """position_loss of the output layer on `hidden`, recomputed in the backward pass."""
+    def chunk_loss(self, hidden, teacher_topk, indices, teacher_tail, mask, weight):
+        """position_loss of the output layer on `hidden`, recomputed in the backward pass (with
+        the head's built `weight` when it has one: an input, so built once for all chunks)."""
         output = self.output
 
-        def loss(h, *targets):  # mx.checkpoint takes arrays only (no tail: not passed)
-            fixed = [mx.stop_gradient(t) for t in targets]  # no gradient towards the indices
-            top, idx, *tail, m = fixed
-            return self.position_loss(output.head(h), top, idx, tail[0] if tail else None, m)
+        def loss(h, *inputs):  # mx.checkpoint takes arrays only: None inputs are not passed
+            *targets, w = inputs if weight is not None else (*inputs, None)
+            top, idx, *tail, m = [mx.stop_gradient(t) for t in targets]  # no index gradient
+            logits = output.head(h) if w is None else output.project(h, w)
+            return self.position_loss(logits, top, idx, tail[0] if tail else None, m)
 
-        targets = [t for t in (teacher_topk, indices, teacher_tail, mask) if t is not None]
-        return nn.utils.checkpoint(output.module, loss)(hidden, *targets)
+        inputs = [t for t in (teacher_topk, indices, teacher_tail, mask, weight) if t is not None]
+        return nn.utils.checkpoint(output.module, loss)(hidden, *inputs)
 
     def global_tokens(self, split: str, batches: list[list[int]]) -> float:
         seqs = self.sequences[split]
