@@ -381,17 +381,6 @@ LOGIT_COPIES = {True: 2, False: 4}  # by tied head
 ATTENTION_COPIES, UNCHECKPOINTED_FACTOR = 1, 6
 
 
-def logit_values(shape: Shape, batch: int, seq_len: int, grad_checkpoint: bool) -> int:
-    """Logits held at once: with checkpointing tune computes the output layer and loss a chunk
-    of positions at a time (stages/tune.py's LOGITS_PER_CHUNK)."""
-    from stages.tune import LOGITS_PER_CHUNK
-
-    positions = seq_len
-    if grad_checkpoint:
-        positions = min(seq_len, max(1, LOGITS_PER_CHUNK // (batch * shape.vocab)))
-    return batch * positions * shape.vocab
-
-
 def predicted_terms(
     shape: Shape,
     batch: int,
@@ -416,9 +405,8 @@ def predicted_terms(
       only the weight gradients, in the compute dtype, of the head and of one block;
     - activations: with checkpointing one float32 hidden state per block and one block's
       internals recomputed at a time; without it every block's internals;
-    - the logits, float32, LOGIT_COPIES of them: with checkpointing those of one chunk of
-      positions (tune's LOGITS_PER_CHUNK), without it the whole batch's; the decoded targets
-      (top-k logits and indices, float32/int32) of the batch in use and the two prefetched.
+    - the logits, float32, LOGIT_COPIES of them; the decoded targets (top-k logits and indices,
+      float32/int32) of the batch in use and the two prefetched.
     """
     tokens = batch * seq_len
     weights = shape.quantized_weights
@@ -438,7 +426,7 @@ def predicted_terms(
         activations = 4 * shape.layers * tokens * shape.hidden + internals
     else:
         activations = shape.layers * (UNCHECKPOINTED_FACTOR * 4 * shape.block_activations(tokens))
-    logits = LOGIT_COPIES[shape.tied] * 4 * logit_values(shape, batch, seq_len, grad_checkpoint)
+    logits = LOGIT_COPIES[shape.tied] * 4 * tokens * shape.vocab
     targets = 3 * tokens * top_k * 8
     return {
         "student": student,

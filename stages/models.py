@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -709,52 +708,6 @@ def checkpoint_blocks(model: Any) -> int:
         if not getattr(type(block), "_checkpointed", False):
             block.__class__ = _checkpointed_class(type(block))
     return len(blocks)
-
-
-@dataclass(frozen=True)
-class OutputLayer:
-    """A model split before its output layer: model(x) == head(backbone(x)), as mlx-lm's
-    models are (`model.model`, then `lm_head` or the tied embedding's `as_linear`)."""
-
-    backbone: Callable[[mx.array], mx.array]
-    module: Any  # the module holding the head's parameters
-    head: Callable[[mx.array], mx.array]
-
-    def weight(self) -> mx.array | None:
-        """The head's weight as it computes with it, when it builds one (dequantized on the CPU
-        fast path, from latents or rounding offsets): build it once and use it in every chunk
-        with `project`, rather than once per chunk (a 150k x 1k float32 weight is 0.6 GB)."""
-        build = getattr(self.module, "_weight", None)
-        return build() if build is not None else None
-
-    def project(self, hidden: mx.array, weight: mx.array) -> mx.array:
-        """The head applied to `hidden` with its built `weight` (and a Linear head's bias)."""
-        logits = hidden @ weight.T
-        is_linear = self.module is not getattr(self.backbone, "embed_tokens", None)
-        return logits + self.module["bias"] if is_linear and "bias" in self.module else logits
-
-
-def output_layer(model: Any, tokens: mx.array) -> OutputLayer | None:
-    """The model split before its output layer, when that split computes exactly what the
-    whole model does on `tokens`; None for a model built otherwise (a scaled or capped output,
-    say), which is then only ever called whole."""
-    backbone = getattr(model, "model", None)
-    if not callable(backbone):
-        return None
-    lm_head = getattr(model, "lm_head", None)
-    embedding = getattr(backbone, "embed_tokens", None)
-    if lm_head is not None:
-        output = OutputLayer(backbone, lm_head, lm_head)
-    elif embedding is not None and hasattr(embedding, "as_linear"):
-        output = OutputLayer(backbone, embedding, embedding.as_linear)
-    else:
-        return None
-    try:
-        whole, split = model(tokens), output.head(output.backbone(tokens))
-        same = whole.shape == split.shape and mx.array_equal(whole, split).item()
-    except (TypeError, ValueError, AttributeError):  # a backbone that wants more, or returns more
-        return None
-    return output if same else None
 
 
 @functools.cache

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -49,7 +48,6 @@ from stages.models import (
     checkpoint_blocks,
     is_trainable_quantized,
     load_model,
-    output_layer,
     output_size,
     quantization_of,
     quantize_student,
@@ -108,10 +106,6 @@ TUNE_LIMITS = {
 }
 
 MLX_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
-# With grad_checkpoint: at most this many logits (batch x positions x vocabulary) at a time,
-# 64 MB in float32 (~110 positions of a 150k vocabulary).
-LOGITS_PER_CHUNK = 1 << 24
-CHECK_POSITIONS = 16  # the sequence that checks the model's split before its output layer
 
 
 @dataclass
@@ -740,10 +734,6 @@ class _Trainer:
         self.t_index = _temperature_index(reader, config)
         self.sequences = {split: reader.sequences(split) for split in reader.manifest.splits}
         self.loss_fn = LOSSES[config.loss]
-        self.output = None
-        if config.grad_checkpoint:  # checked on a stored sequence
-            first = mx.array(self.sequences["valid"]["tokens"][:1, :CHECK_POSITIONS])
-            self.output = output_layer(self.model, first)
         self.batches_per_epoch = len(self.plan_of_epoch(0))
         self.model_dtypes = {k: v.dtype for k, v in tree_flatten(self.model.trainable_parameters())}
         self.value_and_grad = mx.value_and_grad(
@@ -778,45 +768,15 @@ class _Trainer:
     def batch_inputs(self, split: str, rows: list[int], targets: dict[str, np.ndarray]):
         return _batch_arrays(self.sequences[split], rows, targets, self.t_index)
 
-    def summed_loss(self, params, tokens, *targets):
-        """The loss summed over the batch's positions (targets: teacher top-k, indices, tail or
-        None, mask). With grad_checkpoint the output layer and loss run a few positions at a
-        time, each recomputed in the backward pass: the logits, batch x positions x vocabulary
-        floats, are never held whole (at a 150k vocabulary they outgrow a small student)."""
+    def summed_loss(self, params, tokens, teacher_topk, indices, teacher_tail, mask):
         self.model.update(params)
-        if self.output is None:
-            return self.position_loss(self.model(tokens), *targets)
-        hidden = self.output.backbone(tokens)
-        weight = self.output.weight()
-        chunk = max(1, LOGITS_PER_CHUNK // (hidden.shape[0] * self.shape.vocab_size))
-        total = mx.array(0.0)
-        for start in range(0, hidden.shape[1], chunk):
-            part = [None if t is None else t[:, start : start + chunk] for t in targets]
-            total = total + self.chunk_loss(hidden[:, start : start + chunk], *part, weight)
-        return total
-
-    def position_loss(self, logits, teacher_topk, indices, teacher_tail, mask):
-        logits = logits.astype(mx.float32)
+        logits = self.model(tokens).astype(mx.float32)
         t = self.config.temperature
         student_topk = mx.take_along_axis(logits, indices, axis=-1)
         # kl_topk renormalises over the top-k alone and needs no tail
         student_tail = None if teacher_tail is None else tail_logsumexp(logits / t, indices)
         per_position = self.loss_fn(student_topk, student_tail, teacher_topk, teacher_tail, t)
         return (per_position * mask).sum()
-
-    def chunk_loss(self, hidden, teacher_topk, indices, teacher_tail, mask, weight):
-        """position_loss of the output layer on `hidden`, recomputed in the backward pass (with
-        the head's built `weight` when it has one: an input, so built once for all chunks)."""
-        output = self.output
-
-        def loss(h, *inputs):  # mx.checkpoint takes arrays only: None inputs are not passed
-            *targets, w = inputs if weight is not None else (*inputs, None)
-            top, idx, *tail, m = [mx.stop_gradient(t) for t in targets]  # no index gradient
-            logits = output.head(h) if w is None else output.project(h, w)
-            return self.position_loss(logits, top, idx, tail[0] if tail else None, m)
-
-        inputs = [t for t in (teacher_topk, indices, teacher_tail, mask, weight) if t is not None]
-        return nn.utils.checkpoint(output.module, loss)(hidden, *inputs)
 
     def global_tokens(self, split: str, batches: list[list[int]]) -> float:
         seqs = self.sequences[split]

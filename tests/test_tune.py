@@ -178,18 +178,8 @@ def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
         np.testing.assert_allclose(fast[name], slow[name], rtol=2e-3, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize(
-    "levers", [{}, {"learned_rounding": True, "train_norms": True}, {"loss": "kl_topk"}]
-)
-@pytest.mark.parametrize("logits_per_chunk", [None, 1], ids=["one chunk", "a position a chunk"])
-def test_grad_checkpoint_tunes_the_same_weights(
-    tiny_store, tmp_path, levers, logits_per_chunk, monkeypatch
-):
-    """Blocks recomputed, and the output layer and loss run a chunk of positions at a time."""
-    import stages.tune
-
-    if logits_per_chunk:
-        monkeypatch.setattr(stages.tune, "LOGITS_PER_CHUNK", logits_per_chunk)
+@pytest.mark.parametrize("levers", [{}, {"learned_rounding": True, "train_norms": True}])
+def test_grad_checkpoint_tunes_the_same_weights(tiny_store, tmp_path, levers):
     plain = tune(tune_config(tiny_store, tmp_path / "plain", max_steps=2, **levers))
     checkpointed = tune(
         tune_config(tiny_store, tmp_path / "ckpt", max_steps=2, grad_checkpoint=True, **levers)
