@@ -96,8 +96,6 @@ QUICK = {
 }
 SCORE_BATCH = 4
 NEVER = 10**9  # val_every / checkpoint_every: validate and checkpoint at start and end only
-# `--ours-sweep`: our settings besides the default, each tuned with every seed and scored on the
-# validation rows only, to choose our defaults the way mlx-lm's rate is chosen (never on test).
 # Rows beside our default in the main table: one setting changed at a time, every seed.
 LEVERS = {
     "lr 1e-4 (the default before)": {"learning_rate": 1e-4},
@@ -107,6 +105,8 @@ LEVERS = {
 }
 FIRST_SEED_LEVERS = ("+train_norms", "+learned_rounding")
 PROBE_STEPS = 2  # a peak-memory probe's steps
+# `--ours-sweep`: our settings besides the default, each tuned with every seed and scored on the
+# validation rows only, to choose our defaults the way mlx-lm's rate is chosen (never on test).
 OURS_SWEEP = {
     "lr 2e-5": {"learning_rate": 2e-5},
     "lr 5e-5": {"learning_rate": 5e-5},
@@ -308,17 +308,36 @@ def mlx_lm_probe(base, stored: StoredTargets, batch_size: int, rate: float, cach
     return peak + parameter_gb(base)
 
 
-def lever_runs(config, quantization, base, setup, steps, cache, tmp) -> tuple[dict, int]:
-    """Each of LEVERS with every seed: (runs by label and seed, runs done here)."""
+def variant_jobs(
+    config, quantization, base, setup, steps, cache, tmp, variants: dict, seeds_of=lambda _: SEEDS
+) -> tuple[dict, dict]:
+    """our_jobs for each labelled variant of our settings (label -> changed settings), with
+    `seeds_of(label)` seeds: (jobs by name, names by label and seed)."""
     bits, group_size = quantization
     jobs, names = {}, {}
-    for label, extra in LEVERS.items():
-        seeds = SEEDS[:1] if label in FIRST_SEED_LEVERS else SEEDS
+    for label, extra in variants.items():
         more, by_seed = our_jobs(
-            config, tmp, bits, group_size, base, setup, steps, cache, seeds, **extra
+            config, tmp, bits, group_size, base, setup, steps, cache, seeds_of(label), **extra
         )
         jobs |= more
         names[label] = by_seed
+    return jobs, names
+
+
+def lever_runs(config, quantization, base, setup, steps, cache, tmp) -> tuple[dict, int]:
+    """Each of LEVERS with every seed (the first only for FIRST_SEED_LEVERS): (runs by label and
+    seed, runs done here)."""
+    jobs, names = variant_jobs(
+        config,
+        quantization,
+        base,
+        setup,
+        steps,
+        cache,
+        tmp,
+        LEVERS,
+        lambda label: SEEDS[:1] if label in FIRST_SEED_LEVERS else SEEDS,
+    )
     runs, done = run_each(cache, base, jobs)
     by_label = {
         label: {seed: runs[n] for seed, n in by_seed.items()} for label, by_seed in names.items()
@@ -339,6 +358,10 @@ def parameter_gb(model) -> float:
     return sum(value.nbytes for _, value in tree_flatten(model.parameters())) / 1e9
 
 
+def mlx_lm_run_name(cache, rate: float, seed: int) -> str:
+    return f"mlx-lm-{cache.tag}-lr{rate:g}-seed{seed}"
+
+
 def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache) -> tuple:
     """mlx-lm's dwq_quantize from the RTN student at each (learning rate, seed) of `pairs`:
     (jobs by name, names by pair)."""
@@ -351,7 +374,7 @@ def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache
         )
         return base.parameters(), seconds, {"peak_gb": peak + parameter_gb(base)}
 
-    names = {pair: f"mlx-lm-{cache.tag}-lr{pair[0]:g}-seed{pair[1]}" for pair in pairs}
+    names = {pair: mlx_lm_run_name(cache, *pair) for pair in pairs}
     return {names[p]: functools.partial(job, *p) for p in pairs}, names
 
 
@@ -405,11 +428,7 @@ def our_sweep(
     (and the default) with every other seed."""
     bits, group_size = quantization
     variants = {"default": {}} | {label: OURS_SWEEP[label] for label in labels}
-    jobs, names = {}, {}
-    for label, extra in variants.items():
-        more, by_seed = our_jobs(config, tmp, bits, group_size, base, setup, steps, cache, **extra)
-        jobs |= more
-        names[label] = by_seed
+    jobs, names = variant_jobs(config, quantization, base, setup, steps, cache, tmp, variants)
 
     def run_and_score(labels, seeds) -> dict:
         wanted = {
@@ -519,7 +538,7 @@ def row_peaks(config, quantization, base, cache, stored, tmp, ours, levers, mlx_
         peaks[label] = row_peak(cache, run, our_run_name(settings, cache), probe)
     rate, run = mlx_lm
     probe = functools.partial(mlx_lm_probe, base, stored, config.tune.batch_size, rate, cache)
-    peaks["mlx-lm"] = row_peak(cache, run, f"mlx-lm-{cache.tag}-lr{rate:g}-seed{seed}", probe)
+    peaks["mlx-lm"] = row_peak(cache, run, mlx_lm_run_name(cache, rate, seed), probe)
     return peaks
 
 

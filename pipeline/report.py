@@ -314,16 +314,11 @@ def _recorded_or_default(settings: dict[str, Any]) -> dict[str, Any]:
     """A run's settings with the ones its version did not record yet as it ran them: a lever
     off (a run from before the levers started from RTN, as `starting_student` says), any other
     setting at its default."""
-    from dataclasses import MISSING, fields
+    from dataclasses import asdict
 
     from stages.tune import LEVERS_OFF, TuneConfig
 
-    defaults = {
-        f.name: f.default if f.default is not MISSING else f.default_factory()
-        for f in fields(TuneConfig)
-        if f.default is not MISSING or f.default_factory is not MISSING
-    }
-    return defaults | LEVERS_OFF | settings
+    return asdict(TuneConfig()) | LEVERS_OFF | settings
 
 
 def differing_settings(summaries: list[RunSummary]) -> list[str]:
@@ -369,7 +364,7 @@ def build_comparison(summaries: list[RunSummary]):
     from matplotlib.figure import Figure
 
     keys = differing_settings(summaries)
-    evaluated = [(s, held_out_kl(s)) for s in summaries if held_out_kl(s)]
+    evaluated = [(s, kl) for s in summaries if (kl := held_out_kl(s))]
     figure = Figure(figsize=(9, 8.5) if evaluated else (9, 5), dpi=120)
     ax = figure.add_subplot(2, 1, 1) if evaluated else figure.add_subplot()
     for summary in summaries:

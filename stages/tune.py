@@ -850,9 +850,7 @@ def _rate_setting(config: TuneConfig) -> str:
     return "tune.learning_rate" if config.mode == AFFINE else "tune.latent_lr"
 
 
-def _diverged(
-    step: int, checkpoint_step: int | None, run_dir: Path, rate: str = "tune.learning_rate"
-) -> StageError:
+def _diverged(step: int, checkpoint_step: int | None, run_dir: Path, rate: str) -> StageError:
     kept = (
         f"the last good checkpoint (step {checkpoint_step}) is kept in {run_dir}"
         if checkpoint_step is not None
