@@ -379,6 +379,21 @@ class Shape:
 # counted from the shapes.
 LOGIT_COPIES = {True: 2, False: 4}  # by tied head
 ATTENTION_COPIES, UNCHECKPOINTED_FACTOR = 1, 6
+# With grad_checkpoint tune runs the output layer and loss by chunks of positions
+# (stages/chunked_output.py): the head's weight and its gradient in float32, and about this
+# many float32 copies of one chunk's logits (measured, Qwen3-0.6B shape, 1x256: 0.37 GB over
+# the weight, its gradient and the hidden states for 64 MB chunks).
+CHUNK_LOGIT_COPIES = 6
+
+
+def logit_values(shape: Shape, batch: int, seq_len: int, grad_checkpoint: bool) -> int:
+    """Logits held at once: the whole batch's, or with grad_checkpoint one chunk's."""
+    from stages.chunked_output import LOGITS_PER_CHUNK
+
+    positions = seq_len
+    if grad_checkpoint:
+        positions = min(seq_len, max(1, LOGITS_PER_CHUNK // (batch * shape.vocab)))
+    return batch * positions * shape.vocab
 
 
 def predicted_terms(
@@ -397,15 +412,18 @@ def predicted_terms(
     - the student: packed weights, scales and biases in the compute dtype;
     - trained state: the float32 master scales and biases, their gradient and Adam's 2 moments
       (0.5 byte per weight at group size 64: as much as the 4-bit weights themselves);
-    - weights in the backward pass: on the CPU fast path (`fast_path`) every quantized weight is
-      dequantized to float32 in the forward; the head's (outside the blocks) is kept for the
-      backward pass and its float32 gradient is made there; without checkpointing every
-      block's dequantized weights are kept too (for a mixture-of-experts model every expert's),
-      with it one block's at a time with its gradient. Without the fast path (quantized_matmul)
-      only the weight gradients, in the compute dtype, of the head and of one block;
+    - weights in the backward pass: with checkpointing the head's weight and its gradient in
+      float32 (the output layer runs by chunks from its built weight); without it, on the CPU
+      fast path (`fast_path`) the head's dequantized float32 weight kept for the backward pass
+      and its float32 gradient (one more copy untied), and without the fast path
+      (quantized_matmul) only its gradient in the compute dtype. On the fast path every
+      quantized weight is dequantized to float32 in the forward: without checkpointing every
+      block's are kept (for a mixture-of-experts model every expert's), with it one block's at
+      a time with its gradient; off it one block's gradient in the compute dtype;
     - activations: with checkpointing one float32 hidden state per block and one block's
       internals recomputed at a time; without it every block's internals;
-    - the logits, float32, LOGIT_COPIES of them; the decoded targets (top-k logits and indices,
+    - the logits, float32: LOGIT_COPIES of the whole batch's, or with checkpointing
+      CHUNK_LOGIT_COPIES of one chunk's; the decoded targets (top-k logits and indices,
       float32/int32) of the batch in use and the two prefetched.
     """
     tokens = batch * seq_len
@@ -414,24 +432,31 @@ def predicted_terms(
     student = weights * bits / 8 + 2 * groups * compute_bytes
     trained = 4 * 2 * groups * 4
     head, block = shape.vocab * shape.hidden, shape.block_weights
-    if fast_path:
-        head_copies = 2 if shape.tied else 3
-        blocks = 2 * block if grad_checkpoint else (shape.layers + 1) * block
-        kept = 4 * (head_copies * head + blocks)
+    if grad_checkpoint:
+        kept_head = 2 * 4 * head
+    elif fast_path:
+        kept_head = (2 if shape.tied else 3) * 4 * head
     else:
-        kept = compute_bytes * (head + block)
+        kept_head = compute_bytes * head
+    if fast_path:
+        kept_blocks = 4 * (2 * block if grad_checkpoint else (shape.layers + 1) * block)
+    else:
+        kept_blocks = compute_bytes * block
     attention = ATTENTION_COPIES * 4 * batch * shape.heads * seq_len * seq_len
     internals = 4 * shape.block_activations(tokens) + attention
     if grad_checkpoint:
         activations = 4 * shape.layers * tokens * shape.hidden + internals
     else:
         activations = shape.layers * (UNCHECKPOINTED_FACTOR * 4 * shape.block_activations(tokens))
-    logits = LOGIT_COPIES[shape.tied] * 4 * tokens * shape.vocab
+    values = logit_values(shape, batch, seq_len, grad_checkpoint)
+    copies = CHUNK_LOGIT_COPIES if grad_checkpoint else LOGIT_COPIES[shape.tied]
+    logits = copies * 4 * values
     targets = 3 * tokens * top_k * 8
     return {
         "student": student,
         "trained": trained,
-        "weights": kept,
+        "head weights": kept_head,
+        "block weights": kept_blocks,
         "activations": activations,
         "logits": logits,
         "targets": targets,
@@ -439,8 +464,15 @@ def predicted_terms(
 
 
 def predicted_peak(shape: Shape, batch: int, seq_len: int, **settings) -> float:
-    """Predicted peak bytes of a tune step: the sum of `predicted_terms`."""
-    return sum(predicted_terms(shape, batch, seq_len, **settings).values())
+    """Predicted peak bytes of a tune step: the sum of `predicted_terms`; with grad_checkpoint
+    the output layer's chunks (head weights, logits) and the blocks' backward pass (block
+    weights, activations) run one after the other, and the larger of the two counts."""
+    terms = predicted_terms(shape, batch, seq_len, **settings)
+    if not settings.get("grad_checkpoint", True):
+        return sum(terms.values())
+    output_layer = terms.pop("head weights") + terms.pop("logits")
+    blocks = terms.pop("block weights") + terms.pop("activations")
+    return sum(terms.values()) + max(output_layer, blocks)
 
 
 # Real models, their config.json dimensions (Hugging Face, Qwen/... and meta-llama/...).
@@ -498,8 +530,9 @@ def prediction_table() -> list[dict]:
         shape = Shape.of(config)
         row: dict = {"model": name, "weights_b": shape.quantized_weights / 1e9}
         for batch, seq_len in PREDICTED_BATCHES:
-            terms = predicted_terms(shape, batch, seq_len, fast_path=False, compute_bytes=2)
-            row[f"gpu_{batch}x{seq_len}_gb"] = sum(terms.values()) / 1e9
+            gpu = {"fast_path": False, "compute_bytes": 2}
+            terms = predicted_terms(shape, batch, seq_len, **gpu)
+            row[f"gpu_{batch}x{seq_len}_gb"] = predicted_peak(shape, batch, seq_len, **gpu) / 1e9
             row[f"gpu_{batch}x{seq_len}_terms_gb"] = {k: v / 1e9 for k, v in terms.items()}
         row["cpu_4x1024_gb"] = predicted_peak(shape, 4, 1024, fast_path=True) / 1e9
         rows.append(row)

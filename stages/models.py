@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,12 +588,14 @@ def _check_cpu_experts(model: Any) -> None:
             )
 
 
-def dequantized_weight(module: Any) -> mx.array:
-    """A quantized layer's weight in floating point (its scales' dtype), as mlx dequantizes it."""
+def dequantized_weight(module: Any, rows: mx.array | None = None) -> mx.array:
+    """A quantized layer's weight in floating point (its scales' dtype), as mlx dequantizes it;
+    only `rows` of it when given (quantization groups run along rows)."""
+    pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
     return mx.dequantize(
-        module["weight"],
-        module["scales"],
-        module.get("biases"),
+        pick(module["weight"]),
+        pick(module["scales"]),
+        pick(module.get("biases")),
         group_size=module.group_size,
         bits=module.bits,
         mode=module.mode,
@@ -605,8 +608,8 @@ class _DequantizedMatmul:
     On CPU, MLX's quantized_matmul runs at ~3 GFLOPS while dequantize + float32 GEMM uses the fast
     BLAS; mx.dequantize is differentiable in scales and biases, so gradients are the same."""
 
-    def _weight(self) -> mx.array:
-        return dequantized_weight(self)
+    def _weight(self, rows: mx.array | None = None) -> mx.array:
+        return dequantized_weight(self, rows)
 
 
 class LinearFromWeight:
@@ -708,6 +711,67 @@ def checkpoint_blocks(model: Any) -> int:
         if not getattr(type(block), "_checkpointed", False):
             block.__class__ = _checkpointed_class(type(block))
     return len(blocks)
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """A model split before its output layer, as mlx-lm's models are: the backbone
+    (`model.model`) gives hidden states, the head (`lm_head`, or the tied embedding used as a
+    linear layer) multiplies them by its weight."""
+
+    backbone: Callable[[mx.array], mx.array]
+    module: Any  # the module holding the head's parameters
+    name: str  # its path in the model, as parameter names start
+
+    def weight(self, rows: mx.array | None = None) -> mx.array:
+        """The head's weight (or its `rows`) as it computes with it: built (dequantized on the
+        CPU fast path, from latents or rounding offsets) by the classes that build one, else
+        dequantized, else the float weight."""
+        build = getattr(self.module, "_weight", None)
+        if build is not None:
+            return build(rows)
+        if "scales" in self.module:
+            return dequantized_weight(self.module, rows)
+        return self.module.weight if rows is None else self.module.weight[rows]
+
+    def weight_shape(self) -> tuple[int, int]:
+        """(vocabulary, hidden size) of the weight `weight` builds."""
+        return self.module["weight"].shape[0], self.weight(mx.array([0])).shape[-1]
+
+    def project(self, hidden: mx.array, weight: mx.array) -> mx.array:
+        """The logits (stages/chunked_output.py takes their gradients through this by hand)."""
+        return hidden @ weight.T
+
+
+def output_layer(model: Any, tokens: mx.array) -> OutputLayer | None:
+    """The model split before its output layer, when that split computes what the whole model
+    does on `tokens` (to the rounding of a dequantized weight); None for a model built otherwise
+    (a scaled or capped output, a head with a bias), which is then only ever called whole."""
+    backbone = getattr(model, "model", None)
+    if not callable(backbone):
+        return None
+    lm_head = getattr(model, "lm_head", None)
+    embedding = getattr(backbone, "embed_tokens", None)
+    if lm_head is None and not hasattr(embedding, "as_linear"):
+        return None
+    module, name = (embedding, "model.embed_tokens") if lm_head is None else (lm_head, "lm_head")
+    if not hasattr(module, "parameters") or "bias" in module.parameters():
+        return None
+    output = OutputLayer(backbone, module, name)
+    try:
+        whole = model(tokens)
+        hidden = output.backbone(tokens)
+        split = output.project(hidden.astype(mx.float32), output.weight().astype(mx.float32))
+    except (TypeError, ValueError, AttributeError):  # a backbone that wants more, or returns more
+        return None
+    if whole.shape != split.shape:
+        return None
+    # The split computes in float32 (as tune's chunks do). A model in a 16-bit dtype, through
+    # quantized_matmul, rounds its logits by a few % of their range: the check is then only
+    # as fine as that, which still sees a scaled or capped output.
+    tolerance = (1e-4 if whole.dtype == mx.float32 else 1e-1) * (mx.abs(whole).max().item() + 1e-6)
+    difference = mx.abs(whole.astype(mx.float32) - split).max().item()
+    return output if difference <= tolerance else None
 
 
 @functools.cache

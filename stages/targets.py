@@ -239,7 +239,7 @@ def topk_targets(
 
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
-    indices = np.argpartition(logits, -top_k, axis=-1)[..., -top_k:]
+    indices = _top_k_indices(logits, top_k)
     values = np.take_along_axis(logits, indices, axis=-1)
     as_read = logits_as_read(values, logits_dtype, logit_step)
     shifts = [
@@ -255,26 +255,69 @@ def topk_targets(
     }
 
 
+# Vocabulary columns per argpartition: a row of 49,152 float32 (192 KB) stays in cache, where
+# one of 151,936 does not and partitions 3-4x slower per value (measured here).
+TOP_K_BLOCK = 49152
+
+
+def _top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest logits of each position, in no order (np.argpartition's set).
+    A wide vocabulary is partitioned a block of columns at a time, then among the blocks'
+    top-k: every one of the k largest is among its own block's k largest."""
+    vocab = logits.shape[-1]
+    if vocab <= 2 * TOP_K_BLOCK or 4 * k > TOP_K_BLOCK:
+        return np.argpartition(logits, -k, axis=-1)[..., -k:]
+    candidates = []
+    for start in range(0, vocab, TOP_K_BLOCK):
+        block = logits[..., start : start + TOP_K_BLOCK]
+        if block.shape[-1] <= k:  # all of a narrow last block
+            columns = np.arange(start, start + block.shape[-1])
+            candidates.append(np.broadcast_to(columns, block.shape))
+        else:
+            candidates.append(np.argpartition(block, -k, axis=-1)[..., -k:] + start)
+    candidates = np.concatenate(candidates, axis=-1)
+    values = np.take_along_axis(logits, candidates, axis=-1)
+    return np.take_along_axis(candidates, np.argpartition(values, -k, axis=-1)[..., -k:], -1)
+
+
 def _tail_logsumexp(logits: np.ndarray, indices: np.ndarray, temperatures: list[float]):
     """Per temperature, log-sum-exp of logits / T over the vocabulary outside `indices`, summed
     from the unrounded logits (never as the full sum minus the head: that cancels to noise when
-    the head holds nearly all the mass). -inf when the top-k is the whole vocabulary."""
+    the head holds nearly all the mass). -inf when the top-k is the whole vocabulary.
+
+    In one scratch array, in place (this runs for every logit the teacher makes): shifted by the
+    head's smallest logit, which no tail logit exceeds, so no tail term overflows; the head's
+    terms (which may) are then set to 0."""
     if indices.shape[-1] == logits.shape[-1]:
         return np.full((*logits.shape[:-1], len(temperatures)), -np.inf)
-    rest = logits.copy()
-    np.put_along_axis(rest, indices, -np.inf, axis=-1)
-    top = rest.max(axis=-1, keepdims=True)
-    rest -= top
-    tails = [
-        top[..., 0] / t + np.log(np.exp(rest / np.float32(t)).sum(axis=-1, dtype=np.float64))
-        for t in temperatures
-    ]
+    shift = np.take_along_axis(logits, indices, axis=-1).min(axis=-1, keepdims=True)
+    scaled = np.empty_like(logits)
+    tails = []
+    for t in temperatures:
+        np.subtract(logits, shift, out=scaled)
+        scaled *= np.float32(1 / t)
+        with np.errstate(over="ignore"):
+            np.exp(scaled, out=scaled)
+        np.put_along_axis(scaled, indices, 0.0, axis=-1)
+        tail = scaled.sum(axis=-1)  # float32, pairwise: ~1e-6 relative, as stored
+        with np.errstate(divide="ignore"):  # an empty tail's mass underflowed: -inf
+            tails.append(shift[..., 0] / np.float64(t) + np.log(tail, dtype=np.float64))
     return np.stack(tails, -1)
 
 
 def teacher_logits(model, tokens: np.ndarray) -> np.ndarray:
-    """Float32 logits for tokens[:, :-1]: position p predicts token p+1."""
-    return np.array(model(mx.array(tokens[:, :-1])).astype(mx.float32))
+    """Float32 logits for tokens[:, :-1]: position p predicts token p+1. A read-only view of
+    MLX's buffer (a copy of 150k-vocabulary logits costs a fair part of the forward here)."""
+    logits = model(mx.array(tokens[:, :-1])).astype(mx.float32)
+    mx.eval(logits)
+    view = np.asarray(memoryview(logits))
+    view.flags.writeable = False
+    return view
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """No NaN or inf: a NaN makes the maximum NaN, an inf the maximum or minimum infinite."""
+    return bool(np.isfinite(values.max(axis=-1)).all() and np.isfinite(values.min(axis=-1)).all())
 
 
 def _check_against_model(config: TargetsConfig, vocab_size: int, train: TokenSequences) -> None:
@@ -527,7 +570,7 @@ def _chunk_targets(model, seqs: TokenSequences, rows: tuple[str, int, int], conf
     logits = [
         teacher_logits(model, seqs.tokens[i:j]) for i, j in _batches(start, stop, config.batch_size)
     ]
-    if not all(np.isfinite(part).all() for part in logits):
+    if not all(_all_finite(part) for part in logits):
         # Stored, a NaN would become any code (uint8 clips it to 0: the position's top logit).
         raise ModelError(
             f"the teacher's logits for rows {start}-{stop - 1} of the {split} split are not "

@@ -227,3 +227,37 @@ def test_a_bits_budget_on_a_bf16_moe_teacher_measures_in_float32_and_saves_bf16(
     stored = compute_bits_per_weight(mlx_load(str(result.model_dir))[0])
     assert record["bits_per_weight"] == pytest.approx(stored, rel=1e-6)
     assert stored <= 6.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grad_checkpoint_by_chunks_tunes_each_family_the_same(
+    bf16_teachers, tmp_path, family, monkeypatch
+):
+    """Tied embeddings, an untied head over 70,000 tokens, switch layers: the output layer and
+    loss a few positions at a time give the weights of the whole-batch step."""
+    from stages.chunked_output import ChunkedOutput
+
+    monkeypatch.setattr("stages.chunked_output.LOGITS_PER_CHUNK", 3 * (FAMILIES[family] or 384))
+    config = run_config(tmp_path, bf16_teachers[family])
+    compute_targets(config.targets)
+    plain = tune(dataclasses.replace(config.tune, run_dir=str(tmp_path / "plain")))
+    chunks = []
+    by_chunks = ChunkedOutput.loss_and_grads
+    monkeypatch.setattr(
+        ChunkedOutput, "loss_and_grads", lambda *a: chunks.append(1) or by_chunks(*a)
+    )
+    chunked = tune(
+        dataclasses.replace(config.tune, run_dir=str(tmp_path / "chunked"), grad_checkpoint=True)
+    )
+    assert chunks  # the model was split before its output layer
+    a = mx.load(str(plain.model_dir / "model.safetensors"))
+    b = mx.load(str(chunked.model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(
+            np.array(a[name].astype(mx.float32)),
+            np.array(b[name].astype(mx.float32)),
+            rtol=1e-5,
+            atol=0,
+            err_msg=name,
+        )

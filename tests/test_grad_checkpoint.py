@@ -12,7 +12,12 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
-from stages.models import checkpoint_blocks, unfreeze_scales_and_biases, use_dequantized_matmul
+from stages.models import (
+    checkpoint_blocks,
+    output_layer,
+    unfreeze_scales_and_biases,
+    use_dequantized_matmul,
+)
 from stages.tune import TuneConfig
 
 LAYERS, SEQ_LEN = 12, 512
@@ -26,7 +31,9 @@ MOE = {
 }
 
 
-def deep_student(model_type: str = "qwen3"):
+def deep_student(
+    model_type: str = "qwen3", tied: bool = False, fast_path: bool = True, dtype=mx.float32
+):
     """A random 4-bit student with many thin layers, on the CPU fast path (whose dequantized
     float32 weights are kept for the backward pass unless checkpointed)."""
     config = {
@@ -41,14 +48,16 @@ def deep_student(model_type: str = "qwen3"):
         "max_position_embeddings": SEQ_LEN,
         "rope_theta": 10000.0,
         "vocab_size": 256,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         **(MOE if model_type == "qwen3_moe" else {}),
     }
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     mx.random.seed(0)
     model = module.Model(module.ModelArgs.from_dict(config))
+    model.set_dtype(dtype)
     quantize_model(model, config, group_size=32, bits=4)
-    use_dequantized_matmul(model)
+    if fast_path:
+        use_dequantized_matmul(model)
     unfreeze_scales_and_biases(model)
     return model
 
@@ -97,3 +106,48 @@ def test_checkpointing_changes_only_that_model_and_only_once():
 
 def test_grad_checkpoint_is_not_part_of_the_resume_key():
     assert TuneConfig(grad_checkpoint=True).resume_key() == TuneConfig().resume_key()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied embedding"])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["dequantized", "quantized_matmul"])
+def test_the_model_splits_before_its_output_layer(model_type, tied, fast_path):
+    model = deep_student(model_type, tied, fast_path)
+    tokens = mx.array(np.random.default_rng(1).integers(0, 256, (2, 9)))
+    output = output_layer(model, tokens)
+    assert output is not None
+    assert output.module is (model.model.embed_tokens if tied else model.lm_head)
+    split = output.project(output.backbone(tokens), output.weight())
+    np.testing.assert_allclose(np.array(split), np.array(model(tokens)), rtol=1e-4, atol=1e-5)
+
+
+def test_a_bfloat16_model_off_the_fast_path_splits_to_its_rounding():
+    """quantized_matmul in bfloat16 against the dequantized weight's matmul (as on a GPU)."""
+    model = deep_student(fast_path=False, dtype=mx.bfloat16)
+    tokens = mx.array(np.random.default_rng(1).integers(0, 256, (2, 9)))
+    assert output_layer(model, tokens) is not None
+    model.__class__ = type("ScaledLogits", (type(model),), {"__call__": _scaled_call})
+    assert output_layer(model, tokens) is None  # still fine enough to see a scaled output
+
+
+def test_a_model_whose_output_is_not_its_head_is_only_called_whole():
+    """A model that changes its head's output (a logit scale, a soft cap) is not split."""
+    tokens = mx.array([[1, 2, 3]])
+    model = deep_student()
+    model.__class__ = type("ScaledLogits", (type(model),), {"__call__": _scaled_call})
+    assert output_layer(model, tokens) is None
+    assert output_layer(deep_student().model, tokens) is None  # no backbone called `model`
+    untied = deep_student()
+    del untied.lm_head  # neither an lm_head nor a tied embedding to call
+    untied.model.embed_tokens = None
+    assert output_layer(untied, tokens) is None
+    odd = deep_student()
+    odd.model = lambda tokens: (tokens, None)  # a backbone that returns more than states
+    assert output_layer(odd, tokens) is None
+    biased = deep_student()
+    biased.lm_head = nn.Linear(64, 256, bias=True)  # its bias would get no gradient
+    assert output_layer(biased, tokens) is None
+
+
+def _scaled_call(self, inputs, *args, **kwargs):
+    return 0.5 * self.lm_head(self.model(inputs))

@@ -511,3 +511,26 @@ def test_mlx_launch_ranks_become_shards(tiny_targets_overrides, tmp_path):
     }
     assert shards == {"0/2", "1/2"}
     assert_same_store(Path(single.store), shared)
+
+
+@pytest.mark.parametrize("vocab, k", [(151_936, 1024), (100_000, 64), (98_400, 1000), (60_000, 1024)])
+def test_top_k_of_a_wide_vocabulary_by_blocks_is_the_top_k(vocab, k):
+    """Blocks of columns, a narrow last block, and the plain path: the k largest each time."""
+    from stages.targets import _top_k_indices
+
+    logits = np.random.default_rng(vocab).standard_normal((3, 5, vocab), dtype=np.float32)
+    logits[0, 0, -3:] = 50.0  # the largest in the last, narrow block
+    found = np.sort(_top_k_indices(logits, k), axis=-1)
+    expected = np.sort(np.argsort(-logits, axis=-1, kind="stable")[..., :k], axis=-1)
+    assert found.shape == (3, 5, k)
+    assert np.array_equal(found, expected)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_logit_anywhere_is_seen(bad):
+    from stages.targets import _all_finite
+
+    logits = np.random.default_rng(0).standard_normal((2, 3, 50), dtype=np.float32)
+    assert _all_finite(logits)
+    logits[1, 2, 17] = bad
+    assert not _all_finite(logits)

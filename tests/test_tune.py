@@ -178,12 +178,34 @@ def test_dequantized_matmul_gives_the_same_loss_and_gradients(tiny_teacher):
         np.testing.assert_allclose(fast[name], slow[name], rtol=2e-3, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("levers", [{}, {"learned_rounding": True, "train_norms": True}])
-def test_grad_checkpoint_tunes_the_same_weights(tiny_store, tmp_path, levers):
+@pytest.mark.parametrize(
+    "levers",
+    [{}, {"learned_rounding": True, "train_norms": True}, {"loss": "kl_topk"}, {"mode": "mxfp4"}],
+)
+@pytest.mark.parametrize(
+    "logits_per_chunk", [None, 3200], ids=["one chunk", "2 positions, 50 weight rows a chunk"]
+)
+def test_grad_checkpoint_tunes_the_same_weights(
+    tiny_store, tmp_path, levers, logits_per_chunk, monkeypatch
+):
+    """Blocks recomputed, and the output layer and loss run a chunk of positions at a time."""
+    import stages.chunked_output
+    import stages.tune
+
+    if logits_per_chunk:
+        monkeypatch.setattr(stages.chunked_output, "LOGITS_PER_CHUNK", logits_per_chunk)
     plain = tune(tune_config(tiny_store, tmp_path / "plain", max_steps=2, **levers))
+    chunked_steps = []
+    by_chunks = stages.tune._Trainer.chunked_loss_and_grads
+    monkeypatch.setattr(
+        stages.tune._Trainer,
+        "chunked_loss_and_grads",
+        lambda *args: chunked_steps.append(1) or by_chunks(*args),
+    )
     checkpointed = tune(
         tune_config(tiny_store, tmp_path / "ckpt", max_steps=2, grad_checkpoint=True, **levers)
     )
+    assert len(chunked_steps) == 2  # the split model ran its output layer by chunks
     a, b = saved_weights(plain.model_dir), saved_weights(checkpointed.model_dir)
     assert a.keys() == b.keys()
     for name in a:
@@ -320,3 +342,21 @@ def test_sigterm_checkpoints_and_the_rerun_finishes_identically(tiny_store, tmp_
     assert done.returncode == 0, done.stderr
     a, b = saved_weights(whole.model_dir), saved_weights(run_dir / "model")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_grad_checkpoint_by_chunks_off_the_fast_path(tiny_store, tmp_path, monkeypatch):
+    """With MLX's quantized_matmul (as on a GPU) the chunks use the head's dequantized weight,
+    which rounds differently: the tuned weights agree to that rounding."""
+    import stages.chunked_output
+
+    monkeypatch.setattr(stages.chunked_output, "LOGITS_PER_CHUNK", 3200)
+    plain = tune(tune_config(tiny_store, tmp_path / "plain", max_steps=2, fast_matmul="off"))
+    checkpointed = tune(
+        tune_config(
+            tiny_store, tmp_path / "ckpt", max_steps=2, fast_matmul="off", grad_checkpoint=True
+        )
+    )
+    a, b = saved_weights(plain.model_dir), saved_weights(checkpointed.model_dir)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=0, err_msg=name)
+    assert checkpointed.best_val_loss == pytest.approx(plain.best_val_loss, rel=1e-4)
