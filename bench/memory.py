@@ -380,9 +380,9 @@ class Shape:
 LOGIT_COPIES = {True: 2, False: 4}  # by tied head
 ATTENTION_COPIES, UNCHECKPOINTED_FACTOR = 1, 6
 # With grad_checkpoint tune runs the output layer and loss by chunks of positions
-# (stages/chunked_output.py): the head's weight and its gradient in float32, and about this
-# many float32 copies of one chunk's logits (measured, Qwen3-0.6B shape, 1x256: 0.37 GB over
-# the weight, its gradient and the hidden states for 64 MB chunks).
+# (stages/chunked_output.py): the head's weight (compute dtype) and its float32 gradient, and
+# about this many float32 copies of one chunk's logits (measured, Qwen3-0.6B shape, 1x256:
+# 0.18 GB above the student, the weight and its gradient, for chunks of 2^23 logits, 33 MB).
 CHUNK_LOGIT_COPIES = 6
 
 
@@ -412,10 +412,10 @@ def predicted_terms(
     - the student: packed weights, scales and biases in the compute dtype;
     - trained state: the float32 master scales and biases, their gradient and Adam's 2 moments
       (0.5 byte per weight at group size 64: as much as the 4-bit weights themselves);
-    - weights in the backward pass: with checkpointing the head's weight and its gradient in
-      float32 (the output layer runs by chunks from its built weight); without it, on the CPU
-      fast path (`fast_path`) the head's dequantized float32 weight kept for the backward pass
-      and its float32 gradient (one more copy untied), and without the fast path
+    - weights in the backward pass: with checkpointing the head's weight in the compute dtype
+      and its float32 gradient (the output layer runs by chunks from its built weight); without
+      it, on the CPU fast path (`fast_path`) the head's dequantized float32 weight kept for the
+      backward pass and its float32 gradient (one more copy untied), and without the fast path
       (quantized_matmul) only its gradient in the compute dtype. On the fast path every
       quantized weight is dequantized to float32 in the forward: without checkpointing every
       block's are kept (for a mixture-of-experts model every expert's), with it one block's at
@@ -433,7 +433,7 @@ def predicted_terms(
     trained = 4 * 2 * groups * 4
     head, block = shape.vocab * shape.hidden, shape.block_weights
     if grad_checkpoint:
-        kept_head = 2 * 4 * head
+        kept_head = (compute_bytes + 4) * head
     elif fast_path:
         kept_head = (2 if shape.tied else 3) * 4 * head
     else:

@@ -28,13 +28,15 @@ LOGITS_PER_CHUNK = 1 << 23
 class ChunkedOutput:
     output: OutputLayer
     position_loss: Callable[..., mx.array]  # (logits, *targets) -> loss summed over positions
+    head_trained: bool  # whether any of the head's parameters is trained (else no weight grad)
 
     def weight_blocks(self) -> list[mx.array]:
-        """The head's weight in float32, in blocks of rows, each built and evaluated alone:
-        building it whole holds twice its size in temporaries (MLX's CPU dequantize)."""
+        """The head's weight as the model computes with it (its dtype), in blocks of rows,
+        each built and evaluated alone: built whole, MLX's CPU dequantize holds twice its size
+        in temporaries."""
         blocks = []
         for rows in self._row_blocks():
-            blocks.append(self.output.weight(rows).astype(mx.float32))
+            blocks.append(self.output.weight(rows))
             mx.eval(blocks[-1])
         return blocks
 
@@ -48,8 +50,8 @@ class ChunkedOutput:
         return range(0, hidden.shape[1], size)
 
     def _logits(self, hidden: mx.array, weights: Sequence[mx.array]) -> mx.array:
-        parts = [self.output.project(hidden.astype(mx.float32), w) for w in weights]
-        return mx.concatenate(parts, axis=-1)
+        """In the model's dtype, as the whole model computes them (the loss casts to float32)."""
+        return mx.concatenate([self.output.project(hidden, w) for w in weights], axis=-1)
 
     def loss(self, hidden: mx.array, weights: Sequence[mx.array], targets: Sequence) -> mx.array:
         """The loss summed over positions (targets: per position, None where absent)."""
@@ -65,8 +67,8 @@ class ChunkedOutput:
     def loss_and_grads(
         self, hidden: mx.array, weights: Sequence[mx.array], targets: Sequence
     ) -> tuple[mx.array, mx.array, list[mx.array]]:
-        """The summed loss, its gradient with respect to `hidden`, and per block of `weights`
-        its gradient with respect to that block."""
+        """The summed loss, its gradient with respect to `hidden`, and (when the head is
+        trained) per block of `weights` its float32 gradient with respect to that block."""
         vocab = sum(w.shape[0] for w in weights)
         chunks = self._chunks(hidden, vocab)
         loss_and_logits_grad = mx.value_and_grad(self.position_loss)
@@ -74,7 +76,7 @@ class ChunkedOutput:
         for w in weights:
             edges.append(edges[-1] + w.shape[0])
         total, hidden_grads = mx.array(0.0), []
-        weight_grads = [mx.zeros(w.shape, mx.float32) for w in weights]
+        weight_grads = [mx.zeros(w.shape, mx.float32) for w in weights if self.head_trained]
         for start in chunks:
             h = hidden[:, start : start + chunks.step]
             part = [None if t is None else t[:, start : start + chunks.step] for t in targets]
@@ -84,8 +86,9 @@ class ChunkedOutput:
             h_grad = mx.zeros(flat_h.shape, mx.float32)
             for i, w in enumerate(weights):
                 block_grad = logits_grad[:, edges[i] : edges[i + 1]]
-                weight_grads[i] = mx.addmm(weight_grads[i], block_grad.T, flat_h)
-                h_grad = mx.addmm(h_grad, block_grad, w)
+                if self.head_trained:
+                    weight_grads[i] = mx.addmm(weight_grads[i], block_grad.T, flat_h)
+                h_grad = mx.addmm(h_grad, block_grad, w.astype(mx.float32))
             hidden_grads.append(h_grad.reshape(h.shape).astype(h.dtype))
             total = total + value
             mx.eval(total, hidden_grads[-1], weight_grads)

@@ -743,12 +743,19 @@ class OutputLayer:
         return hidden @ weight.T
 
 
+# Model arguments that change the logits after the head (a soft cap, a scale): never split.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def output_layer(model: Any, tokens: mx.array) -> OutputLayer | None:
-    """The model split before its output layer, when that split computes what the whole model
-    does on `tokens` (to the rounding of a dequantized weight); None for a model built otherwise
-    (a scaled or capped output, a head with a bias), which is then only ever called whole."""
+    """The model split before its output layer, when the model computes its logits as its head
+    applied to its backbone's output, checked on `tokens`; None for a model built otherwise (a
+    scaled or capped output, a head with a bias or a global scale), then only ever called whole."""
     backbone = getattr(model, "model", None)
     if not callable(backbone):
+        return None
+    args = getattr(model, "args", None)
+    if any(getattr(args, name, None) not in (None, 0, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None
     lm_head = getattr(model, "lm_head", None)
     embedding = getattr(backbone, "embed_tokens", None)
@@ -757,21 +764,19 @@ def output_layer(model: Any, tokens: mx.array) -> OutputLayer | None:
     module, name = (embedding, "model.embed_tokens") if lm_head is None else (lm_head, "lm_head")
     if not hasattr(module, "parameters") or "bias" in module.parameters():
         return None
-    output = OutputLayer(backbone, module, name)
+    if getattr(module, "global_scale", None) is not None:  # dequantized_weight leaves it out
+        return None
+    head = module.as_linear if lm_head is None else module
     try:
-        whole = model(tokens)
-        hidden = output.backbone(tokens)
-        split = output.project(hidden.astype(mx.float32), output.weight().astype(mx.float32))
+        whole, split = model(tokens), head(backbone(tokens))
     except (TypeError, ValueError, AttributeError):  # a backbone that wants more, or returns more
         return None
-    if whole.shape != split.shape:
+    if whole.shape != split.shape or whole.dtype != split.dtype:
         return None
-    # The split computes in float32 (as tune's chunks do). A model in a 16-bit dtype, through
-    # quantized_matmul, rounds its logits by a few % of their range: the check is then only
-    # as fine as that, which still sees a scaled or capped output.
-    tolerance = (1e-4 if whole.dtype == mx.float32 else 1e-1) * (mx.abs(whole).max().item() + 1e-6)
-    difference = mx.abs(whole.astype(mx.float32) - split).max().item()
-    return output if difference <= tolerance else None
+    # The same head on the same states: equal but for the order MLX happens to sum in.
+    tolerance = 1e-5 * (mx.abs(whole).max().item() + 1e-6)
+    difference = mx.abs(whole.astype(mx.float32) - split.astype(mx.float32)).max().item()
+    return OutputLayer(backbone, module, name) if difference <= tolerance else None
 
 
 @functools.cache

@@ -287,7 +287,8 @@ def _tail_logsumexp(logits: np.ndarray, indices: np.ndarray, temperatures: list[
 
     In one scratch array, in place (this runs for every logit the teacher makes): shifted by the
     head's smallest logit, which no tail logit exceeds, so no tail term overflows; the head's
-    terms (which may) are then set to 0."""
+    terms (which may) are then set to 0. Positions whose tail underflows that way (a gap of
+    ~87 T below the head) are summed again shifted by their own largest tail logit."""
     if indices.shape[-1] == logits.shape[-1]:
         return np.full((*logits.shape[:-1], len(temperatures)), -np.inf)
     shift = np.take_along_axis(logits, indices, axis=-1).min(axis=-1, keepdims=True)
@@ -299,10 +300,22 @@ def _tail_logsumexp(logits: np.ndarray, indices: np.ndarray, temperatures: list[
         with np.errstate(over="ignore"):
             np.exp(scaled, out=scaled)
         np.put_along_axis(scaled, indices, 0.0, axis=-1)
-        tail = scaled.sum(axis=-1)  # float32, pairwise: ~1e-6 relative, as stored
-        with np.errstate(divide="ignore"):  # an empty tail's mass underflowed: -inf
-            tails.append(shift[..., 0] / np.float64(t) + np.log(tail, dtype=np.float64))
+        mass = scaled.sum(axis=-1)  # float32, pairwise: ~1e-6 relative, as stored
+        with np.errstate(divide="ignore"):
+            tail = shift[..., 0] / np.float64(t) + np.log(mass, dtype=np.float64)
+        small = mass < np.finfo(np.float32).tiny
+        if small.any():
+            tail[small] = _tail_by_its_maximum(logits[small], indices[small], t)
+        tails.append(tail)
     return np.stack(tails, -1)
+
+
+def _tail_by_its_maximum(logits: np.ndarray, indices: np.ndarray, t: float) -> np.ndarray:
+    """_tail_logsumexp of a few (position, vocabulary) rows, shifted by each tail's maximum."""
+    rest = logits.astype(np.float64)
+    np.put_along_axis(rest, indices, -np.inf, axis=-1)
+    top = rest.max(axis=-1, keepdims=True)
+    return top[..., 0] / t + np.log(np.exp((rest - top) / t).sum(axis=-1))
 
 
 def teacher_logits(model, tokens: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from stages import run_dir as run_folder
 from stages.bit_budget import (
@@ -187,7 +187,7 @@ class TuneConfig:
         False,
         "recompute each transformer block's activations in the backward pass instead of "
         "keeping them, and run the output layer and loss by chunks of positions (less memory, "
-        "flat in the sequence length; about 2x the step time; same loss and gradients)",
+        "flat in the sequence length; about 2x the step time; same loss and gradients in float32)",
         identity=False,
     )
     train_norms: bool = setting(
@@ -742,7 +742,10 @@ class _Trainer:
         if config.grad_checkpoint:  # checked on a stored sequence
             first = mx.array(self.sequences["valid"]["tokens"][:1, :CHECK_POSITIONS])
             output = output_layer(self.model, first)
-            self.chunked = output and ChunkedOutput(output, self.position_loss)
+            if output is not None:
+                names = (n for n, _ in tree_flatten(self.model.trainable_parameters()))
+                trained = any(n.startswith(output.name + ".") for n in names)
+                self.chunked = ChunkedOutput(output, self.position_loss, trained)
         self.batches_per_epoch = len(self.plan_of_epoch(0))
         self.model_dtypes = {k: v.dtype for k, v in tree_flatten(self.model.trainable_parameters())}
         self.value_and_grad = mx.value_and_grad(
@@ -824,7 +827,7 @@ class _Trainer:
         grads = dict(zip(flat, block_grads, strict=True))
         for name, grad in head_grads.items():
             grads[name] = grads[name] + grad
-        return loss, tree_unflatten(list(grads.items()))
+        return loss, tree_map_with_path(lambda name, _: grads[name], params)
 
     def global_tokens(self, split: str, batches: list[list[int]]) -> float:
         seqs = self.sequences[split]

@@ -230,15 +230,18 @@ def test_a_bits_budget_on_a_bf16_moe_teacher_measures_in_float32_and_saves_bf16(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("compute_dtype", ["float32", "model"])
 def test_grad_checkpoint_by_chunks_tunes_each_family_the_same(
-    bf16_teachers, tmp_path, family, monkeypatch
+    bf16_teachers, tmp_path, family, compute_dtype, monkeypatch
 ):
     """Tied embeddings, an untied head over 70,000 tokens, switch layers: the output layer and
     loss a few positions at a time give the weights of the whole-batch step."""
     from stages.chunked_output import ChunkedOutput
 
     monkeypatch.setattr("stages.chunked_output.LOGITS_PER_CHUNK", 3 * (FAMILIES[family] or 384))
-    config = run_config(tmp_path, bf16_teachers[family])
+    if compute_dtype == "model" and family == "qwen3_moe":
+        pytest.skip("MLX's CPU gather_mm takes float32 only")
+    config = run_config(tmp_path, bf16_teachers[family], compute_dtype=compute_dtype)
     compute_targets(config.targets)
     plain = tune(dataclasses.replace(config.tune, run_dir=str(tmp_path / "plain")))
     chunks = []
@@ -253,11 +256,14 @@ def test_grad_checkpoint_by_chunks_tunes_each_family_the_same(
     a = mx.load(str(plain.model_dir / "model.safetensors"))
     b = mx.load(str(chunked.model_dir / "model.safetensors"))
     assert a.keys() == b.keys()
+    # in bfloat16 the hidden states' gradient is summed in float32 by the chunks, in bfloat16
+    # by the whole step's matmul
+    rtol = 1e-5 if compute_dtype == "float32" else 1e-2
     for name in a:
         np.testing.assert_allclose(
             np.array(a[name].astype(mx.float32)),
             np.array(b[name].astype(mx.float32)),
-            rtol=1e-5,
+            rtol=rtol,
             atol=0,
             err_msg=name,
         )

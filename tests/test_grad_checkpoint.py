@@ -151,3 +151,37 @@ def test_a_model_whose_output_is_not_its_head_is_only_called_whole():
 
 def _scaled_call(self, inputs, *args, **kwargs):
     return 0.5 * self.lm_head(self.model(inputs))
+
+
+@pytest.mark.parametrize("head_trained", [True, False])
+def test_chunked_output_gives_the_whole_heads_loss_and_gradients(head_trained, monkeypatch):
+    """Chunks of 3 positions and weight blocks of 24 rows against one value_and_grad of
+    hidden @ W.T and a loss; a head that is not trained gets no weight gradient at all."""
+    from stages.chunked_output import ChunkedOutput
+    from stages.models import OutputLayer
+
+    monkeypatch.setattr("stages.chunked_output.LOGITS_PER_CHUNK", 2 * 3 * 256)
+    model = deep_student()
+    rng = np.random.default_rng(2)
+    hidden = mx.array(rng.standard_normal((2, 10, 64)).astype(np.float32))
+    target = mx.array(rng.integers(0, 256, (2, 10)))
+
+    def loss(logits, target):
+        return nn.losses.cross_entropy(logits.astype(mx.float32), target).sum()
+
+    chunked = ChunkedOutput(OutputLayer(model.model, model.lm_head, "lm_head"), loss, head_trained)
+    weights = chunked.weight_blocks()
+    assert [w.shape[0] for w in weights] == [24] * 10 + [16]  # 1536 logits / 64 columns
+    whole_weight = mx.concatenate(weights)
+    value, (h_grad, w_grad) = mx.value_and_grad(lambda h, w: loss(h @ w.T, target), argnums=(0, 1))(
+        hidden, whole_weight
+    )
+    found, found_h_grad, found_w_grads = chunked.loss_and_grads(hidden, weights, [target])
+    np.testing.assert_allclose(found.item(), value.item(), rtol=1e-6)
+    np.testing.assert_allclose(np.array(found_h_grad), np.array(h_grad), rtol=1e-5, atol=1e-6)
+    if head_trained:
+        np.testing.assert_allclose(
+            np.array(mx.concatenate(found_w_grads)), np.array(w_grad), rtol=1e-5, atol=1e-6
+        )
+    else:
+        assert found_w_grads == []

@@ -513,7 +513,9 @@ def test_mlx_launch_ranks_become_shards(tiny_targets_overrides, tmp_path):
     assert_same_store(Path(single.store), shared)
 
 
-@pytest.mark.parametrize("vocab, k", [(151_936, 1024), (100_000, 64), (98_400, 1000), (60_000, 1024)])
+@pytest.mark.parametrize(
+    "vocab, k", [(151_936, 1024), (100_000, 64), (98_400, 1000), (60_000, 1024)]
+)
 def test_top_k_of_a_wide_vocabulary_by_blocks_is_the_top_k(vocab, k):
     """Blocks of columns, a narrow last block, and the plain path: the k largest each time."""
     from stages.targets import _top_k_indices
@@ -534,3 +536,21 @@ def test_one_non_finite_logit_anywhere_is_seen(bad):
     assert _all_finite(logits)
     logits[1, 2, 17] = bad
     assert not _all_finite(logits)
+
+
+def test_a_tail_far_below_the_head_keeps_its_log_mass():
+    """A gap of 100 between the head and the tail: exp underflows float32 at the head's shift."""
+    from stages.targets import _tail_logsumexp
+
+    logits = np.random.default_rng(0).standard_normal((2, 4, 300)).astype(np.float32)
+    logits[0, 1, :5] += 100.0
+    indices = np.argpartition(logits, -5, axis=-1)[..., -5:]
+    temperatures = [0.25, 1.0, 2.0]
+    found = _tail_logsumexp(logits, indices, temperatures)
+    rest = logits.astype(np.float64)
+    np.put_along_axis(rest, indices, -np.inf, axis=-1)
+    for i, t in enumerate(temperatures):
+        top = rest.max(-1, keepdims=True)
+        expected = top[..., 0] / t + np.log(np.exp((rest - top) / t).sum(-1))
+        np.testing.assert_allclose(found[..., i], expected, rtol=1e-5)
+    assert np.isfinite(found).all()
