@@ -223,10 +223,15 @@ def save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) 
     _remove_own_folder(run_dir, old.name)
 
 
-def checkpoint_state(run_dir: Path) -> dict | None:
+def checkpoint_state(run_dir: Path, interrupted_swap: bool = False) -> dict | None:
     """The last checkpoint's state.json, or None when there is no checkpoint (reads only).
-    A damaged one is refused, never taken for "no checkpoint" (that would start over silently)."""
+    A damaged one is refused, never taken for "no checkpoint" (that would start over silently).
+    With `interrupted_swap`, where a crash left only checkpoint.old, the state that
+    `recover_checkpoint` will restore."""
     folder = run_dir / CHECKPOINT_DIR
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    if not folder.exists() and interrupted_swap and (old / "state.json").is_file():
+        folder = old
     if not folder.exists():
         return None
     path = folder / "state.json"

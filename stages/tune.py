@@ -607,7 +607,7 @@ def _same_run_state(
     """The state of the checkpoint this run will resume ({}: none, or --overwrite starts over).
     One of another store or other settings is refused here, before the student loads: GPTQ and
     a bits budget's sensitivities take minutes that a refusal after them would waste."""
-    saved = None if overwrite else run_folder.checkpoint_state(run_dir)
+    saved = None if overwrite else run_folder.checkpoint_state(run_dir, interrupted_swap=True)
     if not saved:
         return {}
     digest = reader.manifest.digest

@@ -267,6 +267,11 @@ def test_checkpoint_from_other_settings_is_refused_then_overwritten(tiny_store, 
         other = tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4)
         tune(other, on_phase=phases.append)
     assert phases == []  # refused before the student loads (GPTQ, a budget: minutes)
+    # a crash between a checkpoint swap's renames left only checkpoint.old: refused as early
+    (tmp_path / "run" / "checkpoint").rename(tmp_path / "run" / "checkpoint.old")
+    with pytest.raises(StageError, match=r"other settings \(tune.learning_rate was 0.0001, now"):
+        tune(other, on_phase=phases.append)
+    assert phases == []
     assert (
         tune(
             tune_config(tiny_store, tmp_path / "run", max_steps=2, learning_rate=2e-4),
