@@ -309,9 +309,11 @@ def test_cli_tune_bad_input_is_one_line(tiny_store, tmp_path):
     assert result.exit_code == 2 and "tune.loss must be one of" in result.output
 
 
-def test_two_ranks_match_one_process(tiny_store, tmp_path):
+@pytest.mark.parametrize("grad_checkpoint", [False, True], ids=["whole", "output layer by chunks"])
+def test_two_ranks_match_one_process(tiny_store, tmp_path, grad_checkpoint):
     single = tune(tune_config(tiny_store, tmp_path / "single", max_steps=4))
-    args = cli_args({**TUNE_SETTINGS, "tune.max_steps": 4})
+    settings = {"tune.max_steps": 4, "tune.grad_checkpoint": grad_checkpoint}
+    args = cli_args({**TUNE_SETTINGS, **settings})
     run_dir = tmp_path / "ranks"
     done = run_cli("tune", "--store", str(tiny_store), "--run-dir", str(run_dir), *args, ranks=2)
     assert done.returncode == 0, done.stderr
