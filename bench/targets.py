@@ -100,7 +100,7 @@ def measure_teacher(
 
 
 def main() -> None:
-    from bench.memory import QWEN3_0_6B, build_model_folder
+    from bench.memory import QUICK_MODELS, QWEN3_0_6B, build_model_folder
 
     parser = argparse.ArgumentParser()
     samples, seq_len = by_scale(QUICK, FULL)
@@ -110,8 +110,13 @@ def main() -> None:
     args = parser.parse_args()
     clock = FullTime("targets")
     with tempfile.TemporaryDirectory() as tmp:
-        shaped = str(build_model_folder(Path(tmp) / "qwen3-0.6b", QWEN3_0_6B))
-        teachers = {"default teacher": "default", "Qwen3-0.6B shape": shaped}
+        # quick: a narrow stand-in with the same vocabulary
+        quick = {**QUICK_MODELS["qwen3 (small)"], "vocab_size": QWEN3_0_6B["vocab_size"]}
+        name, config = by_scale(
+            ("qwen3 small, Qwen3's vocabulary", quick), ("Qwen3-0.6B shape", QWEN3_0_6B)
+        )
+        shaped = str(build_model_folder(Path(tmp) / "wide-vocabulary", config))
+        teachers = {"default teacher": "default", name: shaped}
         runs = {}
         for name, teacher in teachers.items():
             with tempfile.TemporaryDirectory(dir=tmp) as work_dir:
