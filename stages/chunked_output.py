@@ -12,10 +12,12 @@ chunks together, so chunking inside one value_and_grad would not bound anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from stages.models import OutputLayer
 
@@ -28,7 +30,11 @@ LOGITS_PER_CHUNK = 1 << 23
 class ChunkedOutput:
     output: OutputLayer
     position_loss: Callable[..., mx.array]  # (logits, *targets) -> loss summed over positions
-    head_trained: bool  # whether any of the head's parameters is trained (else no weight grad)
+
+    @property
+    def head_trained(self) -> bool:
+        """Whether any of the head's parameters is trained (else no weight gradient is made)."""
+        return bool(tree_flatten(self.output.module.trainable_parameters()))
 
     def weight_blocks(self) -> list[mx.array]:
         """The head's weight as the model computes with it (its dtype), in blocks of rows,
@@ -45,9 +51,12 @@ class ChunkedOutput:
         size = max(1, LOGITS_PER_CHUNK // width)
         return [mx.arange(start, min(start + size, vocab)) for start in range(0, vocab, size)]
 
-    def _chunks(self, hidden: mx.array, vocab: int) -> range:
+    def _chunks(self, hidden: mx.array, vocab: int, targets: Sequence) -> Iterator[tuple]:
+        """(hidden states, targets) of each chunk of positions (targets: None where absent)."""
         size = max(1, LOGITS_PER_CHUNK // (hidden.shape[0] * vocab))
-        return range(0, hidden.shape[1], size)
+        for start in range(0, hidden.shape[1], size):
+            part = [None if t is None else t[:, start : start + size] for t in targets]
+            yield hidden[:, start : start + size], part
 
     def _logits(self, hidden: mx.array, weights: Sequence[mx.array]) -> mx.array:
         """In the model's dtype, as the whole model computes them (the loss casts to float32)."""
@@ -55,12 +64,9 @@ class ChunkedOutput:
 
     def loss(self, hidden: mx.array, weights: Sequence[mx.array], targets: Sequence) -> mx.array:
         """The loss summed over positions (targets: per position, None where absent)."""
-        chunks = self._chunks(hidden, sum(w.shape[0] for w in weights))
         total = mx.array(0.0)
-        for start in chunks:
-            part = [None if t is None else t[:, start : start + chunks.step] for t in targets]
-            logits = self._logits(hidden[:, start : start + chunks.step], weights)
-            total = total + self.position_loss(logits, *part)
+        for h, part in self._chunks(hidden, sum(w.shape[0] for w in weights), targets):
+            total = total + self.position_loss(self._logits(h, weights), *part)
             mx.eval(total)
         return total
 
@@ -69,24 +75,19 @@ class ChunkedOutput:
     ) -> tuple[mx.array, mx.array, list[mx.array]]:
         """The summed loss, its gradient with respect to `hidden`, and (when the head is
         trained) per block of `weights` its float32 gradient with respect to that block."""
-        vocab = sum(w.shape[0] for w in weights)
-        chunks = self._chunks(hidden, vocab)
+        edges = [0, *accumulate(w.shape[0] for w in weights)]
+        vocab, head_trained = edges[-1], self.head_trained
         loss_and_logits_grad = mx.value_and_grad(self.position_loss)
-        edges = [0]
-        for w in weights:
-            edges.append(edges[-1] + w.shape[0])
         total, hidden_grads = mx.array(0.0), []
-        weight_grads = [mx.zeros(w.shape, mx.float32) for w in weights if self.head_trained]
-        for start in chunks:
-            h = hidden[:, start : start + chunks.step]
-            part = [None if t is None else t[:, start : start + chunks.step] for t in targets]
+        weight_grads = [mx.zeros(w.shape, mx.float32) for w in weights if head_trained]
+        for h, part in self._chunks(hidden, vocab, targets):
             value, logits_grad = loss_and_logits_grad(self._logits(h, weights), *part)
             logits_grad = logits_grad.astype(mx.float32).reshape(-1, vocab)
             flat_h = h.reshape(-1, h.shape[-1]).astype(mx.float32)
             h_grad = mx.zeros(flat_h.shape, mx.float32)
             for i, w in enumerate(weights):
                 block_grad = logits_grad[:, edges[i] : edges[i + 1]]
-                if self.head_trained:
+                if head_trained:
                     weight_grads[i] = mx.addmm(weight_grads[i], block_grad.T, flat_h)
                 h_grad = mx.addmm(h_grad, block_grad, w.astype(mx.float32))
             hidden_grads.append(h_grad.reshape(h.shape).astype(h.dtype))

@@ -173,10 +173,16 @@ def recover_checkpoint(run_dir: Path) -> None:
     again. After both, a leftover checkpoint.old is stale and goes."""
     folder = run_dir / CHECKPOINT_DIR
     old = run_dir / f"{CHECKPOINT_DIR}.old"
-    if folder.exists():
-        _remove_own_folder(run_dir, old.name)
-    elif (old / "state.json").is_file():
+    if _interrupted_swap(run_dir):
         os.replace(old, folder)
+    elif folder.exists():
+        _remove_own_folder(run_dir, old.name)
+
+
+def _interrupted_swap(run_dir: Path) -> bool:
+    """Whether a crash between `save_checkpoint`'s renames left only checkpoint.old."""
+    folder = run_dir / CHECKPOINT_DIR
+    return not folder.exists() and (run_dir / f"{CHECKPOINT_DIR}.old" / "state.json").is_file()
 
 
 @writes_run_dir
@@ -229,9 +235,8 @@ def checkpoint_state(run_dir: Path, interrupted_swap: bool = False) -> dict | No
     With `interrupted_swap`, where a crash left only checkpoint.old, the state that
     `recover_checkpoint` will restore."""
     folder = run_dir / CHECKPOINT_DIR
-    old = run_dir / f"{CHECKPOINT_DIR}.old"
-    if not folder.exists() and interrupted_swap and (old / "state.json").is_file():
-        folder = old
+    if interrupted_swap and _interrupted_swap(run_dir):
+        folder = run_dir / f"{CHECKPOINT_DIR}.old"
     if not folder.exists():
         return None
     path = folder / "state.json"

@@ -251,7 +251,8 @@ def topk_targets(
         # The head's rounding shift makes a softmax over [stored head / T, tail] give the exact
         # tail mass, and a head summing to exactly the rest (the shift is 0 for float32 logits).
         # uint8 heads are read relative to their largest logit: the shift takes it off the tail.
-        "tail_logsumexp": _tail_logsumexp(logits, indices, temperatures) + np.stack(shifts, -1),
+        "tail_logsumexp": _tail_logsumexp(logits, indices, values, temperatures)
+        + np.stack(shifts, -1),
     }
 
 
@@ -280,8 +281,11 @@ def _top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(candidates, np.argpartition(values, -k, axis=-1)[..., -k:], -1)
 
 
-def _tail_logsumexp(logits: np.ndarray, indices: np.ndarray, temperatures: list[float]):
-    """Per temperature, log-sum-exp of logits / T over the vocabulary outside `indices`, summed
+def _tail_logsumexp(
+    logits: np.ndarray, indices: np.ndarray, head: np.ndarray, temperatures: list[float]
+):
+    """Per temperature, log-sum-exp of logits / T over the vocabulary outside `indices` (whose
+    logits are `head`), summed
     from the unrounded logits (never as the full sum minus the head: that cancels to noise when
     the head holds nearly all the mass). -inf when the top-k is the whole vocabulary.
 
@@ -291,7 +295,7 @@ def _tail_logsumexp(logits: np.ndarray, indices: np.ndarray, temperatures: list[
     ~87 T below the head) are summed again shifted by their own largest tail logit."""
     if indices.shape[-1] == logits.shape[-1]:
         return np.full((*logits.shape[:-1], len(temperatures)), -np.inf)
-    shift = np.take_along_axis(logits, indices, axis=-1).min(axis=-1, keepdims=True)
+    shift = head.min(axis=-1, keepdims=True)
     scaled = np.empty_like(logits)
     tails = []
     for t in temperatures:

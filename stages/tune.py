@@ -743,9 +743,7 @@ class _Trainer:
             first = mx.array(self.sequences["valid"]["tokens"][:1, :CHECK_POSITIONS])
             output = output_layer(self.model, first)
             if output is not None:
-                names = (n for n, _ in tree_flatten(self.model.trainable_parameters()))
-                trained = any(n.startswith(output.name + ".") for n in names)
-                self.chunked = ChunkedOutput(output, self.position_loss, trained)
+                self.chunked = ChunkedOutput(output, self.position_loss)
         self.batches_per_epoch = len(self.plan_of_epoch(0))
         self.model_dtypes = {k: v.dtype for k, v in tree_flatten(self.model.trainable_parameters())}
         self.value_and_grad = mx.value_and_grad(

@@ -546,7 +546,8 @@ def test_a_tail_far_below_the_head_keeps_its_log_mass():
     logits[0, 1, :5] += 100.0
     indices = np.argpartition(logits, -5, axis=-1)[..., -5:]
     temperatures = [0.25, 1.0, 2.0]
-    found = _tail_logsumexp(logits, indices, temperatures)
+    head = np.take_along_axis(logits, indices, axis=-1)
+    found = _tail_logsumexp(logits, indices, head, temperatures)
     rest = logits.astype(np.float64)
     np.put_along_axis(rest, indices, -np.inf, axis=-1)
     for i, t in enumerate(temperatures):
