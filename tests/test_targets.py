@@ -514,18 +514,28 @@ def test_mlx_launch_ranks_become_shards(tiny_targets_overrides, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "vocab, k", [(151_936, 1024), (100_000, 64), (98_400, 1000), (60_000, 1024)]
+    "vocab, k", [(151_936, 1024), (100_000, 64), (98_403, 1000), (60_000, 8000), (50, 50)]
 )
-def test_top_k_of_a_wide_vocabulary_by_blocks_is_the_top_k(vocab, k):
-    """Blocks of columns, a narrow last block, and the plain path: the k largest each time."""
+def test_top_k_of_a_wide_vocabulary_by_group_maxima_is_the_top_k(vocab, k):
+    """The bound from the groups' maxima, with leftover columns, with the largest logits in one
+    group or tied with the bound, and the plain partition of a narrow vocabulary."""
     from stages.targets import _top_k_indices
 
-    logits = np.random.default_rng(vocab).standard_normal((3, 5, vocab), dtype=np.float32)
-    logits[0, 0, -3:] = 50.0  # the largest in the last, narrow block
-    found = np.sort(_top_k_indices(logits, k), axis=-1)
-    expected = np.sort(np.argsort(-logits, axis=-1, kind="stable")[..., :k], axis=-1)
-    assert found.shape == (3, 5, k)
-    assert np.array_equal(found, expected)
+    logits = np.random.default_rng(vocab).standard_normal((6, vocab), dtype=np.float32)
+    logits[0, -3:] = 50.0  # the largest among the leftover columns
+    logits[1, : k * 4 : 4] += 30.0  # with more than 4k groups, several in one group
+    logits[2] = np.round(logits[2])  # a few distinct values: many ties at the bound
+    logits[3, ::7] = 9.0  # ties among the largest themselves
+    found = _top_k_indices(logits, k)
+    assert found.shape == (6, k)
+    assert all(len(np.unique(row)) == k for row in found)
+    expected = np.sort(logits, axis=-1)[:, ::-1][:, :k]
+    chosen = np.sort(np.take_along_axis(logits, found, -1), axis=-1)[:, ::-1]
+    assert np.array_equal(chosen, expected)  # the k largest values, whichever of equal ones
+    distinct = [4, 5]
+    assert np.array_equal(
+        np.sort(found[distinct], -1), np.sort(np.argsort(-logits[distinct], -1)[:, :k], -1)
+    )
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -555,3 +565,23 @@ def test_a_tail_far_below_the_head_keeps_its_log_mass():
         expected = top[..., 0] / t + np.log(np.exp((rest - top) / t).sum(-1))
         np.testing.assert_allclose(found[..., i], expected, rtol=1e-5)
     assert np.isfinite(found).all()
+
+
+def test_tails_at_doubled_temperatures_from_square_roots_match_float64():
+    """Temperatures each twice the one before share one exp; gaps between head and tail from
+    none to past float32's normal range (95: terms at T=1 are subnormal, imprecise to root)."""
+    from stages.targets import _tail_logsumexp
+
+    logits = (np.random.default_rng(1).standard_normal((6, 2000)) * 3).astype(np.float32)
+    for position, gap in enumerate([0.0, 5.0, 16.0, 40.0, 95.0, 120.0]):
+        logits[position, :8] = logits[position, 8:].max() + gap + np.arange(8)
+    indices = np.argpartition(logits, -8, axis=-1)[:, -8:]
+    temperatures = [1.0, 2.0, 4.0, 3.0, 0.5]
+    head = np.take_along_axis(logits, indices, axis=-1)
+    found = _tail_logsumexp(logits, indices, head, temperatures)
+    rest = logits.astype(np.float64)
+    np.put_along_axis(rest, indices, -np.inf, axis=-1)
+    top = rest.max(-1, keepdims=True)
+    for i, t in enumerate(temperatures):
+        expected = top[:, 0] / t + np.log(np.exp((rest - top) / t).sum(-1))
+        np.testing.assert_allclose(found[:, i], expected, rtol=1e-6)
