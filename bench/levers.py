@@ -51,6 +51,7 @@ ROWS = {
     "+init=gptq T=1": {"init": "gptq", "temperature": 1.0},
     "+init=gptq lr 3e-4": {"init": "gptq", "learning_rate": 3e-4},
     "+init=gptq lr 3e-5": {"init": "gptq", "learning_rate": 3e-5},
+    "+init=gptq bf16 moments": {"init": "gptq", "adam_moments_dtype": "bfloat16"},
     "+init=gptq +learned_rounding lr 1e-3": {
         "init": "gptq",
         "learned_rounding": True,

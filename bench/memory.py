@@ -406,12 +406,15 @@ def predicted_terms(
     compute_bytes: int = 4,
     bits: int = BITS,
     group_size: int = GROUP_SIZE,
+    moments_bytes: int = 4,
 ) -> dict[str, float]:
     """Predicted bytes at the peak of a tune step (MLX's accounting), per term:
 
     - the student: packed weights, scales and biases in the compute dtype;
     - trained state: the float32 master scales and biases, their gradient and Adam's 2 moments
-      (0.5 byte per weight at group size 64: as much as the 4-bit weights themselves);
+      in `moments_bytes` each (at group size 64 and float32 moments 0.5 byte per weight: as
+      much as the 4-bit weights themselves); the best parameters so far are on disk
+      (run_dir.BEST_FILE), not in memory;
     - weights in the backward pass: with checkpointing the head's weight in the compute dtype
       and its float32 gradient (the output layer runs by chunks from its built weight); without
       it, on the CPU fast path (`fast_path`) the head's dequantized float32 weight kept for the
@@ -430,7 +433,7 @@ def predicted_terms(
     weights = shape.quantized_weights
     groups = weights / group_size
     student = weights * bits / 8 + 2 * groups * compute_bytes
-    trained = 4 * 2 * groups * 4
+    trained = 2 * groups * (4 + 4 + 2 * moments_bytes)
     head, block = shape.vocab * shape.hidden, shape.block_weights
     if grad_checkpoint:
         kept_head = (compute_bytes + 4) * head
@@ -534,9 +537,16 @@ def prediction_table() -> list[dict]:
             terms = predicted_terms(shape, batch, seq_len, **gpu)
             row[f"gpu_{batch}x{seq_len}_gb"] = predicted_peak(shape, batch, seq_len, **gpu) / 1e9
             row[f"gpu_{batch}x{seq_len}_terms_gb"] = {k: v / 1e9 for k, v in terms.items()}
+        small = {"fast_path": False, "compute_bytes": 2, "moments_bytes": 2}
+        row["gpu_1x1024_bf16_moments_gb"] = predicted_peak(shape, 1, 1024, **small) / 1e9
+        smaller = {**small, "group_size": 128}
+        row["gpu_1x1024_bf16_moments_g128_gb"] = predicted_peak(shape, 1, 1024, **smaller) / 1e9
         row["cpu_4x1024_gb"] = predicted_peak(shape, 4, 1024, fast_path=True) / 1e9
         rows.append(row)
     return rows
+
+
+TERMS_SHOWN = ("student", "trained", "logits")
 
 
 def print_predictions() -> None:
@@ -544,14 +554,17 @@ def print_predictions() -> None:
 
     table = Table(title="predicted peak GB of a checkpointed tune (4-bit g64, k=1024)")
     columns = ["model", "weights (B)"]
-    columns += [f"GPU bf16 {b}x{n}" for b, n in PREDICTED_BATCHES] + ["CPU float32 4x1024"]
-    columns += [f"of which at 1x1024: {term}" for term in ("student", "trained", "logits")]
+    columns += [f"GPU bf16 {b}x{n}" for b, n in PREDICTED_BATCHES]
+    columns += ["GPU bf16 1x1024, bf16 moments", "the same at g128", "CPU float32 4x1024"]
+    columns += [f"of which at 1x1024: {term}" for term in TERMS_SHOWN]
     for column in columns:
         table.add_column(column, justify="right")
     for row in prediction_table():
         terms = row["gpu_1x1024_terms_gb"]
         gpu = [f"{row[f'gpu_{b}x{n}_gb']:.1f}" for b, n in PREDICTED_BATCHES]
-        parts = [f"{terms[t]:.1f}" for t in ("student", "trained", "logits")]
+        parts = [f"{terms[t]:.1f}" for t in TERMS_SHOWN]
+        gpu.append(f"{row['gpu_1x1024_bf16_moments_gb']:.1f}")
+        gpu.append(f"{row['gpu_1x1024_bf16_moments_g128_gb']:.1f}")
         cells = [row["model"], f"{row['weights_b']:.1f}", *gpu, f"{row['cpu_4x1024_gb']:.1f}"]
         table.add_row(*cells, *parts)
     wide_console().print(table)

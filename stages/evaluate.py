@@ -80,7 +80,7 @@ class EvalConfig:
             problems.append(f"eval.num_sequences must be >= 0 (got {self.num_sequences})")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             problems.append(f"eval.max_seq_length must be >= 2 (got {self.max_seq_length})")
-        problems += choice_problems(self, "eval", ("fast_matmul", "compute_dtype"))
+        problems += choice_problems(self, "eval")
         if self.seed < 0:
             problems.append(f"eval.seed must be >= 0 (got {self.seed})")
         problems += representable_problems(self, "eval")

@@ -3,7 +3,8 @@ run config file and the saved model, the way store/ owns the store's format.
 
 A run folder is used only if it is new, empty, or carries this program's run mark (or is a run
 folder from before the mark, recognised by its config file); inside it, only the entries below
-are ever written or replaced, and `--overwrite` deletes only the checkpoint and the metrics log.
+are ever written or replaced, and `--overwrite` deletes only the checkpoint, the best parameters
+and the metrics log.
 Every replacement is written beside and swapped in, so a crash leaves the old version whole.
 """
 
@@ -13,6 +14,7 @@ import functools
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,10 @@ METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "tune_config.json"  # the run's TuneConfig, for reports
 SENSITIVITY_FILE = "sensitivities.json"  # with a bits budget: each layer's estimates and bits
 LOCK_FILE = "tune.lock"
+# The best parameters so far, on disk rather than in memory (a copy of the trained state: as
+# much as Adam's moments), written beside as BEST_PARTIAL and swapped in.
+BEST_FILE = "best.safetensors"
+BEST_PARTIAL = "best.partial.safetensors"
 MODEL_DIR = "model"
 CHECKPOINT_FILES = ("params.safetensors", "best.safetensors", "optimizer.safetensors", "state.json")
 # What mlx-lm's save writes into a model folder: weights, their index, config, tokenizer files
@@ -187,11 +193,13 @@ def _interrupted_swap(run_dir: Path) -> bool:
 
 @writes_run_dir
 def clear_run(run_dir: Path) -> None:
-    """What --overwrite discards: the checkpoint, the metrics log and the layer sensitivities
-    (a bits budget measures them again), nothing else."""
+    """What --overwrite discards: the checkpoint, the best parameters, the metrics log and the
+    layer sensitivities (a bits budget measures them again), nothing else."""
     for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.partial"):
         _remove_own_folder(run_dir, name)
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    for name in (METRICS_FILE, BEST_FILE, BEST_PARTIAL):
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
     if (run_dir / SENSITIVITY_FILE).is_file():
         (run_dir / SENSITIVITY_FILE).unlink()
 
@@ -211,14 +219,43 @@ def write_sensitivities(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 @writes_run_dir
-def save_checkpoint(run_dir: Path, params, best_params, optimizer, state: dict) -> None:
-    """Write into checkpoint.partial, then swap: a crash leaves the previous checkpoint whole."""
+def save_best(run_dir: Path, params) -> None:
+    """The best parameters so far (BEST_FILE), written beside and swapped in."""
+    mx.save_safetensors(str(run_dir / BEST_PARTIAL), dict(tree_flatten(params)))
+    os.replace(run_dir / BEST_PARTIAL, run_dir / BEST_FILE)
+
+
+def load_best(run_dir: Path):
+    _check_best(run_dir)
+    try:
+        return tree_unflatten(list(mx.load(str(run_dir / BEST_FILE)).items()))
+    except Exception as exc:  # MLX raises bare RuntimeError/ValueError on unreadable files
+        raise _best_lost(run_dir, type(exc).__name__) from exc
+
+
+def _check_best(run_dir: Path) -> None:
+    if not (run_dir / BEST_FILE).is_file():
+        raise _best_lost(run_dir, "missing")
+
+
+def _best_lost(run_dir: Path, why: str) -> StageError:
+    return StageError(
+        f"the best parameters of the run in {run_dir} are lost ({BEST_FILE}: {why}); re-run the "
+        "same command to resume from the last checkpoint (it holds a copy), or pass --overwrite"
+    )
+
+
+@writes_run_dir
+def save_checkpoint(run_dir: Path, params, optimizer, state: dict) -> None:
+    """Write into checkpoint.partial (with a copy of the best parameters' file), then swap: a
+    crash leaves the previous checkpoint whole."""
+    _check_best(run_dir)
     final = run_dir / CHECKPOINT_DIR
     partial = run_dir / f"{CHECKPOINT_DIR}.partial"
     _remove_own_folder(run_dir, partial.name)
     partial.mkdir(parents=True)
     mx.save_safetensors(str(partial / "params.safetensors"), dict(tree_flatten(params)))
-    mx.save_safetensors(str(partial / "best.safetensors"), dict(tree_flatten(best_params)))
+    shutil.copyfile(run_dir / BEST_FILE, partial / "best.safetensors")
     mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
     write_json_atomic(partial / "state.json", state)
     old = run_dir / f"{CHECKPOINT_DIR}.old"
@@ -295,8 +332,9 @@ def _first_difference(saved: Any, settings: dict[str, Any]) -> str:
 def load_checkpoint(
     run_dir: Path, optimizer, resume_key: str, store_digest: str, settings: dict | None = None
 ):
-    """(params, best params, state) of the checkpoint, with the optimizer's state loaded; None
-    without one. A checkpoint of other settings or made on another store is refused."""
+    """(params, state) of the checkpoint, with the optimizer's state loaded (its best
+    parameters are read to check them; `restore_best` makes them the run's); None without one.
+    A checkpoint of other settings or made on another store is refused."""
     state = checkpoint_state(run_dir)
     if state is None:
         return None
@@ -305,11 +343,19 @@ def load_checkpoint(
     for name in ("params", "best", "optimizer"):
         path = run_dir / CHECKPOINT_DIR / f"{name}.safetensors"
         try:
-            loaded[name] = tree_unflatten(list(mx.load(str(path)).items()))
+            loaded[name] = mx.load(str(path))
         except Exception as exc:  # MLX raises bare RuntimeError/ValueError on unreadable files
             raise _damaged_checkpoint(path, type(exc).__name__) from exc
-    optimizer.state = loaded["optimizer"]
-    return loaded["params"], loaded["best"], state
+    optimizer.state = tree_unflatten(list(loaded["optimizer"].items()))
+    return tree_unflatten(list(loaded["params"].items())), state
+
+
+@writes_run_dir
+def restore_best(run_dir: Path) -> None:
+    """The checkpoint's best parameters become the run's: a best file written after that
+    checkpoint (by a run that then crashed) is of steps about to be redone."""
+    shutil.copyfile(run_dir / CHECKPOINT_DIR / "best.safetensors", run_dir / BEST_PARTIAL)
+    os.replace(run_dir / BEST_PARTIAL, run_dir / BEST_FILE)
 
 
 def refuse_other_run(

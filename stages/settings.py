@@ -71,13 +71,13 @@ def compute_dtype_setting() -> Any:
     return setting("auto", help, identity=False, choices=COMPUTE_DTYPES)
 
 
-def choice_problems(config: Any, section: str, names: tuple[str, ...]) -> list[str]:
-    """The named fields hold one of their `choices`."""
-    choices = {f.name: f.metadata["choices"] for f in fields(config)}
+def choice_problems(config: Any, section: str) -> list[str]:
+    """Every field with `choices` holds one of them."""
+    choices = {f.name: f.metadata["choices"] for f in fields(config) if f.metadata.get("choices")}
     return [
-        f"{section}.{name} must be one of {', '.join(choices[name])}"
-        for name in names
-        if getattr(config, name) not in choices[name]
+        f"{section}.{name} must be one of {', '.join(allowed)} (got {getattr(config, name)!r})"
+        for name, allowed in choices.items()
+        if getattr(config, name) not in allowed
     ]
 
 

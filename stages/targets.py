@@ -152,7 +152,7 @@ class TargetsConfig:
             problems.append("targets.lse_temperatures must be a non-empty list of positive numbers")
         if self.seed < 0:
             problems.append(f"targets.seed must be >= 0 (got {self.seed})")
-        problems += choice_problems(self, "targets", ("compute_dtype",))
+        problems += choice_problems(self, "targets")
         problems += representable_problems(self, "targets")
         problems += empty_path_problems(
             self, "targets", ("teacher", "data", "store", "staging_dir")

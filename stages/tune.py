@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from stages import run_dir as run_folder
+from stages.adam import MOMENTS_DTYPES, Adam
 from stages.bit_budget import (
     AFFINE_BITS,
     BUDGET_REVISION,
@@ -153,6 +154,12 @@ class TuneConfig:
         "README: Benchmarks)",
         "--learning-rate",
     )
+    adam_moments_dtype: str = setting(
+        "float32",
+        "dtype of Adam's two moments: bfloat16 halves them (a quarter of the trained state; "
+        "rounded stochastically, so they decay as in float32)",
+        choices=tuple(MOMENTS_DTYPES),
+    )
     warmup_steps: int = setting(5, "linear warm-up steps from 0 to the peak learning rate")
     schedule: str = setting(
         "cosine", "after warm-up: cosine (decay to 10%) or constant", choices=SCHEDULES
@@ -242,8 +249,7 @@ class TuneConfig:
             problems.append(f"tune.loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         if self.temperature <= 0 or self.learning_rate <= 0:
             problems.append("tune.temperature and tune.learning_rate must be > 0")
-        chosen = ("schedule", "fast_matmul", "incomplete_store", "compute_dtype", "mode")
-        problems += choice_problems(self, "tune", chosen)
+        problems += choice_problems(self, "tune")
         if self.wait_timeout_s <= 0:
             problems.append("tune.wait_timeout_s must be > 0")
         if self.seed < 0:
@@ -1025,8 +1031,7 @@ class _Run:
     run_dir: Path
     total_steps: int
     optimizer: Any
-    params: Any
-    best_params: Any
+    params: Any  # the best so far are on disk (run_dir.BEST_FILE), not in memory
     state: dict[str, Any]  # step, initial/best validation loss, best step, train chunks
     checkpoint_step: int | None  # the step of the last checkpoint written (None: none yet)
 
@@ -1060,7 +1065,7 @@ def _scales_optimizer(trainer: _Trainer, total_steps: int) -> optim.Optimizer:
     config = trainer.config
     schedule = _schedule(config, total_steps)
     if config.bits_per_weight is None:
-        return optim.Adam(learning_rate=schedule, bias_correction=True)
+        return _adam(config, schedule)
     paths = {}
     for path, module in trainer.model.named_modules():
         if is_trainable_quantized(module) and module.bits > config.bits:
@@ -1069,10 +1074,15 @@ def _scales_optimizer(trainer: _Trainer, total_steps: int) -> optim.Optimizer:
     for bits, prefixes in sorted(paths.items()):
         factor = (2**config.bits - 1) / (2**bits - 1)
         scaled = lambda step, factor=factor: factor * schedule(step)  # noqa: E731
-        optimizers.append(optim.Adam(learning_rate=scaled, bias_correction=True))
+        optimizers.append(_adam(config, scaled, len(optimizers)))
         filters.append(lambda path, _, prefixes=tuple(prefixes): path.startswith(prefixes))
-    optimizers.append(optim.Adam(learning_rate=schedule, bias_correction=True))
+    optimizers.append(_adam(config, schedule, len(optimizers)))
     return _PerWidthAdam(optimizers, filters)
+
+
+def _adam(config: TuneConfig, schedule, index: int = 0) -> Adam:
+    """One of the run's Adams: its own rounding noise (index) for bfloat16 moments."""
+    return Adam(schedule, config.adam_moments_dtype, seed=config.seed * 16 + index)
 
 
 def _start_or_resume(
@@ -1084,7 +1094,7 @@ def _start_or_resume(
     total_steps = _total_steps(trainer)
     optimizer = _scales_optimizer(trainer, total_steps)
     if config.mode != AFFINE:
-        latents = optim.Adam(_schedule(config, total_steps, config.latent_lr), bias_correction=True)
+        latents = _adam(config, _schedule(config, total_steps, config.latent_lr), index=15)  # last
         optimizer = optim.MultiOptimizer([latents, optimizer], [lambda path, _: is_latent(path)])
     if config.learned_rounding:
         optimizer = with_rounding_steps(optimizer, config.rounding_lr, total_steps)
@@ -1092,13 +1102,15 @@ def _start_or_resume(
     optimizer.init(params)
     state = {"step": 0, "initial_val_loss": None, "best_val_loss": None, "best_step": 0}
     state["train_chunks"] = trainer.train_chunks
-    run = _Run(run_dir, total_steps, optimizer, params, params, state, None)
+    run = _Run(run_dir, total_steps, optimizer, params, state, None)
     store_digest = trainer.reader.manifest.digest
     resumed = run_folder.load_checkpoint(
         run_dir, optimizer, config.resume_key(), store_digest, config.identity()
     )
     if resumed:
-        run.params, run.best_params, run.state = resumed
+        run.params, run.state = resumed
+        if dist.rank == 0:
+            run_folder.restore_best(run_dir)
         run.checkpoint_step = run.state["step"]
         phase(f"resuming at step {run.checkpoint_step + 1}")  # until that step reports
     if dist.rank == 0:  # the config once the checkpoint is accepted; lines after it are redone
@@ -1113,6 +1125,8 @@ def _start_or_resume(
                 "NaN/inf or do not fit the store; quantize the student again from the teacher"
             )
         run.state["initial_val_loss"] = run.state["best_val_loss"] = initial
+        if dist.rank == 0:
+            run_folder.save_best(run_dir, run.params)
         _report(dist, run_dir, on_step, StepReport(0, total_steps, val_loss=initial))
     return run
 
@@ -1122,7 +1136,7 @@ def _save_checkpoint(trainer: _Trainer, run: _Run) -> None:
         digest = trainer.reader.manifest.digest
         saved = {**run.state, "resume_key": trainer.config.resume_key(), "store": digest}
         saved["settings"] = trainer.config.identity()  # names what differs on a refusal
-        run_folder.save_checkpoint(run.run_dir, run.params, run.best_params, run.optimizer, saved)
+        run_folder.save_checkpoint(run.run_dir, run.params, run.optimizer, saved)
     run.checkpoint_step = run.state["step"]
 
 
@@ -1182,11 +1196,12 @@ def _step(trainer: _Trainer, run: _Run, stream: Iterator, step: int, speed: _Spe
 
 
 def _validated(trainer: _Trainer, run: _Run, report: StepReport) -> StepReport:
-    """The report with the validation loss; the best parameters so far kept."""
+    """The report with the validation loss; the best parameters so far written by rank 0."""
     val = trainer.validate(run.params)
     if val < run.state["best_val_loss"]:
         run.state["best_val_loss"], run.state["best_step"] = val, report.step
-        run.best_params = run.params
+        if trainer.dist.rank == 0:
+            run_folder.save_best(run.run_dir, run.params)
     return dataclasses.replace(report, val_loss=val)
 
 
@@ -1194,7 +1209,8 @@ def _save_best(trainer: _Trainer, run: _Run, student: _Student) -> Path:
     """The best parameters saved as an mlx-lm model by rank 0, which every rank waits for."""
     model_dir = run.run_dir / run_folder.MODEL_DIR
     if trainer.dist.rank == 0:
-        best = trainer.as_model_params(run.best_params)
+        run.params = run.optimizer = None  # the best read once the last state is freed
+        best = trainer.as_model_params(run_folder.load_best(run.run_dir))
         model_dir = run_folder.save_model(run.run_dir, lambda to: _save_student(to, student, best))
     trainer.dist.barrier()  # no rank exits (ending the launch) before the model is on disk
     return model_dir

@@ -10,6 +10,7 @@ import pytest
 
 from stages.errors import StageError
 from stages.run_dir import (
+    BEST_FILE,
     CHECKPOINT_DIR,
     METRICS_FILE,
     MODEL_DIR,
@@ -17,9 +18,12 @@ from stages.run_dir import (
     check_run_dir,
     checkpoint_state,
     clear_run,
+    load_best,
     make_run_dir,
     read_metrics,
     recover_checkpoint,
+    restore_best,
+    save_best,
     save_model,
     trim_metrics,
 )
@@ -172,3 +176,27 @@ def test_a_refused_resume_names_a_setting_only_one_run_keys(tmp_path):
         refuse_other_run(tmp_path, state, "new", "s", {"mode": "mxfp4"})
     with pytest.raises(StageError, match=r"tune.mode was 'mxfp4', now 'nvfp4'"):
         refuse_other_run(tmp_path, state, "new", "s", {"mode": "nvfp4"})
+
+
+def test_the_best_parameters_live_on_disk_and_a_resume_takes_the_checkpoints(tmp_path):
+    """Best parameters written after the last checkpoint (then a crash) give way to the
+    checkpoint's on resume; --overwrite discards them with the checkpoint."""
+    import mlx.core as mx
+    import numpy as np
+
+    make_run_dir(tmp_path)
+    save_best(tmp_path, {"w": mx.ones((3,))})
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    mx.save_safetensors(str(tmp_path / CHECKPOINT_DIR / "best.safetensors"), {"w": mx.ones((3,))})
+    save_best(tmp_path, {"w": mx.full((3,), 2.0)})  # a later step's, then the crash
+    assert np.array_equal(np.array(load_best(tmp_path)["w"]), [2.0, 2.0, 2.0])
+    restore_best(tmp_path)
+    assert np.array_equal(np.array(load_best(tmp_path)["w"]), [1.0, 1.0, 1.0])
+    assert sorted(p.name for p in tmp_path.iterdir() if "best" in p.name) == [BEST_FILE]
+    clear_run(tmp_path)
+    assert not (tmp_path / BEST_FILE).exists()
+    with pytest.raises(StageError, match="best parameters of the run .* are lost .*missing"):
+        load_best(tmp_path)
+    (tmp_path / BEST_FILE).write_text("not safetensors")
+    with pytest.raises(StageError, match="lost .*RuntimeError|lost .*ValueError"):
+        load_best(tmp_path)
