@@ -10,6 +10,7 @@ Every replacement is written beside and swapped in, so a crash leaves the old ve
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -150,9 +151,11 @@ def writes_run_dir(function):
         try:
             return function(run_dir, *args, **kwargs)
         except OSError as exc:
+            where = exc.filename2 or exc.filename  # os.replace's target, if it failed
+            what = f"{where}: {exc.strerror or exc}" if where else exc.strerror or exc
             raise StageError(
-                f"cannot write to {run_dir}: {exc.strerror or exc}; the last checkpoint there is "
-                "kept: fix the disk or permissions and re-run the same command to resume"
+                f"cannot write to {run_dir} ({what}); the last checkpoint there is kept: fix "
+                "the disk or permissions and re-run the same command to resume"
             ) from exc
 
     return wrapper
@@ -221,7 +224,7 @@ def write_sensitivities(run_dir: Path, record: dict[str, Any]) -> None:
 @writes_run_dir
 def save_best(run_dir: Path, params) -> None:
     """The best parameters so far (BEST_FILE), written beside and swapped in."""
-    mx.save_safetensors(str(run_dir / BEST_PARTIAL), dict(tree_flatten(params)))
+    _save_arrays(run_dir / BEST_PARTIAL, dict(tree_flatten(params)))
     os.replace(run_dir / BEST_PARTIAL, run_dir / BEST_FILE)
 
 
@@ -234,15 +237,48 @@ def load_best(run_dir: Path):
 
 
 def _check_best(run_dir: Path) -> None:
-    if not (run_dir / BEST_FILE).is_file():
-        raise _best_lost(run_dir, "missing")
+    """The best file is there and whole (checked before a checkpoint copies it, so a damaged
+    one never replaces the checkpoint's good copy)."""
+    problem = safetensors_problem(run_dir / BEST_FILE)
+    if problem:
+        raise _best_lost(run_dir, problem)
 
 
 def _best_lost(run_dir: Path, why: str) -> StageError:
     return StageError(
         f"the best parameters of the run in {run_dir} are lost ({BEST_FILE}: {why}); re-run the "
-        "same command to resume from the last checkpoint (it holds a copy), or pass --overwrite"
+        "same command to resume from the last checkpoint (it holds a copy) or to start over if "
+        "there is none yet, or pass --overwrite"
     )
+
+
+def _save_arrays(path: Path, arrays: dict) -> None:
+    """mx.save_safetensors to a path of the run folder: a link there is replaced, never written
+    through; a failure (MLX raises RuntimeError) leaves no partial file and is an OSError."""
+    path.unlink(missing_ok=True)
+    try:
+        mx.save_safetensors(str(path), arrays)
+    except RuntimeError as exc:
+        path.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"writing it failed ({exc})", str(path)) from exc
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (missing, truncated, unreadable), or None:
+    its header read and its length checked, without loading its arrays."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > size - 8:
+                return "truncated"
+            header = json.loads(f.read(length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        return f"unreadable: {type(exc).__name__}"
+    return None if 8 + length + max(ends, default=0) == size else "truncated"
 
 
 @writes_run_dir
@@ -254,9 +290,9 @@ def save_checkpoint(run_dir: Path, params, optimizer, state: dict) -> None:
     partial = run_dir / f"{CHECKPOINT_DIR}.partial"
     _remove_own_folder(run_dir, partial.name)
     partial.mkdir(parents=True)
-    mx.save_safetensors(str(partial / "params.safetensors"), dict(tree_flatten(params)))
+    _save_arrays(partial / "params.safetensors", dict(tree_flatten(params)))
     shutil.copyfile(run_dir / BEST_FILE, partial / "best.safetensors")
-    mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    _save_arrays(partial / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
     write_json_atomic(partial / "state.json", state)
     old = run_dir / f"{CHECKPOINT_DIR}.old"
     _remove_own_folder(run_dir, old.name)
@@ -333,14 +369,17 @@ def load_checkpoint(
     run_dir: Path, optimizer, resume_key: str, store_digest: str, settings: dict | None = None
 ):
     """(params, state) of the checkpoint, with the optimizer's state loaded (its best
-    parameters are read to check them; `restore_best` makes them the run's); None without one.
+    parameters' file is checked whole; `restore_best` makes them the run's); None without one.
     A checkpoint of other settings or made on another store is refused."""
     state = checkpoint_state(run_dir)
     if state is None:
         return None
     refuse_other_run(run_dir, state, resume_key, store_digest, settings)
+    best = run_dir / CHECKPOINT_DIR / "best.safetensors"
+    if problem := safetensors_problem(best):
+        raise _damaged_checkpoint(best, problem)
     loaded = {}
-    for name in ("params", "best", "optimizer"):
+    for name in ("params", "optimizer"):
         path = run_dir / CHECKPOINT_DIR / f"{name}.safetensors"
         try:
             loaded[name] = mx.load(str(path))

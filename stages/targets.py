@@ -317,6 +317,11 @@ def _at_or_above(logits: np.ndarray, bound: np.ndarray) -> tuple[np.ndarray, np.
     return np.divmod(flat[mask[flat]], logits.shape[-1])
 
 
+# With a mass of at least 1e-6 at T, the largest term is >= 1e-6 / vocabulary (~7e-12 at 151,936
+# tokens); all terms below float32's normal range together then move the root's sum by < 1e-8.
+ROOTED_MASS_MIN = 1e-6
+
+
 def _tail_logsumexp(
     logits: np.ndarray,
     indices: np.ndarray,
@@ -332,16 +337,18 @@ def _tail_logsumexp(
     In one scratch array of the logits' shape (`scratch`, or a new one), in place: shifted by
     the head's smallest logit, which no tail logit exceeds, so no tail term overflows; the
     head's terms (which may) are then set to 0. A temperature twice the one before it takes the
-    square root of that one's terms (exp(x / 2T) = exp(x / T) ** 0.5, a third of the work).
+    square root of that one's terms (exp(x / 2T) = exp(x / T) ** 0.5, a third of the work)
+    when those came from exp.
     Positions whose tail underflows (a gap of ~87 T below the head), or whose terms at T were
     too small to root precisely, are summed again shifted by their own largest tail logit."""
     if indices.shape[-1] == logits.shape[-1]:
         return np.full((*logits.shape[:-1], len(temperatures)), -np.inf)
     shift = head.min(axis=-1, keepdims=True)
     scaled = np.empty_like(logits) if scratch is None else scratch
-    tails, previous, previous_mass = [], None, None
+    tails, previous, previous_mass, previous_rooted = [], None, None, False
     for t in temperatures:
-        rooted = previous is not None and t == 2 * previous
+        # only from exp's terms: a root of a root would lose what underflowed two levels down
+        rooted = previous is not None and t == 2 * previous and not previous_rooted
         if rooted:
             np.sqrt(scaled, out=scaled)
         else:
@@ -360,13 +367,8 @@ def _tail_logsumexp(
         if redo.any():
             tail[redo] = _tail_by_its_maximum(logits[redo], indices[redo], t)
         tails.append(tail)
-        previous, previous_mass = t, mass
+        previous, previous_mass, previous_rooted = t, mass, rooted
     return np.stack(tails, -1)
-
-
-# With a mass of at least 1e-6 at T, the largest term is >= 1e-6 / vocabulary (~7e-12 at 151,936
-# tokens); all terms below float32's normal range together then move the root's sum by < 1e-8.
-ROOTED_MASS_MIN = 1e-6
 
 
 def _tail_by_its_maximum(logits: np.ndarray, indices: np.ndarray, t: float) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from stages import run_dir as run_folder
-from stages.adam import MOMENTS_DTYPES, Adam
+from stages.adam import MOMENTS_DTYPES, MomentsAdam
 from stages.bit_budget import (
     AFFINE_BITS,
     BUDGET_REVISION,
@@ -86,7 +86,12 @@ from store.errors import StoreCorruptError
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
-LEVERS_OFF = {"train_norms": False, "learned_rounding": False, "init": "rtn"}
+LEVERS_OFF = {
+    "train_norms": False,
+    "learned_rounding": False,
+    "init": "rtn",
+    "adam_moments_dtype": "float32",
+}
 INCOMPLETE = ("refuse", "use", "wait")
 GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden states are held
 # A start whose algorithm changed gives other integers from the same settings: its revision is
@@ -1080,9 +1085,9 @@ def _scales_optimizer(trainer: _Trainer, total_steps: int) -> optim.Optimizer:
     return _PerWidthAdam(optimizers, filters)
 
 
-def _adam(config: TuneConfig, schedule, index: int = 0) -> Adam:
-    """One of the run's Adams: its own rounding noise (index) for bfloat16 moments."""
-    return Adam(schedule, config.adam_moments_dtype, seed=config.seed * 16 + index)
+def _adam(config: TuneConfig, schedule, stream: int = 0) -> MomentsAdam:
+    """One of the run's Adams, with its own rounding noise (`stream`) for bfloat16 moments."""
+    return MomentsAdam(schedule, config.adam_moments_dtype, config.seed, stream)
 
 
 def _start_or_resume(
@@ -1094,7 +1099,7 @@ def _start_or_resume(
     total_steps = _total_steps(trainer)
     optimizer = _scales_optimizer(trainer, total_steps)
     if config.mode != AFFINE:
-        latents = _adam(config, _schedule(config, total_steps, config.latent_lr), index=15)  # last
+        latents = _adam(config, _schedule(config, total_steps, config.latent_lr), stream=255)
         optimizer = optim.MultiOptimizer([latents, optimizer], [lambda path, _: is_latent(path)])
     if config.learned_rounding:
         optimizer = with_rounding_steps(optimizer, config.rounding_lr, total_steps)

@@ -198,5 +198,37 @@ def test_the_best_parameters_live_on_disk_and_a_resume_takes_the_checkpoints(tmp
     with pytest.raises(StageError, match="best parameters of the run .* are lost .*missing"):
         load_best(tmp_path)
     (tmp_path / BEST_FILE).write_text("not safetensors")
-    with pytest.raises(StageError, match="lost .*RuntimeError|lost .*ValueError"):
+    with pytest.raises(StageError, match="lost .*(truncated|unreadable)"):
         load_best(tmp_path)
+
+
+def test_a_damaged_best_file_never_replaces_the_checkpoints_copy(tmp_path):
+    """Truncated, a directory in its place, a link at its partial name: one line each, the
+    checkpoint and the user's file untouched."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from stages.run_dir import BEST_PARTIAL, save_checkpoint
+
+    make_run_dir(tmp_path)
+    save_best(tmp_path, {"w": mx.ones((1000,))})
+    optimizer = optim.Adam(1e-3)
+    optimizer.init({"w": mx.ones((1000,))})
+    save_checkpoint(tmp_path, {"w": mx.ones((1000,))}, optimizer, {"step": 1})
+    good = (tmp_path / CHECKPOINT_DIR / "best.safetensors").read_bytes()
+    data = (tmp_path / BEST_FILE).read_bytes()
+    (tmp_path / BEST_FILE).write_bytes(data[:-100])
+    with pytest.raises(StageError, match="best parameters .* lost .*truncated"):
+        save_checkpoint(tmp_path, {"w": mx.ones((1000,))}, optimizer, {"step": 2})
+    assert (tmp_path / CHECKPOINT_DIR / "best.safetensors").read_bytes() == good
+    restore_best(tmp_path)  # what a re-run does
+    assert (tmp_path / BEST_FILE).read_bytes() == good
+    users = tmp_path.parent / f"{tmp_path.name}-users-file"
+    users.write_text("keep me")
+    (tmp_path / BEST_PARTIAL).symlink_to(users)
+    save_best(tmp_path, {"w": mx.zeros((3,))})
+    assert users.read_text() == "keep me"
+    (tmp_path / BEST_FILE).unlink()
+    (tmp_path / BEST_FILE).mkdir()
+    with pytest.raises(StageError, match=f"cannot write to .*{BEST_FILE}"):
+        save_best(tmp_path, {"w": mx.zeros((3,))})

@@ -585,3 +585,22 @@ def test_tails_at_doubled_temperatures_from_square_roots_match_float64():
     for i, t in enumerate(temperatures):
         expected = top[:, 0] / t + np.log(np.exp((rest - top) / t).sum(-1))
         np.testing.assert_allclose(found[:, i], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperatures", [[1.0, 2.0, 4.0, 8.0], [0.5, 1.0, 2.0, 4.0]])
+def test_a_chain_of_doubled_temperatures_keeps_a_tail_that_underflowed_at_the_first(temperatures):
+    """One tail logit well below the head and the rest far below it: at T=1 the rest underflow,
+    at T=8 they hold nearly half the tail's mass."""
+    from stages.targets import _tail_logsumexp
+
+    logits = np.full((2, 151_936), -110.0, np.float32)
+    logits[:, :1024] = 0.0
+    logits[0, 2000], logits[1, 2000] = -13.8, -6.9
+    logits[1, 1024:2000] = -60.0
+    indices = np.broadcast_to(np.arange(1024), (2, 1024))
+    found = _tail_logsumexp(logits, indices, logits[:, :1024], temperatures)
+    rest = logits[:, 1024:].astype(np.float64)
+    for i, t in enumerate(temperatures):
+        top = rest.max(-1, keepdims=True)
+        expected = top[:, 0] / t + np.log(np.exp((rest - top) / t).sum(-1))
+        np.testing.assert_allclose(found[:, i], expected, rtol=1e-6)
