@@ -151,7 +151,7 @@ def writes_run_dir(function):
         try:
             return function(run_dir, *args, **kwargs)
         except OSError as exc:
-            where = exc.filename2 or exc.filename  # os.replace's target, if it failed
+            where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
             what = f"{where}: {exc.strerror or exc}" if where else exc.strerror or exc
             raise StageError(
                 f"cannot write to {run_dir} ({what}); the last checkpoint there is kept: fix "
@@ -270,15 +270,20 @@ def safetensors_problem(path: Path) -> str | None:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             length = int.from_bytes(f.read(8), "little")
-            if size < 8 or length > size - 8:
+            if size < 8 or length > min(size - 8, SAFETENSORS_HEADER_MAX):
                 return "truncated"
             header = json.loads(f.read(length))
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if not all(type(end) is int and end >= 0 for end in ends):
+            return "unreadable: bad offsets"
     except FileNotFoundError:
         return "missing"
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         return f"unreadable: {type(exc).__name__}"
     return None if 8 + length + max(ends, default=0) == size else "truncated"
+
+
+SAFETENSORS_HEADER_MAX = 100_000_000  # the format's own limit on its JSON header
 
 
 @writes_run_dir
@@ -393,6 +398,7 @@ def load_checkpoint(
 def restore_best(run_dir: Path) -> None:
     """The checkpoint's best parameters become the run's: a best file written after that
     checkpoint (by a run that then crashed) is of steps about to be redone."""
+    (run_dir / BEST_PARTIAL).unlink(missing_ok=True)  # a link there is replaced, not written
     shutil.copyfile(run_dir / CHECKPOINT_DIR / "best.safetensors", run_dir / BEST_PARTIAL)
     os.replace(run_dir / BEST_PARTIAL, run_dir / BEST_FILE)
 

@@ -228,6 +228,13 @@ def test_a_damaged_best_file_never_replaces_the_checkpoints_copy(tmp_path):
     (tmp_path / BEST_PARTIAL).symlink_to(users)
     save_best(tmp_path, {"w": mx.zeros((3,))})
     assert users.read_text() == "keep me"
+    (tmp_path / BEST_PARTIAL).symlink_to(users)
+    restore_best(tmp_path)
+    assert users.read_text() == "keep me"
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,"4"]}}'
+    (tmp_path / BEST_FILE).write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(StageError, match="lost .*unreadable"):
+        load_best(tmp_path)
     (tmp_path / BEST_FILE).unlink()
     (tmp_path / BEST_FILE).mkdir()
     with pytest.raises(StageError, match=f"cannot write to .*{BEST_FILE}"):
