@@ -193,3 +193,27 @@ def test_eval_refuses_a_student_of_an_unknown_mode(tiny_store, tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(StageError, match=r"names quantization mode '7', not one of affine"):
         evaluate(EvalConfig(store=str(tiny_store), student=str(run.model_dir)))
+
+
+@pytest.mark.parametrize(
+    "mode, bits, group_size", [("mxfp8", 8, 32), ("mxfp4", 4, 32), ("nvfp4", 4, 16)]
+)
+def test_latents_start_off_the_rounding_ties(mode, bits, group_size):
+    """Weights with few significant bits sit on the grid's ties; the latent starts a little toward
+    its quantized value: the same RTN student, and a first step of 1e-6 no longer flips codes."""
+    from types import SimpleNamespace
+
+    from stages.float_modes import _off_the_ties, fake_quantized
+
+    weight = (mx.random.normal((64, 256), key=mx.random.key(3)) * 0.05).astype(mx.bfloat16)
+    weight = weight.astype(mx.float32)
+    start = _off_the_ties(weight, SimpleNamespace(bits=bits, group_size=group_size, mode=mode))
+    rtn = fake_quantized(weight, bits, group_size, mode)
+    assert bool(mx.all(fake_quantized(start, bits, group_size, mode) == rtn))
+    sign = mx.where(mx.random.uniform(shape=weight.shape, key=mx.random.key(4)) < 0.5, -1.0, 1.0)
+
+    def flipped(latent):
+        return float((fake_quantized(latent + 1e-6 * sign, bits, group_size, mode) != rtn).mean())
+
+    assert flipped(weight) > 0.002  # ties exist
+    assert flipped(start) < 0.2 * flipped(weight)  # mxfp4: groups whose scale would move stay
