@@ -198,9 +198,10 @@ def test_eval_refuses_a_student_of_an_unknown_mode(tiny_store, tmp_path):
 @pytest.mark.parametrize(
     "mode, bits, group_size", [("mxfp8", 8, 32), ("mxfp4", 4, 32), ("nvfp4", 4, 16)]
 )
-def test_latents_start_off_the_rounding_ties(mode, bits, group_size):
-    """Weights with few significant bits sit on the grid's ties; the latent starts a little toward
-    its quantized value: the same RTN student, and a first step of 1e-6 no longer flips codes."""
+def test_mxfp8_latents_start_off_the_rounding_ties(mode, bits, group_size):
+    """Weights with few significant bits sit on the grid's ties. An mxfp8 latent starts a little
+    toward its quantized value: the same RTN student, and a first step of 1e-6 no longer flips
+    codes; the 4-bit modes start on the teacher's weight (their first flips helped)."""
     from types import SimpleNamespace
 
     from stages.float_modes import _off_the_ties, fake_quantized
@@ -208,6 +209,9 @@ def test_latents_start_off_the_rounding_ties(mode, bits, group_size):
     weight = (mx.random.normal((64, 256), key=mx.random.key(3)) * 0.05).astype(mx.bfloat16)
     weight = weight.astype(mx.float32)
     start = _off_the_ties(weight, SimpleNamespace(bits=bits, group_size=group_size, mode=mode))
+    if mode != "mxfp8":
+        assert start is weight
+        return
     rtn = fake_quantized(weight, bits, group_size, mode)
     assert bool(mx.all(fake_quantized(start, bits, group_size, mode) == rtn))
     sign = mx.where(mx.random.uniform(shape=weight.shape, key=mx.random.key(4)) < 0.5, -1.0, 1.0)
@@ -216,4 +220,4 @@ def test_latents_start_off_the_rounding_ties(mode, bits, group_size):
         return float((fake_quantized(latent + 1e-6 * sign, bits, group_size, mode) != rtn).mean())
 
     assert flipped(weight) > 0.002  # ties exist
-    assert flipped(start) < 0.2 * flipped(weight)  # mxfp4: groups whose scale would move stay
+    assert flipped(start) < 0.1 * flipped(weight)
