@@ -537,7 +537,7 @@ def prediction_table() -> list[dict]:
             terms = predicted_terms(shape, batch, seq_len, **gpu)
             row[f"gpu_{batch}x{seq_len}_gb"] = predicted_peak(shape, batch, seq_len, **gpu) / 1e9
             row[f"gpu_{batch}x{seq_len}_terms_gb"] = {k: v / 1e9 for k, v in terms.items()}
-        small = {"fast_path": False, "compute_bytes": 2, "moments_bytes": 2}
+        small = {**gpu, "moments_bytes": 2}
         row["gpu_1x1024_bf16_moments_gb"] = predicted_peak(shape, 1, 1024, **small) / 1e9
         smaller = {**small, "group_size": 128}
         row["gpu_1x1024_bf16_moments_g128_gb"] = predicted_peak(shape, 1, 1024, **smaller) / 1e9

@@ -34,13 +34,13 @@ class MomentsAdam(optim.Adam):
         state["v"] = mx.zeros(parameter.shape, self.moments_dtype)
 
     def apply_gradients(self, gradients: dict, parameters: dict):
-        # Noise keyed by each parameter's place among the sorted paths, not by the order the
-        # tree is walked in: trees read back from a checkpoint list their keys in another.
-        paths = sorted(tree_flatten(gradients), key=lambda item: item[0])
-        if len(paths) >= 1 << PARAMETER_BITS:
-            raise ValueError(f"more than 2**{PARAMETER_BITS} parameters for one optimizer")
-        self._index_of = {id(gradient): i for i, (_, gradient) in enumerate(paths)}
         if self.moments_dtype != mx.float32:
+            # Noise keyed by each parameter's place among the sorted paths, not by the order
+            # the tree is walked in: trees read back from a checkpoint list their keys in another.
+            paths = sorted(tree_flatten(gradients), key=lambda item: item[0])
+            if len(paths) >= 1 << PARAMETER_BITS:
+                raise ValueError(f"more than 2**{PARAMETER_BITS} parameters for one optimizer")
+            self._index_of = {id(gradient): i for i, (_, gradient) in enumerate(paths)}
             mx.eval(gradients)  # the backward pass first; then one parameter at a time
         return super().apply_gradients(gradients, parameters)
 

@@ -200,11 +200,9 @@ def clear_run(run_dir: Path) -> None:
     layer sensitivities (a bits budget measures them again), nothing else."""
     for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.partial"):
         _remove_own_folder(run_dir, name)
-    for name in (METRICS_FILE, BEST_FILE, BEST_PARTIAL):
+    for name in (METRICS_FILE, BEST_FILE, BEST_PARTIAL, SENSITIVITY_FILE):
         if (run_dir / name).is_file():
             (run_dir / name).unlink()
-    if (run_dir / SENSITIVITY_FILE).is_file():
-        (run_dir / SENSITIVITY_FILE).unlink()
 
 
 @writes_run_dir

@@ -239,9 +239,10 @@ def topk_targets(
 
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
-    indices, tails = _extract_by_rows(logits.reshape(-1, logits.shape[-1]), top_k, temperatures)
-    indices = indices.reshape(*logits.shape[:-1], -1)
-    values = np.take_along_axis(logits, indices, axis=-1)
+    rows = logits.reshape(-1, logits.shape[-1])
+    indices, values, tails = (
+        part.reshape(*logits.shape[:-1], -1) for part in _extract_by_rows(rows, top_k, temperatures)
+    )
     as_read = logits_as_read(values, logits_dtype, logit_step)
     shifts = [
         _logsumexp(as_read / t) - _logsumexp(values / t) for t in map(np.float64, temperatures)
@@ -252,7 +253,7 @@ def topk_targets(
         # The head's rounding shift makes a softmax over [stored head / T, tail] give the exact
         # tail mass, and a head summing to exactly the rest (the shift is 0 for float32 logits).
         # uint8 heads are read relative to their largest logit: the shift takes it off the tail.
-        "tail_logsumexp": tails.reshape(*logits.shape[:-1], -1) + np.stack(shifts, -1),
+        "tail_logsumexp": tails + np.stack(shifts, -1),
     }
 
 
@@ -265,16 +266,18 @@ ROWS_PER_PASS = 8
 
 def _extract_by_rows(
     rows: np.ndarray, k: int, temperatures: list[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k indices and tail log-sum-exps of (positions, vocabulary) logits."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top-k indices, their logits and the tail log-sum-exps of (positions, vocabulary)
+    logits."""
     scratch = np.empty((min(ROWS_PER_PASS, len(rows)), rows.shape[-1]), np.float32)
-    indices, tails = [], []
+    indices, heads, tails = [], [], []
     for start in range(0, len(rows), ROWS_PER_PASS):
         block = rows[start : start + ROWS_PER_PASS]
         indices.append(_top_k_indices(block, k))
-        head = np.take_along_axis(block, indices[-1], axis=-1)
-        tails.append(_tail_logsumexp(block, indices[-1], head, temperatures, scratch[: len(block)]))
-    return np.concatenate(indices), np.concatenate(tails)
+        heads.append(np.take_along_axis(block, indices[-1], axis=-1))
+        scaled = scratch[: len(block)]
+        tails.append(_tail_logsumexp(block, indices[-1], heads[-1], temperatures, scaled))
+    return np.concatenate(indices), np.concatenate(heads), np.concatenate(tails)
 
 
 def _top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
@@ -375,8 +378,7 @@ def _tail_by_its_maximum(logits: np.ndarray, indices: np.ndarray, t: float) -> n
     """_tail_logsumexp of a few (position, vocabulary) rows, shifted by each tail's maximum."""
     rest = logits.astype(np.float64)
     np.put_along_axis(rest, indices, -np.inf, axis=-1)
-    top = rest.max(axis=-1, keepdims=True)
-    return top[..., 0] / t + np.log(np.exp((rest - top) / t).sum(axis=-1))
+    return _logsumexp(rest / t)
 
 
 def teacher_logits(model, tokens: np.ndarray) -> np.ndarray:
