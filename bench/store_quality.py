@@ -45,6 +45,23 @@ FORMATS = {  # label -> targets settings besides the quality bench's store
     "k=64": {"targets.top_k": 64},
     "k=64 uint8": {"targets.top_k": 64, "targets.logits_dtype": "uint8"},
     "k=16": {"targets.top_k": 16},
+    "k=64 s32": {"targets.top_k": 64, "targets.tail_samples": 32},
+    "k=64 uint8 s32": {
+        "targets.top_k": 64,
+        "targets.logits_dtype": "uint8",
+        "targets.tail_samples": 32,
+    },
+    "k=16 s64": {"targets.top_k": 16, "targets.tail_samples": 64},
+    "k=64 uint8 s64": {
+        "targets.top_k": 64,
+        "targets.logits_dtype": "uint8",
+        "targets.tail_samples": 64,
+    },
+    "k=16 uint8 s16": {
+        "targets.top_k": 16,
+        "targets.logits_dtype": "uint8",
+        "targets.tail_samples": 16,
+    },
 }
 
 

@@ -56,7 +56,13 @@ def mlx_lm_layout_bytes(model, tokens, batch_size: int, top_k: int, folder: Path
 
 
 def measure_teacher(
-    teacher: str, samples: int, seq_len: int, top_k: int, tmp: Path, clock: FullTime
+    teacher: str,
+    samples: int,
+    seq_len: int,
+    top_k: int,
+    tmp: Path,
+    clock: FullTime,
+    tail_samples: int = 0,
 ) -> dict:
     """Bare forward and targets seconds of one teacher on the same rows, the fixed cost, and
     both store layouts' bytes per token."""
@@ -67,6 +73,7 @@ def measure_teacher(
         num_samples=samples,
         num_valid_samples=4,
         top_k=top_k,
+        tail_samples=tail_samples,
         max_seq_length=seq_len,
     )
     loaded = load_model(config.teacher)
@@ -107,6 +114,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=samples)
     parser.add_argument("--top-k", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--tail-samples", type=int, default=0)
     args = parser.parse_args()
     clock = FullTime("targets")
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +129,13 @@ def main() -> None:
         for name, teacher in teachers.items():
             with tempfile.TemporaryDirectory(dir=tmp) as work_dir:
                 runs[name] = measure_teacher(
-                    teacher, args.samples, args.seq_len, args.top_k, Path(work_dir), clock
+                    teacher,
+                    args.samples,
+                    args.seq_len,
+                    args.top_k,
+                    Path(work_dir),
+                    clock,
+                    args.tail_samples,
                 )
     rows = []
     for name, run in runs.items():
@@ -130,7 +144,8 @@ def main() -> None:
     default = runs["default teacher"]
     what = "store bytes/token vs mlx-lm safetensors layout"
     rows.append(Ratio("targets", what, default["theirs_bytes"], default["ours_bytes"], "<= 0.25"))
-    title = f"targets, {default['tokens']:,} tokens per teacher, k={args.top_k} (one run)"
+    samples = f" + {args.tail_samples} tail samples" if args.tail_samples else ""
+    title = f"targets, {default['tokens']:,} tokens per teacher, k={args.top_k}{samples} (one run)"
     fixed = ", ".join(f"{name} {run['setup_s']:.1f}s" for name, run in runs.items())
     report(title, rows, f"fixed cost per run (load, fingerprint, data): {fixed}")
     clock.write()

@@ -200,6 +200,9 @@ def targets(
     ] = None,
     store: StoreOption = None,
     top_k: Annotated[int | None, typer.Option(help="Logits kept per position.")] = None,
+    tail_samples: Annotated[
+        int | None, typer.Option(help="Ids sampled per position from outside the top-k.")
+    ] = None,
     num_samples: Annotated[int | None, typer.Option(help="Training sequences.")] = None,
     max_seq_length: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
     shard: Annotated[
@@ -240,7 +243,8 @@ def targets(
         ui.info(f"teacher layers run for shard {which}; rank 0 wrote {cfg.store}")
         return
     sizes = ", ".join(f"{n}: {s.num_sequences} seq" for n, s in manifest.splits.items())
-    ui.info(f"targets done for shard {which} -> {cfg.store} ({sizes}, top-k {cfg.top_k})")
+    samples = f", {cfg.tail_samples} tail samples" if cfg.tail_samples else ""
+    ui.info(f"targets done for shard {which} -> {cfg.store} ({sizes}, top-k {cfg.top_k}{samples})")
 
 
 @app.command()

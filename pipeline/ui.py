@@ -233,6 +233,11 @@ def store_info_table(info: StoreInfo) -> Table:
     table.caption = (
         f"teacher {escape(str(info.teacher))}, top-k {info.top_k}, "
         + (f"{info.logits} logits, " if info.logits else "")
+        + (
+            f"{info.tail_samples} tail samples at T={info.sample_temperature:g}, "
+            if info.tail_samples
+            else ""
+        )
         + ("complete" if info.complete else "incomplete")
     )
     return table

@@ -195,7 +195,7 @@ def fisher_diagonals(
     gradient = mx.grad(negative_log_likelihood)
     squares = {p: mx.zeros(w.shape, dtype=mx.float32) for p, w in weights.items()}
     positions, key = 0.0, mx.random.key(seed)
-    for number, (tokens, topk_logits, indices, tail, mask) in enumerate(batches):
+    for number, (tokens, topk_logits, indices, tail, *_, mask) in enumerate(batches):
         if on_batch:
             on_batch(number)
         key, draw = mx.random.split(key)

@@ -62,6 +62,20 @@ def kl_tail(student_topk, student_tail, teacher_topk, teacher_tail, temperature)
     return _kl(log_p, log_q)
 
 
+def sampled_tail_kl(
+    student_samples, student_tail, teacher_topk, teacher_tail, tail_entropy, temperature
+):
+    """The KL inside the tail bucket, which kl_tail leaves out, estimated from the store's
+    tail samples (ids drawn from the teacher's distribution outside the top-k, at T):
+    KL(p || q) = KL of the buckets + p(tail) * KL(p | tail || q | tail), and
+    KL(p | tail || q | tail) = E_p|tail[-log q | tail] - H(p | tail), the expectation taken as
+    the samples' mean. Unbiased in value and gradient. student_samples: the student's logits at
+    the sampled ids [..., S]; tail_entropy: the stored H(p | tail) [...]."""
+    tail_mass = mx.exp(bucket_logprobs(teacher_topk, teacher_tail, temperature)[..., -1])
+    cross_entropy = student_tail - (student_samples / temperature).mean(axis=-1)
+    return tail_mass * (cross_entropy - tail_entropy)
+
+
 def reverse_kl(student_topk, student_tail, teacher_topk, teacher_tail, temperature):
     log_p = bucket_logprobs(teacher_topk, teacher_tail, temperature)
     log_q = bucket_logprobs(student_topk, student_tail, temperature)
@@ -87,3 +101,4 @@ LOSSES: dict[str, LossFn] = {
     "js": jensen_shannon,
 }
 NEEDS_TAIL = {"kl_tail", "reverse_kl", "js"}  # need the store's tail_logsumexp at their T
+SAMPLED_LOSS = "kl_tail"  # the loss that adds sampled_tail_kl when the store has tail samples

@@ -43,13 +43,21 @@ from store.layout import (
     sequences_digest,
 )
 from store.location import VOLATILE_SCHEMES
-from store.manifest import MAX_ROWS, MAX_SEQ_LEN, MAX_TEMPERATURES, MAX_TOP_K, Manifest
+from store.manifest import (
+    MAX_ROWS,
+    MAX_SEQ_LEN,
+    MAX_TAIL_SAMPLES,
+    MAX_TEMPERATURES,
+    MAX_TOP_K,
+    Manifest,
+)
 from store.writer import BackgroundWriter, StoreWriter, open_store_for_writing
 
 SPLIT_ORDER = ("valid", "train")  # valid first: a short run already gives tune its validation set
 # The sizes a manifest may hold (checked again when a store is read).
 TARGETS_LIMITS = {
     "top_k": MAX_TOP_K,
+    "tail_samples": MAX_TAIL_SAMPLES,
     "max_seq_length": MAX_SEQ_LEN,
     "num_samples": MAX_ROWS,
     "num_valid_samples": MAX_ROWS,
@@ -111,7 +119,21 @@ class TargetsConfig:
         "temperatures at which the tail outside the top-k is stored (tail-aware losses need "
         "tune.temperature among them)",
     )
-    seed: int = setting(123, "seed for the sequence selection")
+    tail_samples: int = setting(
+        0,
+        "ids drawn per position from the teacher's distribution outside the top-k, at "
+        "sample_temperature (0: none); kl_tail then adds an unbiased estimate of the KL inside "
+        "that tail, so a small top-k loses little (~2 bytes per sample, stored)",
+        "--tail-samples",
+        identity=False,  # recorded in the store's settings only when > 0 (store_identity)
+    )
+    sample_temperature: float = setting(
+        2.0,
+        "temperature of the tail samples' distribution: one of lse_temperatures, and tune's "
+        "temperature",
+        identity=False,  # recorded with tail_samples (store_identity)
+    )
+    seed: int = setting(123, "seed for the sequence selection and the tail samples")
     trust_remote_code: bool = trust_remote_code_setting()
     compute_dtype: str = compute_dtype_setting()
     pipeline: bool = setting(
@@ -152,6 +174,14 @@ class TargetsConfig:
             problems.append("targets.lse_temperatures must be a non-empty list of positive numbers")
         if self.seed < 0:
             problems.append(f"targets.seed must be >= 0 (got {self.seed})")
+        if self.tail_samples < 0:
+            problems.append(f"targets.tail_samples must be >= 0 (got {self.tail_samples})")
+        if self.tail_samples and self.sample_temperature not in self.lse_temperatures:
+            problems.append(
+                f"targets.sample_temperature {self.sample_temperature} must be one of "
+                f"targets.lse_temperatures {self.lse_temperatures} (tune needs the tail's mass "
+                "at the temperature its samples were drawn at)"
+            )
         problems += choice_problems(self, "targets")
         problems += representable_problems(self, "targets")
         problems += empty_path_problems(
@@ -187,6 +217,9 @@ class TargetsConfig:
         kept = identity_values(self)
         if self.logits_dtype in STEPPED_DTYPES:  # absent otherwise, as before the setting
             kept["logit_step"] = self.logit_step
+        if self.tail_samples:  # absent otherwise, as before the setting
+            kept["tail_samples"] = self.tail_samples
+            kept["sample_temperature"] = self.sample_temperature
         return {**kept, "compute_dtype": cast_to} if cast_to else kept
 
     @property
@@ -227,27 +260,40 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
     return top[..., 0] + np.log(np.exp(values - top).sum(axis=-1))
 
 
+@dataclass(frozen=True)
+class TailSampling:
+    """How many ids to draw per position from the teacher's distribution outside its top-k, at
+    which temperature, from which generator (one per chunk: a store is the same however it is
+    sharded or resumed)."""
+
+    count: int
+    temperature: float
+    rng: np.random.Generator
+
+
 def topk_targets(
     logits: np.ndarray,
     top_k: int,
     temperatures: list[float],
     logits_dtype: str,
     logit_step: float | None = None,
+    sampling: TailSampling | None = None,
 ) -> dict[str, np.ndarray]:
     """Top-k logits (float32), their indices and the tail's log-sum-exp per temperature, from
     float32 logits; the store keeps the logits in `logits_dtype` (uint8: `logit_step` apart).
+    With `sampling`, also ids drawn from the tail (`tail_samples`) and its entropy
+    (`tail_entropy`), at the sampling temperature.
 
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
     rows = logits.reshape(-1, logits.shape[-1])
-    indices, values, tails = (
-        part.reshape(*logits.shape[:-1], -1) for part in _extract_by_rows(rows, top_k, temperatures)
-    )
+    parts = _extract_by_rows(rows, top_k, temperatures, sampling)
+    indices, values, tails, *sampled = (part.reshape(*logits.shape[:-1], -1) for part in parts)
     as_read = logits_as_read(values, logits_dtype, logit_step)
     shifts = [
         _logsumexp(as_read / t) - _logsumexp(values / t) for t in map(np.float64, temperatures)
     ]
-    return {
+    out = {
         "topk_logits": values,
         "topk_indices": indices,
         # The head's rounding shift makes a softmax over [stored head / T, tail] give the exact
@@ -255,6 +301,9 @@ def topk_targets(
         # uint8 heads are read relative to their largest logit: the shift takes it off the tail.
         "tail_logsumexp": tails + np.stack(shifts, -1),
     }
+    if sampling:
+        out["tail_samples"], out["tail_entropy"] = sampled[0], sampled[1][..., 0]
+    return out
 
 
 # Positions extracted together: 8 rows of a 151,936-token vocabulary (4.9 MB) stay in cache
@@ -265,19 +314,105 @@ ROWS_PER_PASS = 8
 
 
 def _extract_by_rows(
-    rows: np.ndarray, k: int, temperatures: list[float]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows: np.ndarray, k: int, temperatures: list[float], sampling: TailSampling | None = None
+) -> tuple[np.ndarray, ...]:
     """The top-k indices, their logits and the tail log-sum-exps of (positions, vocabulary)
-    logits."""
+    logits; with `sampling`, then the tail samples and the tail's entropy ([positions, 1])."""
     scratch = np.empty((min(ROWS_PER_PASS, len(rows)), rows.shape[-1]), np.float32)
-    indices, heads, tails = [], [], []
+    terms = np.empty_like(scratch) if sampling else None
+    parts: list[list[np.ndarray]] = [[], [], [], [], []]
     for start in range(0, len(rows), ROWS_PER_PASS):
         block = rows[start : start + ROWS_PER_PASS]
-        indices.append(_top_k_indices(block, k))
-        heads.append(np.take_along_axis(block, indices[-1], axis=-1))
+        indices = _top_k_indices(block, k)
+        head = np.take_along_axis(block, indices, axis=-1)
         scaled = scratch[: len(block)]
-        tails.append(_tail_logsumexp(block, indices[-1], heads[-1], temperatures, scaled))
-    return np.concatenate(indices), np.concatenate(heads), np.concatenate(tails)
+        kept = (sampling.temperature, terms[: len(block)]) if sampling else None
+        found = [indices, head, _tail_logsumexp(block, indices, head, temperatures, scaled, kept)]
+        if sampling:
+            found += _sample_tail(block, indices, head, terms[: len(block)], sampling)
+        for part, value in zip(parts, found, strict=False):
+            part.append(value)
+    return tuple(np.concatenate(part) for part in parts if part)
+
+
+def _sample_tail(
+    logits: np.ndarray,
+    indices: np.ndarray,
+    head: np.ndarray,
+    terms: np.ndarray,
+    sampling: TailSampling,
+) -> list[np.ndarray]:
+    """[ids drawn from softmax(logits / T) outside `indices`, sorted, per row; that
+    distribution's entropy, [rows, 1]], T the sampling temperature, from `terms`:
+    exp((logits - the head's smallest) / T), 0 at `indices` (as _tail_logsumexp makes them).
+
+    Systematic sampling: one uniform offset per row, the n draws 1/n apart along the tail's
+    cumulative distribution. Each id is drawn n * p times in expectation, as by independent
+    draws (so an average over the draws is unbiased), but at most one time more or less than
+    that, which independent draws do not bound. Rows whose tail is too light for its float32
+    terms (below ROOTED_MASS_MIN of the head's smallest) are drawn again from float64 terms
+    shifted by their own largest tail logit."""
+    t, n = sampling.temperature, sampling.count
+    fractions = (np.arange(n) + sampling.rng.random((len(logits), 1))) / n
+    samples, mass = _systematic_draws(terms, fractions)
+    # sum of terms * logits as one BLAS product per row (~1e-7 relative here; 0 at the head)
+    weighted = np.matmul(terms[:, None, :], logits[:, :, None])[:, 0]
+    shift = head.min(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = np.log(mass) - (weighted / mass - shift) / t
+    light = mass[:, 0] < ROOTED_MASS_MIN
+    if light.any():
+        samples[light], entropy[light] = _sample_tail_exactly(
+            logits[light], indices[light], t, fractions[light]
+        )
+    return [samples, entropy]
+
+
+def _sample_tail_exactly(
+    logits: np.ndarray, indices: np.ndarray, t: float, fractions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """_sample_tail of a few rows, from float64 terms shifted by each tail's largest logit."""
+    scaled = logits.astype(np.float64)
+    np.put_along_axis(scaled, indices, -np.inf, axis=-1)
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    scaled /= t
+    terms = np.exp(scaled)
+    np.put_along_axis(scaled, indices, 0.0, axis=-1)  # their terms are 0
+    samples, mass = _systematic_draws(terms, fractions)
+    weighted = (terms * scaled).sum(axis=-1, keepdims=True)
+    return samples, np.log(mass) - weighted / mass
+
+
+# Columns per group of _systematic_draws's two-level search.
+SAMPLE_GROUP = 256
+
+
+def _systematic_draws(terms: np.ndarray, fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(For each row of non-negative `terms` and each of its `fractions` f in [0, 1), the
+    column where the running sum first exceeds f * the row's sum; each row's sum, [rows, 1]).
+
+    In two levels: a draw finds its group of SAMPLE_GROUP columns among the rows' running
+    group sums, then its column within that group's running sum (a running sum of a whole
+    150k-column row took most of the extraction's time). A column of term 0 is never drawn."""
+    rows, vocab = terms.shape
+    whole = vocab // SAMPLE_GROUP * SAMPLE_GROUP
+    sums = [terms[:, :whole].reshape(rows, -1, SAMPLE_GROUP).sum(axis=-1)]
+    if whole < vocab:
+        sums.append(terms[:, whole:].sum(axis=-1, keepdims=True))
+    running = np.cumsum(np.concatenate(sums, axis=-1), axis=-1, dtype=np.float64)
+    mass = running[:, -1:]
+    targets = np.minimum(fractions * mass, np.nextafter(mass, 0))  # below the end, always
+    group = (running[:, None, :] <= targets[..., None]).sum(axis=-1)
+    before = np.where(group > 0, np.take_along_axis(running, np.maximum(group - 1, 0), -1), 0.0)
+    columns = group[..., None] * SAMPLE_GROUP + np.arange(SAMPLE_GROUP)
+    inside = columns < vocab
+    within = np.take_along_axis(terms, np.minimum(columns, vocab - 1).reshape(rows, -1), -1)
+    within = np.where(inside, within.reshape(columns.shape), 0)
+    offset = (np.cumsum(within, axis=-1, dtype=np.float64) <= (targets - before)[..., None]).sum(-1)
+    # a draw at its group's very end (the group's sum rounded above its running sum) takes the
+    # group's last column of positive term
+    last = SAMPLE_GROUP - 1 - np.argmax(within[..., ::-1] > 0, axis=-1)
+    return group * SAMPLE_GROUP + np.minimum(offset, last), mass
 
 
 def _top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
@@ -331,6 +466,7 @@ def _tail_logsumexp(
     head: np.ndarray,
     temperatures: list[float],
     scratch: np.ndarray | None = None,
+    terms_at: tuple[float, np.ndarray] | None = None,
 ):
     """Per temperature, log-sum-exp of logits / T over the vocabulary outside `indices` (whose
     logits are `head`), summed from the unrounded logits (never as the full sum minus the head:
@@ -343,7 +479,8 @@ def _tail_logsumexp(
     square root of that one's terms (exp(x / 2T) = exp(x / T) ** 0.5, a third of the work)
     when those came from exp.
     Positions whose tail underflows (a gap of ~87 T below the head), or whose terms at T were
-    too small to root precisely, are summed again shifted by their own largest tail logit."""
+    too small to root precisely, are summed again shifted by their own largest tail logit.
+    `terms_at` (T, array): the terms at T are copied into the array."""
     if indices.shape[-1] == logits.shape[-1]:
         return np.full((*logits.shape[:-1], len(temperatures)), -np.inf)
     shift = head.min(axis=-1, keepdims=True)
@@ -361,6 +498,8 @@ def _tail_logsumexp(
             with np.errstate(over="ignore"):
                 np.exp(scaled, out=scaled)
             np.put_along_axis(scaled, indices, 0.0, axis=-1)
+        if terms_at and terms_at[0] == t:
+            np.copyto(terms_at[1], scaled)
         mass = scaled.sum(axis=-1)  # float32, pairwise: ~1e-6 relative, as stored
         with np.errstate(divide="ignore"):
             tail = shift[..., 0] / np.float64(t) + np.log(mass, dtype=np.float64)
@@ -400,6 +539,10 @@ def _check_against_model(config: TargetsConfig, vocab_size: int, train: TokenSeq
     problems = []
     if config.top_k > vocab_size:
         problems.append(f"top_k={config.top_k} exceeds the teacher's vocabulary of {vocab_size}")
+    elif config.tail_samples and config.top_k == vocab_size:
+        problems.append(
+            f"tail_samples needs a tail: top_k={config.top_k} is the teacher's whole vocabulary"
+        )
     if len(train) < config.batch_size:
         problems.append(
             f"only {len(train)} training sequences, fewer than one batch of {config.batch_size}"
@@ -426,6 +569,7 @@ def build_manifest(
             chunk_rows=config.chunk_size,
             logits_dtype=config.logits_dtype,
             logit_step=config.stored_logit_step,
+            tail_samples=config.tail_samples,
         )
         for name, seqs in splits.items()
     }
@@ -654,6 +798,12 @@ def _chunk_targets(model, seqs: TokenSequences, rows: tuple[str, int, int], conf
             "float32 if it overflows in its own dtype"
         )
 
+    sampling = None
+    if config.tail_samples:
+        chunk = start // config.chunk_size
+        rng = np.random.default_rng([config.seed, SPLIT_ORDER.index(split), chunk])
+        sampling = TailSampling(config.tail_samples, config.sample_temperature, rng)
+
     def extract() -> dict[str, np.ndarray]:
         parts = [
             topk_targets(
@@ -662,6 +812,7 @@ def _chunk_targets(model, seqs: TokenSequences, rows: tuple[str, int, int], conf
                 config.lse_temperatures,
                 config.logits_dtype,
                 config.stored_logit_step,
+                sampling,
             )
             for part in logits
         ]

@@ -44,7 +44,7 @@ from stages.float_modes import (
     untuned_float_layers,
 )
 from stages.gptq import gptq_init, swap_quantized, tied_output_layers
-from stages.losses import LOSSES, NEEDS_TAIL, tail_logsumexp
+from stages.losses import LOSSES, NEEDS_TAIL, SAMPLED_LOSS, sampled_tail_kl, tail_logsumexp
 from stages.models import (
     apply_fast_matmul,
     checkpoint_blocks,
@@ -682,6 +682,13 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
                 f"(first: {split}/{absent[0]}; an interrupted copy?); copy the store again or "
                 "re-run `dwq-pipeline targets` with the same config to repair it"
             )
+    sampled_at = reader.manifest.settings.get("sample_temperature")
+    if config.loss == SAMPLED_LOSS and sampled_at is not None and config.temperature != sampled_at:
+        raise StageError(
+            f"the store's tail samples were drawn at temperature {sampled_at}: tune.temperature "
+            f"{config.temperature} would weigh them wrongly; use {sampled_at}, or a store made "
+            "without targets.tail_samples"
+        )
     temperatures = reader.manifest.settings.get("lse_temperatures", [])
     if config.loss in NEEDS_TAIL and config.temperature not in temperatures:
         raise StageError(
@@ -747,6 +754,7 @@ class _Trainer:
         self.shape = reader.manifest.splits["train"]
         self.train_chunks = train_chunks
         self.t_index = _temperature_index(reader, config)
+        self.samples = config.loss == SAMPLED_LOSS and self.shape.tail_samples > 0
         self.sequences = {split: reader.sequences(split) for split in reader.manifest.splits}
         self.loss_fn = LOSSES[config.loss]
         self.chunked = None  # with grad_checkpoint, for a model split before its output layer
@@ -787,24 +795,29 @@ class _Trainer:
         return tree_unflatten(flat)
 
     def batch_inputs(self, split: str, rows: list[int], targets: dict[str, np.ndarray]):
-        return _batch_arrays(self.sequences[split], rows, targets, self.t_index)
+        return _batch_arrays(self.sequences[split], rows, targets, self.t_index, self.samples)
 
     def summed_loss(self, params, tokens, *targets):
-        """The loss summed over the batch's positions (targets: teacher top-k, indices, tail or
-        None, mask)."""
+        """The loss summed over the batch's positions (targets: teacher top-k, indices, tail,
+        tail samples and tail entropy (each None where unused), mask)."""
         self.model.update(params)
         if self.chunked is None:
             return self.position_loss(self.model(tokens), *targets)
         hidden = self.chunked.output.backbone(tokens)
         return self.chunked.loss(hidden, self.chunked.weight_blocks(), targets)
 
-    def position_loss(self, logits, teacher_topk, indices, teacher_tail, mask):
+    def position_loss(self, logits, teacher_topk, indices, teacher_tail, samples, entropy, mask):
         logits = logits.astype(mx.float32)
         t = self.config.temperature
         student_topk = mx.take_along_axis(logits, indices, axis=-1)
         # kl_topk renormalises over the top-k alone and needs no tail
         student_tail = None if teacher_tail is None else tail_logsumexp(logits / t, indices)
         per_position = self.loss_fn(student_topk, student_tail, teacher_topk, teacher_tail, t)
+        if samples is not None:
+            student_samples = mx.take_along_axis(logits, samples, axis=-1)
+            per_position = per_position + sampled_tail_kl(
+                student_samples, student_tail, teacher_topk, teacher_tail, entropy, t
+            )
         return (per_position * mask).sum()
 
     def loss_and_grads(self, params, tokens, *targets):
@@ -880,17 +893,21 @@ class _Trainer:
         return float(self.dist.sum(mx.array(total)).item()) / self.global_tokens("valid", batches)
 
 
-def _batch_arrays(seqs: dict, rows: list[int], targets: dict[str, np.ndarray], t_index):
-    """A batch's token rows, stored targets (the tail at temperature index `t_index`, or none)
-    and loss mask, as the losses read them."""
+def _batch_arrays(
+    seqs: dict, rows: list[int], targets: dict[str, np.ndarray], t_index, samples: bool = False
+):
+    """A batch's token rows, stored targets (the tail at temperature index `t_index`, or none;
+    the tail samples and entropy, or none) and loss mask, as the losses read them."""
     tokens = seqs["tokens"][rows]
     mask = loss_mask(seqs["lengths"][rows], seqs["prompt_offsets"][rows], tokens.shape[1] - 1)
     tail = targets["tail_logsumexp"][..., t_index] if t_index is not None else None
+    sampled = (targets["tail_samples"], targets["tail_entropy"]) if samples else (None, None)
     return (
         mx.array(tokens[:, :-1]),
         mx.array(targets["topk_logits"]),
         mx.array(targets["topk_indices"]),
         None if tail is None else mx.array(tail),
+        *(None if value is None else mx.array(value) for value in sampled),
         mx.array(mask.astype(np.float32)),
     )
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from store.errors import StoreCorruptError
-from store.layout import TARGET_ARRAYS
 from store.reader import StoreReader
 
 
@@ -26,6 +26,8 @@ class StoreInfo:
     teacher: str
     top_k: int
     logits: str = ""  # the stored logits' encoding: "bfloat16", "uint8 (step 0.1)", ...
+    tail_samples: int = 0  # ids sampled from the tail per position (0: none)
+    sample_temperature: float | None = None
     splits: dict[str, SplitInfo] = field(default_factory=dict)
 
     @property
@@ -44,15 +46,18 @@ def store_info(path: str | Path, storage_options: dict | None = None) -> StoreIn
         info.top_k = shape.top_k
         step = f" (step {shape.logit_step:g})" if shape.logit_step is not None else ""
         info.logits = shape.logits_dtype + step
+        info.tail_samples = shape.tail_samples
+        info.sample_temperature = manifest.settings.get("sample_temperature")
         lengths = reader.sequences(split, verify=False)["lengths"]
         done_rows = sum(stop - start for start, stop in map(shape.chunk_rows_range, records[split]))
         specs = shape.array_specs()
         raw_bytes = sum(
-            _itemsize(specs[name]["dtype"]) * done_rows * shape.positions * specs[name]["shape"][2]
-            for name in TARGET_ARRAYS
+            _itemsize(specs[name]["dtype"]) * done_rows * math.prod(specs[name]["shape"][1:])
+            for name in shape.target_arrays
         )
         stored = sum(
-            sum(reader.location.keys_under(f"{split}/{name}").values()) for name in TARGET_ARRAYS
+            sum(reader.location.keys_under(f"{split}/{name}").values())
+            for name in shape.target_arrays
         )
         info.splits[split] = SplitInfo(
             sequences=shape.num_sequences,

@@ -35,9 +35,11 @@ warnings.filterwarnings(
 # Arrays written once when the store is created, and arrays written chunk by chunk by the teacher.
 SEQUENCE_ARRAYS = ("tokens", "lengths", "prompt_offsets")
 TARGET_ARRAYS = ("topk_logits", "topk_indices", "tail_logsumexp")
+# Arrays of stores with sampled tails (SplitShape.tail_samples > 0), beside TARGET_ARRAYS.
+SAMPLED_ARRAYS = ("tail_samples", "tail_entropy")
 # Arrays of stores of earlier schemas (schema 1's tail): still their own files, for --overwrite.
 EARLIER_ARRAYS = ("logsumexp",)
-_ANY_ARRAY = "|".join(SEQUENCE_ARRAYS + TARGET_ARRAYS + EARLIER_ARRAYS)
+_ANY_ARRAY = "|".join(SEQUENCE_ARRAYS + TARGET_ARRAYS + SAMPLED_ARRAYS + EARLIER_ARRAYS)
 
 
 def is_store_key(key: str) -> bool:
@@ -153,13 +155,22 @@ class SplitShape:
     chunk_rows: int
     logits_dtype: str
     logit_step: float | None = None  # uint8 logits only; absent from the manifest otherwise
+    tail_samples: int = 0  # ids drawn from the tail per position; absent from the manifest if 0
 
     def to_dict(self) -> dict:
-        """As in the manifest: without logit_step where the dtype has none (as before it was)."""
+        """As in the manifest: without logit_step where the dtype has none and without
+        tail_samples where there are none (as before those settings)."""
         out = asdict(self)
         if self.logit_step is None:
             del out["logit_step"]
+        if not self.tail_samples:
+            del out["tail_samples"]
         return out
+
+    @property
+    def target_arrays(self) -> tuple[str, ...]:
+        """The arrays the teacher writes chunk by chunk."""
+        return TARGET_ARRAYS + (SAMPLED_ARRAYS if self.tail_samples else ())
 
     @property
     def positions(self) -> int:
@@ -186,6 +197,16 @@ class SplitShape:
             ),
             "topk_indices": targets["topk_indices"].astype(self.index_dtype),
             "tail_logsumexp": targets["tail_logsumexp"].astype(np.float32),
+            **(
+                {
+                    "tail_samples": np.sort(targets["tail_samples"], axis=-1).astype(
+                        self.index_dtype
+                    ),
+                    "tail_entropy": targets["tail_entropy"].astype(np.float32),
+                }
+                if self.tail_samples
+                else {}
+            ),
         }
 
     def decode_logits(self, stored: np.ndarray) -> np.ndarray:
@@ -195,7 +216,7 @@ class SplitShape:
     def array_specs(self) -> dict[str, dict]:
         """name -> {shape, chunks, dtype, codecs} for every array of the split."""
         n, c, p, k = self.num_sequences, self.chunk_rows, self.positions, self.top_k
-        return {
+        specs = {
             "tokens": _spec((n, self.seq_len), (c, self.seq_len), "int32", _zstd(4, "shuffle")),
             "lengths": _spec((n,), (c,), "int32", _zstd(4, "shuffle")),
             "prompt_offsets": _spec((n,), (c,), "int32", _zstd(4, "shuffle")),
@@ -221,6 +242,19 @@ class SplitShape:
                 _zstd(4, "shuffle"),
             ),
         }
+        if self.tail_samples:
+            s = self.tail_samples
+            # Ids drawn from the teacher's distribution outside the top-k, sorted per position
+            # (repeats kept: an id's count is how often it was drawn), and that distribution's
+            # entropy, at the store's sample_temperature (see stages/targets.py).
+            specs["tail_samples"] = _spec(
+                (n, p, s),
+                (c, p, s),
+                self.index_dtype,
+                {"filters": "delta", **_zstd(np.dtype(self.index_dtype).itemsize, "shuffle")},
+            )
+            specs["tail_entropy"] = _spec((n, p), (c, p), "float32", _zstd(4, "shuffle"))
+        return specs
 
 
 def _spec(shape: tuple, chunks: tuple, dtype: str, codec: dict) -> dict:

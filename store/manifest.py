@@ -29,6 +29,7 @@ MAX_ROWS = 1 << 26
 MAX_SEQ_LEN = 1 << 20
 MAX_TOP_K = 1 << 22
 MAX_TEMPERATURES = 64
+MAX_TAIL_SAMPLES = 4096  # the draws' search holds rows x samples x 256 values at a time
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
     if name not in STORE_SPLITS:
         raise ManifestError(f"manifest names an unknown split {name!r}")
     fields = set(SplitShape.__dataclass_fields__)
-    if not isinstance(raw, dict) or not fields - {"logit_step"} <= set(raw) <= fields:
+    optional = {"logit_step", "tail_samples"}
+    if not isinstance(raw, dict) or not fields - optional <= set(raw) <= fields:
         raise ManifestError(f"manifest split {name!r} has the wrong fields")
     limits = {
         "num_sequences": MAX_ROWS,
@@ -167,6 +169,14 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
             f"dwq-pipeline reads {', '.join(LOGIT_DTYPES)}; a newer one may read it)"
         )
     _check_logit_step(name, raw)
+    samples = raw.get("tail_samples", 0)
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        samples = -1  # out of range below
+    if not 0 <= samples <= MAX_TAIL_SAMPLES:
+        shown = raw.get("tail_samples")
+        raise ManifestError(f"manifest split {name!r}: tail_samples={shown!r} is out of range")
+    if samples and raw["top_k"] == raw["vocab_size"]:
+        raise ManifestError(f"manifest split {name!r}: tail samples without a tail (top_k=vocab)")
     return SplitShape(**raw)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from store.errors import StoreError, StoreMismatchError
-from store.layout import LOCKS_DIR, MANIFEST_FILE, RECORDS_DIR, TARGET_ARRAYS, chunk_key, record_key
+from store.layout import LOCKS_DIR, MANIFEST_FILE, RECORDS_DIR, chunk_key, record_key
 from store.location import FsspecLocation
 from store.manifest import Manifest, describe_differences, read_manifest
 from store.records import read_records
@@ -59,7 +59,9 @@ class Publisher:
     def _publish_skeleton(self) -> None:
         """Everything but target chunks, records and locks; the manifest last."""
         splits = self.writer.manifest.splits
-        chunk_dirs = tuple(f"{split}/{name}/c/" for split in splits for name in TARGET_ARRAYS)
+        chunk_dirs = tuple(
+            f"{split}/{name}/c/" for split, shape in splits.items() for name in shape.target_arrays
+        )
         for path in sorted(self.writer.path.rglob("*")):
             key = str(path.relative_to(self.writer.path))
             skip = key.startswith((f"{RECORDS_DIR}/", f"{LOCKS_DIR}/", *chunk_dirs))
@@ -68,7 +70,7 @@ class Publisher:
         self._put(MANIFEST_FILE)
 
     def publish_chunk(self, split: str, chunk: int) -> None:
-        for name in TARGET_ARRAYS:
+        for name in self.writer.manifest.splits[split].target_arrays:
             ndim = self.writer.root[split][name].ndim
             self._put(chunk_key(split, name, chunk, ndim))
         self._put(record_key(split, chunk))

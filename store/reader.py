@@ -14,7 +14,6 @@ import zarr
 from store.errors import ManifestUnreadable, StoreCorruptError, StoreError
 from store.layout import (
     SEQUENCE_ARRAYS,
-    TARGET_ARRAYS,
     chunk_key,
     record_key,
     sequences_digest,
@@ -118,7 +117,8 @@ class StoreReader:
     def missing_chunk_files(self, split: str, chunk: int) -> list[str]:
         """Chunk files that are absent, as after an interrupted copy."""
         keys = [
-            chunk_key(split, name, chunk, self._array(split, name).ndim) for name in TARGET_ARRAYS
+            chunk_key(split, name, chunk, self._array(split, name).ndim)
+            for name in self.manifest.splits[split].target_arrays
         ]
         return [key for key in keys if not self.location.exists(key)]
 
@@ -137,10 +137,11 @@ class StoreReader:
 
     def read_targets(self, split: str, chunk: int, verify: bool = True) -> dict[str, np.ndarray]:
         """A chunk's stored target arrays (logits in their stored dtype), checksum-verified."""
-        start, stop = self.manifest.splits[split].chunk_rows_range(chunk)
+        shape = self.manifest.splits[split]
+        start, stop = shape.chunk_rows_range(chunk)
         try:
             values = self.location.call(
-                lambda: {name: self._array(split, name)[start:stop] for name in TARGET_ARRAYS}
+                lambda: {name: self._array(split, name)[start:stop] for name in shape.target_arrays}
             )
         except StoreError:
             raise
@@ -154,6 +155,11 @@ class StoreReader:
             record = self.records()[split].get(chunk)
             if record is None:
                 raise StoreCorruptError(f"chunk {split}/{chunk} is not complete in {self.location}")
+            if set(record.checksums) != set(shape.target_arrays):
+                raise StoreCorruptError(
+                    f"chunk {split}/{chunk}'s record does not name the store's arrays; "
+                    "re-run `dwq-pipeline targets` to recompute it"
+                )
             for name, expected in record.checksums.items():
                 if array_checksum(values[name]) != expected:
                     self._raise_if_files_missing(split, chunk)
@@ -185,11 +191,11 @@ class _ChunkCache:
 
     def rows(self, row_ids: list[int]) -> dict[str, np.ndarray]:
         shape = self.reader.manifest.splits[self.split]
-        picked: dict[str, list[np.ndarray]] = {name: [] for name in TARGET_ARRAYS}
+        picked: dict[str, list[np.ndarray]] = {name: [] for name in shape.target_arrays}
         for row in row_ids:
             chunk, offset = divmod(row, shape.chunk_rows)
             values = self._get(chunk)
-            for name in TARGET_ARRAYS:
+            for name in shape.target_arrays:
                 picked[name].append(values[name][offset])
         return {name: np.stack(parts) for name, parts in picked.items()}
 
@@ -201,6 +207,8 @@ class _ChunkCache:
                 values = self.reader.read_targets_when_ready(self.split, chunk, self.wait_s)
             values["topk_logits"] = self.reader.logits_as_float32(self.split, values["topk_logits"])
             values["topk_indices"] = values["topk_indices"].astype(np.int32)
+            if "tail_samples" in values:
+                values["tail_samples"] = values["tail_samples"].astype(np.int32)
             if len(self.chunks) >= self.size:
                 self.chunks.pop(next(iter(self.chunks)))
             self.chunks[chunk] = values

@@ -38,7 +38,6 @@ from store.layout import (
     MANIFEST_FILE,
     SCHEMA_ATTR,
     SEQUENCE_ARRAYS,
-    TARGET_ARRAYS,
     ZARR_GROUP_FILE,
     chunk_key,
     is_store_key,
@@ -377,7 +376,7 @@ class StoreWriter:
             values["topk_logits"], values["topk_indices"]
         )
         group = self.root[split]
-        for name in TARGET_ARRAYS:
+        for name in shape.target_arrays:
             expected = (stop - start, *group[name].shape[1:])
             if values[name].shape != expected:
                 raise StoreError(
@@ -385,7 +384,7 @@ class StoreWriter:
                 )
             group[name][start:stop] = values[name]
             self._fsync_chunk(split, name, chunk, group[name].ndim)
-        checksums = {name: array_checksum(values[name]) for name in TARGET_ARRAYS}
+        checksums = {name: array_checksum(values[name]) for name in shape.target_arrays}
         record = ChunkRecord(split, chunk, shard, self.manifest.digest, checksums)
         write_record(self.path, record)
 

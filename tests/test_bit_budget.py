@@ -132,7 +132,7 @@ def test_an_unreachable_budget_is_one_line_naming_the_nearest(tiny_store, tiny_t
 def stored_kl(model, batches: list[tuple]) -> float:
     """KL(stored teacher || model) per position at T=1 over the top-k and the tail bucket."""
     total, positions = 0.0, 0.0
-    for tokens, teacher_topk, indices, teacher_tail, mask in batches:
+    for tokens, teacher_topk, indices, teacher_tail, *_, mask in batches:
         logits = model(tokens).astype(mx.float32)
         student_topk = mx.take_along_axis(logits, indices, axis=-1)
         student_tail = tail_logsumexp(logits, indices)

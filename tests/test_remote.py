@@ -32,6 +32,7 @@ def made(tiny_teacher, tmp_path_factory) -> dict:
         "targets.teacher": str(tiny_teacher),
         "targets.data": str(folder / "data"),
         "targets.top_k": 16,
+        "targets.tail_samples": 4,  # every target array a store may hold
         "targets.max_seq_length": 17,
         "targets.num_samples": 12,
         "targets.num_valid_samples": 2,

@@ -262,7 +262,9 @@ class Crash(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_store(tiny_targets_overrides, tmp_path):
+@pytest.mark.parametrize("samples", [0, 4])
+def test_interrupted_run_resumes_to_the_same_store(tiny_targets_overrides, tmp_path, samples):
+    tiny_targets_overrides = {**tiny_targets_overrides, "targets.tail_samples": samples}
     whole = config_for(tiny_targets_overrides, store=str(tmp_path / "whole.zarr"))
     compute_targets(whole)
     broken = config_for(tiny_targets_overrides, store=str(tmp_path / "broken.zarr"))
@@ -305,9 +307,13 @@ def test_two_shard_processes_equal_one_process(tiny_targets_overrides, tmp_path)
     assert_same_store(Path(single.store), shared)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "uint8"])
-def test_shard_stores_merge_into_the_same_store(tiny_targets_overrides, tmp_path, dtype):
-    tiny_targets_overrides = {**tiny_targets_overrides, "targets.logits_dtype": dtype}
+@pytest.mark.parametrize("dtype, samples", [("float32", 0), ("uint8", 0), ("uint8", 4)])
+def test_shard_stores_merge_into_the_same_store(tiny_targets_overrides, tmp_path, dtype, samples):
+    tiny_targets_overrides = {
+        **tiny_targets_overrides,
+        "targets.logits_dtype": dtype,
+        "targets.tail_samples": samples,
+    }
     single = config_for(tiny_targets_overrides, store=str(tmp_path / "single.zarr"))
     compute_targets(single)
     parts = []
@@ -321,13 +327,20 @@ def test_shard_stores_merge_into_the_same_store(tiny_targets_overrides, tmp_path
     assert verify_store(tmp_path / "merged.zarr") == []
 
 
-@pytest.mark.parametrize("dtype", ["float32", "uint8"])
-def test_verify_catches_a_flipped_byte(tiny_targets_overrides, dtype):
-    config = config_for(tiny_targets_overrides, **{"targets.logits_dtype": dtype})
+@pytest.mark.parametrize(
+    "dtype, array",
+    [("float32", "topk_logits"), ("uint8", "topk_logits"), ("uint8", "tail_samples")],
+)
+def test_verify_catches_a_flipped_byte(tiny_targets_overrides, dtype, array):
+    samples = 4 if array == "tail_samples" else 0
+    config = config_for(
+        tiny_targets_overrides,
+        **{"targets.logits_dtype": dtype, "targets.tail_samples": samples},
+    )
     compute_targets(config)
     store = Path(config.store)
     assert runner.invoke(app, ["store", "verify", str(store)]).exit_code == 0
-    chunk = store / "train" / "topk_logits" / "c" / "1" / "0" / "0"
+    chunk = store / "train" / array / "c" / "1" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))
@@ -351,7 +364,9 @@ def test_store_info_reports_sizes(tiny_targets_overrides):
 
 
 def test_a_packed_uint8_store_verifies_and_reads_like_the_folder(tiny_targets_overrides, tmp_path):
-    config = config_for(tiny_targets_overrides, **{"targets.logits_dtype": "uint8"})
+    config = config_for(
+        tiny_targets_overrides, **{"targets.logits_dtype": "uint8", "targets.tail_samples": 4}
+    )
     compute_targets(config)
     packed = tmp_path / "store.zip"
     assert runner.invoke(app, ["store", "pack", config.store, str(packed)]).exit_code == 0
@@ -360,7 +375,8 @@ def test_a_packed_uint8_store_verifies_and_reads_like_the_folder(tiny_targets_ov
     for split, shape in folder.manifest.splits.items():
         for chunk in range(shape.num_chunks):
             ours, theirs = folder.read_targets(split, chunk), zipped.read_targets(split, chunk)
-            assert all(np.array_equal(ours[n], theirs[n]) for n in TARGET_ARRAYS)
+            assert set(ours) == set(shape.target_arrays) == set(theirs)
+            assert all(np.array_equal(ours[n], theirs[n]) for n in ours)
     assert store_info(packed).logits == "uint8 (step 0.1)"
     assert runner.invoke(app, ["store", "info", str(packed)]).exit_code == 0
 
