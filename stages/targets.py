@@ -263,12 +263,17 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class TailSampling:
     """How many ids to draw per position from the teacher's distribution outside its top-k, at
-    which temperature, from which generator (one per chunk: a store is the same however it is
-    sharded or resumed)."""
+    which temperature, and each position's uniform offset in [0, 1) (shaped as the logits less
+    their vocabulary axis; drawn per chunk, so a store is the same however it is sharded,
+    resumed or batched)."""
 
     count: int
     temperature: float
-    rng: np.random.Generator
+    offsets: np.ndarray
+
+    def rows(self, start: int, stop: int) -> TailSampling:
+        """The same sampling for rows start..stop of the offsets' first axis."""
+        return TailSampling(self.count, self.temperature, self.offsets[start:stop])
 
 
 def topk_targets(
@@ -287,6 +292,8 @@ def topk_targets(
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
     rows = logits.reshape(-1, logits.shape[-1])
+    if sampling:  # one offset per row of `rows`
+        sampling = TailSampling(sampling.count, sampling.temperature, sampling.offsets.reshape(-1))
     parts = _extract_by_rows(rows, top_k, temperatures, sampling)
     indices, values, tails, *sampled = (part.reshape(*logits.shape[:-1], -1) for part in parts)
     as_read = logits_as_read(values, logits_dtype, logit_step)
@@ -329,7 +336,8 @@ def _extract_by_rows(
         kept = (sampling.temperature, terms[: len(block)]) if sampling else None
         found = [indices, head, _tail_logsumexp(block, indices, head, temperatures, scaled, kept)]
         if sampling:
-            found += _sample_tail(block, indices, head, terms[: len(block)], sampling)
+            mine = sampling.rows(start, start + len(block))
+            found += _sample_tail(block, indices, head, terms[: len(block)], mine)
         for part, value in zip(parts, found, strict=False):
             part.append(value)
     return tuple(np.concatenate(part) for part in parts if part)
@@ -353,7 +361,7 @@ def _sample_tail(
     terms (below ROOTED_MASS_MIN of the head's smallest) are drawn again from float64 terms
     shifted by their own largest tail logit."""
     t, n = sampling.temperature, sampling.count
-    fractions = (np.arange(n) + sampling.rng.random((len(logits), 1))) / n
+    fractions = (np.arange(n) + sampling.offsets[:, None]) / n
     samples, mass = _systematic_draws(terms, fractions)
     # sum of terms * logits as one BLAS product per row (~1e-7 relative here; 0 at the head)
     weighted = np.matmul(terms[:, None, :], logits[:, :, None])[:, 0]
@@ -783,6 +791,17 @@ def _batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
 
 
+def _tail_sampling(config: TargetsConfig, split: str, start: int, stop: int) -> TailSampling | None:
+    """The tail sampling of rows start..stop of a split (None without samples): its offsets
+    from a generator of the seed, split and chunk alone."""
+    if not config.tail_samples:
+        return None
+    chunk = start // config.chunk_size
+    rng = np.random.default_rng([config.seed, SPLIT_ORDER.index(split), chunk])
+    offsets = rng.random((stop - start, config.max_seq_length - 1))
+    return TailSampling(config.tail_samples, config.sample_temperature, offsets)
+
+
 def _chunk_targets(model, seqs: TokenSequences, rows: tuple[str, int, int], config: TargetsConfig):
     """Run the teacher on (split, start, stop) rows now; return the top-k extraction for the
     writer thread to run later."""
@@ -798,11 +817,7 @@ def _chunk_targets(model, seqs: TokenSequences, rows: tuple[str, int, int], conf
             "float32 if it overflows in its own dtype"
         )
 
-    sampling = None
-    if config.tail_samples:
-        chunk = start // config.chunk_size
-        rng = np.random.default_rng([config.seed, SPLIT_ORDER.index(split), chunk])
-        sampling = TailSampling(config.tail_samples, config.sample_temperature, rng)
+    sampling = _tail_sampling(config, split, start, stop)
 
     def extract() -> dict[str, np.ndarray]:
         parts = [
@@ -812,9 +827,9 @@ def _chunk_targets(model, seqs: TokenSequences, rows: tuple[str, int, int], conf
                 config.lse_temperatures,
                 config.logits_dtype,
                 config.stored_logit_step,
-                sampling,
+                sampling.rows(i - start, j - start) if sampling else None,
             )
-            for part in logits
+            for part, (i, j) in zip(logits, _batches(start, stop, config.batch_size), strict=True)
         ]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 

@@ -56,7 +56,8 @@ def test_tail_samples_follow_the_tails_distribution_and_its_entropy(vocab, k, n,
     rng = np.random.default_rng(vocab)
     logits = (rng.standard_normal((3, 7, vocab)) * 3).astype(np.float32)
     logits[0, 0, :k] += 250  # a tail ~100 T below the head: still sampled by its own shape
-    out = topk_targets(logits, k, [t], "float32", sampling=TailSampling(n, t, rng))
+    offsets = rng.random(logits.shape[:-1])
+    out = topk_targets(logits, k, [t], "float32", sampling=TailSampling(n, t, offsets))
     samples, indices = out["tail_samples"], out["topk_indices"]
     assert samples.shape == (3, 7, n) and (np.diff(samples, axis=-1) >= 0).all()
     for drawn, head in zip(samples.reshape(-1, n), indices.reshape(-1, k), strict=True):
@@ -64,6 +65,21 @@ def test_tail_samples_follow_the_tails_distribution_and_its_entropy(vocab, k, n,
     p = tail_distribution(logits, indices, t)
     assert_systematic_draws(samples, p)
     np.testing.assert_allclose(out["tail_entropy"], entropy64(p), rtol=1e-5, atol=1e-6)
+
+
+def test_the_draws_do_not_depend_on_how_the_rows_are_batched():
+    """A resumed store may be computed with another targets.batch_size (not part of its
+    identity): each position keeps its offset, so its draws are the same."""
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((3, 5, 700)) * 2).astype(np.float32)
+    sampling = TailSampling(8, 2.0, rng.random((3, 5)))
+    whole = topk_targets(logits, 10, [1.0, 2.0], "float32", sampling=sampling)
+    for row in range(3):
+        alone = topk_targets(
+            logits[row : row + 1], 10, [1.0, 2.0], "float32", sampling=sampling.rows(row, row + 1)
+        )
+        assert np.array_equal(alone["tail_samples"][0], whole["tail_samples"][row])
+        assert np.array_equal(alone["tail_entropy"][0], whole["tail_entropy"][row])
 
 
 def full_kl(teacher: np.ndarray, student: mx.array, t: float) -> mx.array:
@@ -102,7 +118,9 @@ def test_the_sampled_loss_is_the_full_kl_in_expectation_in_value_and_gradient():
     value_and_grad = mx.value_and_grad(sampled_loss)
     values, grads = [], []
     for _ in range(draws):
-        drawn = topk_targets(teacher[None], k, [t], "float32", sampling=TailSampling(n, t, rng))
+        drawn = topk_targets(
+            teacher[None], k, [t], "float32", sampling=TailSampling(n, t, rng.random((1, 2)))
+        )
         value, grad = value_and_grad(
             student,
             mx.array(drawn["tail_samples"][0].astype(np.int32)),
