@@ -123,7 +123,7 @@ class TargetsConfig:
         0,
         "ids drawn per position from the teacher's distribution outside the top-k, at "
         "sample_temperature (0: none); kl_tail then adds an unbiased estimate of the KL inside "
-        "that tail, so a small top-k loses little (~2 bytes per sample, stored)",
+        "that tail, so a small top-k loses little (~1.5 bytes per sample once compressed)",
         "--tail-samples",
         identity=False,  # recorded in the store's settings only when > 0 (store_identity)
     )
@@ -292,6 +292,8 @@ def topk_targets(
     numpy rather than MLX: its exp is several times faster on CPU, and it runs on the store's
     writer thread, off the teacher's critical path."""
     rows = logits.reshape(-1, logits.shape[-1])
+    if sampling and (sampling.temperature not in temperatures or top_k >= rows.shape[-1]):
+        raise ValueError("tail samples need a tail, and its terms at their temperature")
     if sampling:  # one offset per row of `rows`
         sampling = TailSampling(sampling.count, sampling.temperature, sampling.offsets.reshape(-1))
     parts = _extract_by_rows(rows, top_k, temperatures, sampling)
@@ -367,7 +369,7 @@ def _sample_tail(
     weighted = np.matmul(terms[:, None, :], logits[:, :, None])[:, 0]
     shift = head.min(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = np.log(mass) - (weighted / mass - shift) / t
+        entropy = np.maximum(np.log(mass) - (weighted / mass - shift) / t, 0.0)
     light = mass[:, 0] < ROOTED_MASS_MIN
     if light.any():
         samples[light], entropy[light] = _sample_tail_exactly(
@@ -388,7 +390,7 @@ def _sample_tail_exactly(
     np.put_along_axis(scaled, indices, 0.0, axis=-1)  # their terms are 0
     samples, mass = _systematic_draws(terms, fractions)
     weighted = (terms * scaled).sum(axis=-1, keepdims=True)
-    return samples, np.log(mass) - weighted / mass
+    return samples, np.maximum(np.log(mass) - weighted / mass, 0.0)
 
 
 # Columns per group of _systematic_draws's two-level search.

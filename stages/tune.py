@@ -683,7 +683,8 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
                 "re-run `dwq-pipeline targets` with the same config to repair it"
             )
     sampled_at = reader.manifest.settings.get("sample_temperature")
-    if config.loss == SAMPLED_LOSS and sampled_at is not None and config.temperature != sampled_at:
+    sampled = reader.manifest.splits["train"].tail_samples > 0
+    if config.loss == SAMPLED_LOSS and sampled and config.temperature != sampled_at:
         raise StageError(
             f"the store's tail samples were drawn at temperature {sampled_at}: tune.temperature "
             f"{config.temperature} would weigh them wrongly; use {sampled_at}, or a store made "

@@ -29,7 +29,9 @@ MAX_ROWS = 1 << 26
 MAX_SEQ_LEN = 1 << 20
 MAX_TOP_K = 1 << 22
 MAX_TEMPERATURES = 64
-MAX_TAIL_SAMPLES = 4096  # the draws' search holds rows x samples x 256 values at a time
+# Each draw searches 256 columns: at 1,024 draws a 151,936-token position takes ~15 ms to sample
+# and stores ~1.5 kB, as much as a top-1024.
+MAX_TAIL_SAMPLES = 1024
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Manifest:
             if not isinstance(raw[key], dict):
                 raise ManifestError(f"manifest field {key!r} must be an object")
         splits = {name: _parse_split(name, value) for name, value in raw["splits"].items()}
+        _check_sampling(raw["settings"], splits)
         manifest = cls(
             teacher=raw["teacher"],
             tokenizer=raw["tokenizer"],
@@ -178,6 +181,23 @@ def _parse_split(name: str, raw: Any) -> SplitShape:
     if samples and raw["top_k"] == raw["vocab_size"]:
         raise ManifestError(f"manifest split {name!r}: tail samples without a tail (top_k=vocab)")
     return SplitShape(**raw)
+
+
+def _check_sampling(settings: dict, splits: dict[str, SplitShape]) -> None:
+    """Splits with tail samples: every split has the same number, and the settings name the
+    temperature they were drawn at, one of the stored tail's temperatures."""
+    counts = {shape.tail_samples for shape in splits.values()}
+    if counts == {0}:
+        return
+    if len(counts) > 1:
+        raise ManifestError(f"manifest splits disagree on tail_samples ({sorted(counts)})")
+    at, stored = settings.get("sample_temperature"), settings.get("lse_temperatures")
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not isinstance(stored, list):
+        raise ManifestError(f"manifest settings: sample_temperature={at!r} is not a number")
+    if at not in stored:
+        raise ManifestError(
+            f"manifest settings: sample_temperature={at!r} is not among lse_temperatures"
+        )
 
 
 def _check_logit_step(name: str, raw: dict) -> None:

@@ -205,7 +205,7 @@ def test_tune_on_a_sampled_store_adds_the_tails_kl_and_refuses_another_temperatu
     "change, message",
     [
         ({"targets.tail_samples": -1}, "tail_samples must be >= 0"),
-        ({"targets.tail_samples": 5000}, "tail_samples must be <= 4,096"),
+        ({"targets.tail_samples": 2000}, "tail_samples must be <= 1,024"),
         ({"targets.tail_samples": 4, "targets.sample_temperature": 3.0}, "must be one of"),
     ],
 )
@@ -230,6 +230,44 @@ def test_a_store_with_a_malformed_sample_count_is_refused_with_one_line(
     result = runner.invoke(app, ["store", "verify", config.store])
     assert result.exit_code == 2, result.output
     assert "tail_samples=" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"settings": {"sample_temperature": None}}, "sample_temperature=None is not a number"),
+        ({"settings": {"sample_temperature": 3.0}}, "sample_temperature=3.0 is not among"),
+        ({"valid": {"tail_samples": 2}}, "splits disagree on tail_samples"),
+        ({"valid": {"tail_samples": None}}, "splits disagree on tail_samples"),
+    ],
+)
+def test_a_manifest_whose_sampling_fields_disagree_is_refused_with_one_line(
+    tiny_targets_overrides, tmp_path, change, message
+):
+    config = load_config(None, sampled_overrides(tiny_targets_overrides)).targets
+    compute_targets(config)
+    path = Path(config.store) / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    for where, fields in change.items():
+        section = manifest["settings"] if where == "settings" else manifest["splits"][where]
+        for name, value in fields.items():
+            if value is None:
+                del section[name]
+            else:
+                section[name] = value
+    path.write_text(json.dumps(manifest))
+    for command in (["store", "info", config.store], ["store", "verify", config.store]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+    args = [
+        f"--set={k}={v}"
+        for k, v in tune_overrides(
+            sampled_overrides(tiny_targets_overrides), tmp_path / "run"
+        ).items()
+    ]
+    result = runner.invoke(app, ["tune", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_a_sampled_store_is_not_the_plain_one(tiny_targets_overrides):
