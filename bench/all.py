@@ -30,6 +30,7 @@ SCRIPTS = (
     "bench.tune",
     "bench.memory",
     "bench.quality",
+    "bench.store_quality",
     "bench.remote",
 )
 REPORT = Path("artifacts/bench/report.json")

@@ -2,14 +2,17 @@
 
 The quality bench's rows (our default run's budget: configs/default.yaml's training rows, tokens
 per row, batch and steps), its teacher and its test text; one store per format made from the same
-rows (k and the logit encoding differ, nothing else), and our `tune` with the default settings on
+rows (k, the logit encoding and the tail samples differ, nothing else), and our `tune` with the
+default settings on
 each, once per seed (the seeds order the batches). Columns: bytes per token of the train split as
 `dwq-pipeline store info` counts them, held-out KL(teacher || student) mean (min-max) over seeds,
 and its ratio to the student tuned on the k=1024 bfloat16 store (issue 15's goal: <= 1.02 at
-<= 250 B/token). The k=1024 runs are the quality bench's own (shared cache, same store).
+<= 250 B/token; moonshot <= 1.05 at <= 64). The k=1024 runs are the quality bench's own (shared
+cache, same store). `make bench` runs the MEASURED formats (15 tune runs when none is cached,
+~2 h here).
 
-Run: `.venv/bin/python -m bench.store_quality [--bits 4] [--formats k=64 ...]`; several such
-processes (and bench.quality ones) share the run cache as bench.quality's do.
+Run: `.venv/bin/python -m bench.store_quality [--bits 4] [--formats "k=16 s64" ...]`; several
+such processes (and bench.quality ones) share the run cache as bench.quality's do.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ FORMATS = {  # label -> targets settings besides the quality bench's store
         "targets.tail_samples": 32,
     },
     "k=16 s64": {"targets.top_k": 16, "targets.tail_samples": 64},
+    "k=4 uint8 s32": {
+        "targets.top_k": 4,
+        "targets.logits_dtype": "uint8",
+        "targets.tail_samples": 32,
+    },
     "k=64 uint8 s64": {
         "targets.top_k": 64,
         "targets.logits_dtype": "uint8",
@@ -63,6 +71,12 @@ FORMATS = {  # label -> targets settings besides the quality bench's store
         "targets.tail_samples": 16,
     },
 }
+
+
+MOONSHOT_BYTES = 64  # issue 15's moonshot: a store this small within 1.05x
+
+# What `make bench` runs (the others on request: --formats).
+MEASURED = ("k=64", "k=64 s32", "k=16 s64", "k=64 uint8 s64", "k=4 uint8 s32")
 
 
 def store_path(label: str) -> Path:
@@ -103,7 +117,7 @@ def tuned_on_each(labels, bits, group_size, overrides) -> tuple[dict, dict, dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="student quality by store format")
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", default=list(MEASURED), choices=list(FORMATS))
     args = parser.parse_args(argv)
     labels = [REFERENCE] + [label for label in args.formats if label != REFERENCE]
     overrides = by_scale(QUICK, {})
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"held-out KL tuned on {label} ({per_token[label]:,.0f} B/token) vs {REFERENCE}",
                 reference,
                 float(np.mean(kls[label])),
-                "<= 1.02",
+                "<= 1.05" if per_token[label] <= MOONSHOT_BYTES else "<= 1.02",
             )
             for label in labels
             if label != REFERENCE
