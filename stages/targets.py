@@ -329,7 +329,7 @@ def _extract_by_rows(
     logits; with `sampling`, then the tail samples and the tail's entropy ([positions, 1])."""
     scratch = np.empty((min(ROWS_PER_PASS, len(rows)), rows.shape[-1]), np.float32)
     terms = np.empty_like(scratch) if sampling else None
-    parts: list[list[np.ndarray]] = [[], [], [], [], []]
+    blocks = []
     for start in range(0, len(rows), ROWS_PER_PASS):
         block = rows[start : start + ROWS_PER_PASS]
         indices = _top_k_indices(block, k)
@@ -340,9 +340,8 @@ def _extract_by_rows(
         if sampling:
             mine = sampling.rows(start, start + len(block))
             found += _sample_tail(block, indices, head, terms[: len(block)], mine)
-        for part, value in zip(parts, found, strict=False):
-            part.append(value)
-    return tuple(np.concatenate(part) for part in parts if part)
+        blocks.append(found)
+    return tuple(np.concatenate(part) for part in zip(*blocks, strict=True))
 
 
 def _sample_tail(

@@ -83,6 +83,7 @@ from stages.settings import (
     trust_remote_code_setting,
 )
 from store.errors import StoreCorruptError
+from store.layout import SplitShape
 from store.reader import StoreReader, stream_batches
 
 SCHEDULES = ("cosine", "constant")
@@ -683,8 +684,9 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
                 "re-run `dwq-pipeline targets` with the same config to repair it"
             )
     sampled_at = reader.manifest.settings.get("sample_temperature")
-    sampled = reader.manifest.splits["train"].tail_samples > 0
-    if config.loss == SAMPLED_LOSS and sampled and config.temperature != sampled_at:
+    if _uses_tail_samples(config, reader.manifest.splits["train"]) and (
+        config.temperature != sampled_at
+    ):
         raise StageError(
             f"the store's tail samples were drawn at temperature {sampled_at}: tune.temperature "
             f"{config.temperature} would weigh them wrongly; use {sampled_at}, or a store made "
@@ -697,6 +699,11 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
             f"logsumexp at that temperature; the store has {temperatures}: use one of those or "
             "re-run targets with it in lse_temperatures"
         )
+
+
+def _uses_tail_samples(config: TuneConfig, shape: SplitShape) -> bool:
+    """Whether the loss reads the store's tail samples (kl_tail on a store that has them)."""
+    return config.loss == SAMPLED_LOSS and shape.tail_samples > 0
 
 
 def _train_chunks(reader: StoreReader, config: TuneConfig, run_dir: Path) -> list[int]:
@@ -755,7 +762,7 @@ class _Trainer:
         self.shape = reader.manifest.splits["train"]
         self.train_chunks = train_chunks
         self.t_index = _temperature_index(reader, config)
-        self.samples = config.loss == SAMPLED_LOSS and self.shape.tail_samples > 0
+        self.samples = _uses_tail_samples(config, self.shape)
         self.sequences = {split: reader.sequences(split) for split in reader.manifest.splits}
         self.loss_fn = LOSSES[config.loss]
         self.chunked = None  # with grad_checkpoint, for a model split before its output layer
