@@ -70,6 +70,8 @@ EVAL_SEQUENCES = 8
 def bench_config(steps: int, bits: int = 4):
     overrides = {
         "store": str(STORE),
+        "targets.top_k": 1024,  # the store format the screen ran on (the default then)
+        "targets.tail_samples": 0,
         "targets.num_samples": 32,
         "targets.num_valid_samples": 8,
         "targets.max_seq_length": 128,

@@ -159,6 +159,7 @@ def make_store(teacher: Path, path: Path, seq_len: int) -> Path:
         teacher=str(teacher),
         store=str(path),
         top_k=TOP_K,
+        tail_samples=0,  # mlx-lm's format on both sides (our default k=16 + 64 samples is smaller)
         max_seq_length=seq_len + 1,  # the teacher sees tokens[:, :-1]
         num_samples=STEPS * BATCH,
         num_valid_samples=1,

@@ -1,8 +1,10 @@
 """Student quality against mlx-lm's DWQ at the same budget, on held-out text.
 
-Both sides get the same training rows and stored targets, the same tokens and optimizer steps
-(our default run's budget: configs/default.yaml's rows, tokens per row and batch, one epoch) and
-the same matmul path (dequantize + BLAS), at 4-bit and 3-bit group 64:
+Both sides get the same training rows, tokens and optimizer steps (our default run's budget:
+configs/default.yaml's rows, tokens per row and batch, one epoch) and the same matmul path
+(dequantize + BLAS), at 4-bit and 3-bit group 64. Each tunes from its own targets of the same
+teacher on those rows: ours from a store in configs/default.yaml's format, mlx-lm's from one in
+its DWQ's (the top 1,024 logits in bf16, MLX_LM_TARGETS), whatever our default is.
 
 - RTN: the teacher quantized round-to-nearest (mlx-lm's `quantize_model`), not tuned;
 - ours: `tune` with configs/default.yaml's settings;
@@ -24,19 +26,19 @@ during the run above what the bench process held before it (its teacher and shar
 The two sides do not do the same work there: ours is the whole `tune` call (loading the
 teacher, quantizing, GPTQ or learned rounding holding the teacher's weights, then tuning from
 the store), mlx-lm's tunes the bench's already quantized RTN student in place (its bytes are
-added) from the stored targets, as its offline mode does. bench/memory.py compares like with
+added) from its stored targets, as its offline mode does. bench/memory.py compares like with
 like. A row whose runs were cached before peaks were recorded gets a 2-step probe run of the
 same settings (the peak does not depend on the step count beyond the first).
 
 Each finished run's parameters are kept in artifacts/bench/quality/ (quality-quick/ for the quick
-scale), keyed by side, bits, learning rate or tune settings, and seed, next to the store they
-were tuned on: a run cut short (or a later one after our defaults change) redoes only what is
-missing. Delete the folder to start over.
+scale), keyed by side, bits, learning rate or tune settings, store format and seed, next to the
+stores they were tuned on (one per format, store_name): a run cut short (or a later one after
+our defaults change) redoes only what is missing. Delete the folder to start over.
 
-Run: `make bench` or `.venv/bin/python -m bench.quality [--bits 4 3]` (BENCH_SCALE=quick for a
-short check). Several such processes on the same cache share the runs (each claims a run
-before it starts it): `OPENBLAS_NUM_THREADS=1` and one process per core is faster on a CPU,
-since most of MLX's CPU work outside the matmuls runs on one thread.
+Run: `make bench` or `.venv/bin/python -m bench.quality [--bits 4 3] [--no-levers]`
+(BENCH_SCALE=quick for a short check). Several such processes on the same cache share the runs
+(each claims a run before it starts it): `OPENBLAS_NUM_THREADS=1` and one process per core is
+faster on a CPU, since most of MLX's CPU work outside the matmuls runs on one thread.
 """
 
 from __future__ import annotations
@@ -95,6 +97,14 @@ QUICK = {
     "eval.num_sequences": 4,
 }
 SCORE_BATCH = 4
+# mlx-lm's DWQ keeps the teacher's top 1,024 logits per position (mlx_lm/quant/dwq.py) in bf16: its
+# side tunes from a store of that format, whichever format our default store has.
+MLX_LM_TARGETS = {
+    "targets.top_k": 1024,
+    "targets.logits_dtype": "bfloat16",
+    "targets.tail_samples": 0,
+    "targets.lse_temperatures": [1.0, 2.0],
+}
 NEVER = 10**9  # val_every / checkpoint_every: validate and checkpoint at start and end only
 # Rows beside our default in the main table: one setting changed at a time, every seed.
 LEVERS = {
@@ -135,8 +145,37 @@ class WithParams:
         return self.model(tokens)
 
 
-def bench_config(store: Path, overrides: dict) -> Any:
-    return load_config(DEFAULT_CONFIG, {**overrides, "store": str(store)})
+def bench_config(overrides: dict) -> Any:
+    """configs/default.yaml changed by `overrides`, its store in the bench's cache, named by the
+    targets format (one store per format, shared by every bench run on it)."""
+    targets = load_config(DEFAULT_CONFIG, overrides).targets
+    return load_config(DEFAULT_CONFIG, {**overrides, "store": str(CACHE / store_name(targets))})
+
+
+def store_name(targets) -> str:
+    """store.zarr for mlx-lm's format (MLX_LM_TARGETS), else named by what differs from it, as
+    store-k16-s64.zarr. A name two formats share is refused by `make_store`, never reused."""
+    mlx_lm = (1024, "bfloat16", 0, [1.0, 2.0])
+    fields = (targets.top_k, targets.logits_dtype, targets.tail_samples, targets.lse_temperatures)
+    if fields == mlx_lm:
+        return "store.zarr"
+    parts = [f"k{targets.top_k}"]
+    if targets.logits_dtype != "bfloat16":
+        parts.append(targets.logits_dtype)
+    if targets.tail_samples:
+        parts.append(f"s{targets.tail_samples}")
+        if targets.sample_temperature != 2.0:
+            parts.append(f"T{targets.sample_temperature:g}")
+    if targets.lse_temperatures != [1.0, 2.0]:
+        parts.append("lse" + "-".join(f"{t:g}" for t in targets.lse_temperatures))
+    return f"store-{'-'.join(parts)}.zarr"
+
+
+def store_suffix(store: str) -> str:
+    """What our run names add for the store they tuned on: nothing for mlx-lm's format (the
+    names runs had before the default store changed), else '-store-k16-s64'."""
+    stem = Path(store).stem
+    return "" if stem == "store" else f"-{stem}"
 
 
 class RunCache:
@@ -273,7 +312,8 @@ def our_settings(config, bits: int, group_size: int, seed: int, **extra) -> Tune
 
 
 def our_run_name(tune_config: TuneConfig, cache) -> str:
-    return f"ours-{settings_digest(tune_config)}-{cache.tag}-seed{tune_config.seed}"
+    digest, store = settings_digest(tune_config), store_suffix(tune_config.store)
+    return f"ours-{digest}-{cache.tag}{store}-seed{tune_config.seed}"
 
 
 def row_peak(cache, run: Run, name: str, probe: Callable[[], float]) -> float:
@@ -465,15 +505,17 @@ def valid_sequences(store: Path) -> TokenSequences:
     return TokenSequences(values["tokens"], values["lengths"], values["prompt_offsets"])
 
 
-def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, budget) -> dict:
+def one_quantization(
+    bits, group_size, *, config, mlx_lm_store, tmp, teacher, clock, budget, levers_wanted=True
+) -> dict:
     rows, seq_len, steps = budget
     tic = time.perf_counter()
     base = rtn_student(bits, group_size)
     setup = time.perf_counter() - tic
     rtn = base.parameters()
     cache = RunCache(CACHE / "runs", rtn, f"{bits}g{group_size}")
-    stored = StoredTargets(store)
-    valid = valid_sequences(store)
+    stored = StoredTargets(mlx_lm_store)  # the rows are the same in every format's store
+    valid = valid_sequences(mlx_lm_store)
     full = full_budget()
     run_work, full_run = rows * seq_len, full[0] * full[1]
 
@@ -481,7 +523,9 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
     ours, best, theirs, valid_kl, done = both_sides(
         config, (bits, group_size), base, setup, steps, cache, stored, teacher, valid, tmp
     )
-    levers, lever_done = lever_runs(config, (bits, group_size), base, setup, steps, cache, tmp)
+    levers, lever_done = {}, 0
+    if levers_wanted:
+        levers, lever_done = lever_runs(config, (bits, group_size), base, setup, steps, cache, tmp)
     done += lever_done
     full_runs = len(FULL_SEEDS) * (1 + len(LEVERS)) + len(FULL_LEARNING_RATES)
     full_runs += 2 * (len(FULL_SEEDS) - 1)
@@ -490,7 +534,8 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
     peaks = row_peaks(config, (bits, group_size), base, cache, stored, tmp, ours, levers, mlx_lm)
 
     test, split = held_out_sequences(
-        EvalConfig(store=str(store), num_sequences=config.eval.num_sequences), teacher.tokenizer
+        EvalConfig(store=str(mlx_lm_store), num_sequences=config.eval.num_sequences),
+        teacher.tokenizer,
     )
     students = {"rtn": rtn}
     students |= {f"ours {seed}": run.params for seed, run in ours.items()}
@@ -507,6 +552,7 @@ def one_quantization(bits, group_size, *, config, store, tmp, teacher, clock, bu
         "test_tokens": int(test.loss_mask().sum()),
         "best_learning_rate": best,
         "ours_learning_rate": config.tune.learning_rate,
+        "ours_store": Path(config.targets.store).name,
         "ours_settings": settings_digest(dataclasses.replace(config.tune, bits=bits)),
         "ours_best_step": [run.info.get("best_step") for run in ours.values()],
         "valid_kl": {f"{rate:g}": values for rate, values in valid_kl.items()},
@@ -572,8 +618,10 @@ def table(result: dict, budget: tuple[int, int, int]) -> Table:
         f"mean (min-max) of {len(SEEDS)} seeds"
     )
     caption = (
-        "peak GB: MLX's peak during the run; ours: the whole tune call (teacher loaded, "
-        "quantized, GPTQ); mlx-lm: tuning a loaded RTN student (see bench/quality.py)"
+        f"targets: ours from the default store ({result['ours_store']}), mlx-lm from its own "
+        "format (top 1,024 bf16 logits, store.zarr), the same rows; peak GB: MLX's peak during "
+        "the run; ours: the whole tune call (teacher loaded, quantized, GPTQ); mlx-lm: tuning a "
+        "loaded RTN student (see bench/quality.py)"
     )
     out = Table(title=title, caption=caption)
     columns = ("student", "lr", "valid KL", "test KL", "closed", "perplexity", "top-1", "tune s")
@@ -646,9 +694,14 @@ def make_store(config) -> None:
             time.sleep(CLAIM_POLL_S)
 
 
-def parse_args(argv: list[str] | None) -> tuple[tuple[tuple[int, int], ...], list[str] | None]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="quality against mlx-lm's DWQ")
     parser.add_argument("--bits", type=int, nargs="+", default=[b for b, _ in QUANTIZATIONS])
+    parser.add_argument(
+        "--no-levers",
+        action="store_true",
+        help="the RTN, ours and mlx-lm rows only (LEVERS cost 8 tune runs per bit width)",
+    )
     parser.add_argument(
         "--ours-sweep",
         nargs="*",
@@ -659,7 +712,8 @@ def parse_args(argv: list[str] | None) -> tuple[tuple[tuple[int, int], ...], lis
     args = parser.parse_args(argv)
     if args.ours_sweep == []:
         args.ours_sweep = list(OURS_SWEEP)
-    return tuple(q for q in QUANTIZATIONS if q[0] in args.bits), args.ours_sweep
+    args.quantizations = tuple(q for q in QUANTIZATIONS if q[0] in args.bits)
+    return args
 
 
 def sweep_ours(quantizations, config, budget, labels: list[str]) -> None:
@@ -687,31 +741,34 @@ def sweep_ours(quantizations, config, budget, labels: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quantizations, ours_only = parse_args(argv)
+    args = parse_args(argv)
     clock = FullTime("quality")
     overrides = by_scale(QUICK, {})
     console = wide_console()
     results, rows_out = [], []
     tmp = CACHE / "tmp"
-    config = bench_config(CACHE / "store.zarr", overrides)
+    config = bench_config(overrides)
+    mlx_lm_config = bench_config(overrides | MLX_LM_TARGETS)
     make_store(config)
+    make_store(mlx_lm_config)
     targets = config.targets
     steps = targets.num_samples // config.tune.batch_size
     budget = (targets.num_samples, targets.max_seq_length, steps)
-    if ours_only is not None:
-        sweep_ours(quantizations, config, budget, ours_only)
+    if args.ours_sweep is not None:
+        sweep_ours(args.quantizations, config, budget, args.ours_sweep)
         return
     teacher = load_model("default")
-    for bits, group_size in quantizations:
+    for bits, group_size in args.quantizations:
         result = one_quantization(
             bits,
             group_size,
             config=config,
-            store=Path(targets.store),
+            mlx_lm_store=Path(mlx_lm_config.targets.store),
             tmp=tmp,
             teacher=teacher,
             clock=clock,
             budget=budget,
+            levers_wanted=not args.no_levers,
         )
         results.append(result)
         console.print(table(result, budget))

@@ -3,14 +3,17 @@
 per token of the default's 49,152):
 
 - targets tokens/s / bare teacher forward tokens/s on the same batches (goal >= 0.9)
-- store bytes/token / mlx-lm's safetensors layout (bf16 logits + uint32 indices) at the same k
-  (goal <= 0.25), on the default teacher
+- store bytes/token / mlx-lm's DWQ targets as it writes them (safetensors, its top 1,024 bf16
+  logits + uint32 indices; goal <= 0.25), on the default teacher: at our default format (k=16 +
+  64 tail samples, which tunes as good a student: bench/store_quality.py); `--top-k 1024
+  --tail-samples 0` compares the same k
 
 The fixed cost subtracted from the targets time (load, fingerprints, data, opening the store) is
 timed by a second run on the finished store with its re-verification of finished chunks skipped:
 that check is work a first run does not do.
 
-Run: `make bench` or `.venv/bin/python -m bench.targets [--samples N] [--top-k K]`.
+Run: `make bench` or
+`.venv/bin/python -m bench.targets [--samples N] [--top-k K] [--tail-samples S]`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from store.writer import StoreWriter
 
 # (training sequences, tokens per sequence)
 QUICK, FULL = (4, 64), (16, 256)
+MLX_LM_TOP_K = 1024  # mlx_lm/quant/dwq.py's compute_dwq_targets keeps the top 1,024 logits
 
 
 def bare_forward_seconds(model, tokens, batch_size: int) -> float:
@@ -56,25 +60,19 @@ def mlx_lm_layout_bytes(model, tokens, batch_size: int, top_k: int, folder: Path
 
 
 def measure_teacher(
-    teacher: str,
-    samples: int,
-    seq_len: int,
-    top_k: int,
-    tmp: Path,
-    clock: FullTime,
-    tail_samples: int = 0,
+    teacher: str, samples: int, seq_len: int, tmp: Path, clock: FullTime, **store_format
 ) -> dict:
     """Bare forward and targets seconds of one teacher on the same rows, the fixed cost, and
-    both store layouts' bytes per token."""
+    bytes per token of our store (TargetsConfig's defaults changed by `store_format`: top_k,
+    tail_samples, logits_dtype, ...) and of mlx-lm's DWQ targets (its k=1024)."""
     work, full_work = (samples + 4) * seq_len, (FULL[0] + 4) * FULL[1]
     config = TargetsConfig(
         teacher=teacher,
         store=f"{tmp}/bench.zarr",
         num_samples=samples,
         num_valid_samples=4,
-        top_k=top_k,
-        tail_samples=tail_samples,
         max_seq_length=seq_len,
+        **store_format,
     )
     loaded = load_model(config.teacher)
     train, valid = build_sequences(loaded.tokenizer, config.data_spec())
@@ -94,7 +92,7 @@ def measure_teacher(
     info = store_info(Path(config.store))
     with clock.part(work, full_work):
         theirs = mlx_lm_layout_bytes(
-            loaded.model, train.tokens, config.batch_size, top_k, tmp / "mlx"
+            loaded.model, train.tokens, config.batch_size, MLX_LM_TOP_K, tmp / "mlx"
         )
     return {
         "forward_tok_s": tokens / forward_s,
@@ -112,9 +110,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     samples, seq_len = by_scale(QUICK, FULL)
     parser.add_argument("--samples", type=int, default=samples)
-    parser.add_argument("--top-k", type=int, default=1024)
+    built_in = TargetsConfig()
+    parser.add_argument("--top-k", type=int, default=built_in.top_k)
     parser.add_argument("--seq-len", type=int, default=seq_len)
-    parser.add_argument("--tail-samples", type=int, default=0)
+    parser.add_argument("--tail-samples", type=int, default=built_in.tail_samples)
     args = parser.parse_args()
     clock = FullTime("targets")
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,17 +131,17 @@ def main() -> None:
                     teacher,
                     args.samples,
                     args.seq_len,
-                    args.top_k,
                     Path(work_dir),
                     clock,
-                    args.tail_samples,
+                    top_k=args.top_k,
+                    tail_samples=args.tail_samples,
                 )
     rows = []
     for name, run in runs.items():
         what = f"targets tokens/s vs bare teacher forward, {name}"
         rows.append(Ratio("targets", what, run["forward_tok_s"], run["targets_tok_s"], ">= 0.9"))
     default = runs["default teacher"]
-    what = "store bytes/token vs mlx-lm safetensors layout"
+    what = f"store bytes/token vs mlx-lm's DWQ targets (k={MLX_LM_TOP_K} bf16 + uint32 indices)"
     rows.append(Ratio("targets", what, default["theirs_bytes"], default["ours_bytes"], "<= 0.25"))
     samples = f" + {args.tail_samples} tail samples" if args.tail_samples else ""
     title = f"targets, {default['tokens']:,} tokens per teacher, k={args.top_k}{samples} (one run)"

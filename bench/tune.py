@@ -2,10 +2,12 @@
 
 - tune tokens/s streamed from the store / with every target decoded in memory before the loop
   (goal >= 0.95)
-- tune tokens/s / mlx-lm's own `dwq_quantize` on the same rows, targets, batch and steps, two
-  ways: like-for-like (both through the dequantize + BLAS matmul: what our pipeline adds or
-  saves; the README's headline) and as shipped (ours dequantize + BLAS, mlx-lm's
-  `quantized_matmul`: what a Linux CPU user gains by switching)
+- tune tokens/s / mlx-lm's own `dwq_quantize` on the same rows, targets (mlx-lm's format:
+  the top 1,024 logits), batch and steps, two ways: like-for-like (both through the dequantize
+  + BLAS matmul: what our pipeline adds or saves; the README's headline) and as shipped (ours
+  dequantize + BLAS, mlx-lm's `quantized_matmul`: what a Linux CPU user gains by switching);
+  and ours from a store in our default format (k=16 + 64 tail samples) against the same
+  like-for-like mlx-lm run
 - peak memory of a tune over a store 4x as large / over 1x (goal <= 1.1)
 
 Quality against mlx-lm's DWQ is bench/quality.py.
@@ -48,16 +50,23 @@ MLX_LM_LEARNING_RATE, MLX_LM_SEED = 1e-6, 123
 # that mlx-lm does not do (bench/quality.py weighs what it buys), and it holds up to 128 rows'
 # hidden states, which would grow the 4x store's peak.
 LOOP_SETTINGS = {"init": "rtn", "val_every": 10**6}
+# mlx-lm's DWQ targets: its top 1,024 logits per position, no tail (mlx_lm/quant/dwq.py). The
+# like-for-like rows give both sides a store of this format; one more row tunes ours from our
+# default format (k=16 + 64 tail samples), each side from the targets it makes by default.
+MLX_LM_FORMAT = {"top_k": 1024, "tail_samples": 0}
 
 
 def make_store(path: Path, samples: int, seq_len: int = SEQ_LEN, **settings) -> Path:
+    """A store of the default teacher in mlx-lm's DWQ format (MLX_LM_FORMAT) unless `settings`
+    say otherwise (`our_default_format=True`: TargetsConfig's defaults)."""
+    store_format = {} if settings.pop("our_default_format", False) else MLX_LM_FORMAT
     compute_targets(
         TargetsConfig(
             store=str(path),
             num_samples=samples,
             num_valid_samples=4,
             max_seq_length=seq_len,
-            **settings,
+            **(store_format | settings),
         )
     )
     return path
@@ -229,6 +238,8 @@ def speed(tmp: Path, clock: FullTime) -> list[Ratio]:
     finally:
         tune_stage.stream_batches = original
     ours = scaled(whole_tune_tokens_per_s, store, tmp / "whole", setup)
+    default_store = make_store(tmp / "d.zarr", BATCH * STEPS, our_default_format=True)
+    ours_default = scaled(whole_tune_tokens_per_s, default_store, tmp / "default", setup)
     theirs_same_path = scaled(mlx_lm_tokens_per_s, store, True)
     theirs_shipped = scaled(mlx_lm_tokens_per_s, store, False)
     return [
@@ -239,6 +250,13 @@ def speed(tmp: Path, clock: FullTime) -> list[Ratio]:
             theirs_same_path,
             ours,
             ">= 1",
+        ),
+        Ratio(
+            "tune",
+            "tokens/s vs mlx-lm dwq_quantize, each from its default targets (ours k=16 + 64 "
+            "tail samples, mlx-lm's k=1024; both dequantize + BLAS)",
+            theirs_same_path,
+            ours_default,
         ),
         Ratio(
             "tune",

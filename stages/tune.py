@@ -689,8 +689,9 @@ def _check_store(reader: StoreReader, config: TuneConfig) -> None:
     ):
         raise StageError(
             f"the store's tail samples were drawn at temperature {sampled_at}: tune.temperature "
-            f"{config.temperature} would weigh them wrongly; use {sampled_at}, or a store made "
-            "without targets.tail_samples"
+            f"{config.temperature} would weigh them wrongly; use {sampled_at}, or a store whose "
+            f"samples were drawn at {config.temperature} (targets.sample_temperature) or made "
+            "with --tail-samples 0"
         )
     temperatures = reader.manifest.settings.get("lse_temperatures", [])
     if config.loss in NEEDS_TAIL and config.temperature not in temperatures:

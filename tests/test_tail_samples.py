@@ -217,6 +217,19 @@ def test_bad_sampling_settings_are_one_line(tiny_targets_overrides, change, mess
     assert not Path(tiny_targets_overrides["store"]).exists()
 
 
+def test_samples_with_a_top_k_of_the_whole_vocabulary_are_one_line(
+    tiny_targets_overrides, tiny_teacher
+):
+    vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
+    change = {"targets.top_k": vocab, "targets.tail_samples": 4}
+    args = ["targets", *[f"--set={k}={v}" for k, v in {**tiny_targets_overrides, **change}.items()]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "tail_samples needs a tail" in result.output and "--tail-samples 0" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not Path(tiny_targets_overrides["store"]).exists()
+
+
 @pytest.mark.parametrize("value", [-1, "4", True, 1 << 30])
 def test_a_store_with_a_malformed_sample_count_is_refused_with_one_line(
     tiny_targets_overrides, value

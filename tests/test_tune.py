@@ -32,7 +32,8 @@ def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
 
 
 def make_tune_store(tiny_teacher: Path, tmp_path_factory, **targets) -> Path:
-    """24 + 4 sequences of 17 tokens, top-32 (bfloat16 logits unless `targets` say otherwise)."""
+    """24 + 4 sequences of 17 tokens, top-32 (bfloat16 logits and no tail samples unless
+    `targets` say otherwise)."""
     from tests.conftest import make_text_data
 
     folder = make_text_data(tmp_path_factory.mktemp("tune-data"))
@@ -46,6 +47,7 @@ def make_tune_store(tiny_teacher: Path, tmp_path_factory, **targets) -> Path:
         "targets.num_samples": 24,
         "targets.num_valid_samples": 4,
         "targets.chunk_size": 3,
+        "targets.tail_samples": 0,
         **{f"targets.{k}": v for k, v in targets.items()},
     }
     compute_targets(load_config(None, overrides).targets)
