@@ -121,8 +121,7 @@ OURS_SWEEP = {
     "lr 2e-5": {"learning_rate": 2e-5},
     "lr 5e-5": {"learning_rate": 5e-5},
     "lr 2e-4": {"learning_rate": 2e-4},
-    "T=1": {"temperature": 1.0},
-}
+}  # T=1 was swept on the k=1024 store; the default store's samples fix tune's temperature at 2
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,8 @@ def bench_config(overrides: dict) -> Any:
 
 def store_name(targets) -> str:
     """store.zarr for mlx-lm's format (MLX_LM_TARGETS), else named by what differs from it, as
-    store-k16-s64.zarr. A name two formats share is refused by `make_store`, never reused."""
+    store-k16-s64.zarr. Two formats that shared a name would fail in `make_store` (the store
+    refuses other settings), never reuse each other's store."""
     mlx_lm = (1024, "bfloat16", 0, [1.0, 2.0])
     fields = (targets.top_k, targets.logits_dtype, targets.tail_samples, targets.lse_temperatures)
     if fields == mlx_lm:
@@ -166,6 +166,8 @@ def store_name(targets) -> str:
         parts.append(f"s{targets.tail_samples}")
         if targets.sample_temperature != 2.0:
             parts.append(f"T{targets.sample_temperature:g}")
+    if targets.logits_dtype in ("uint8",) and targets.logit_step != 0.1:
+        parts.append(f"step{targets.logit_step:g}")
     if targets.lse_temperatures != [1.0, 2.0]:
         parts.append("lse" + "-".join(f"{t:g}" for t in targets.lse_temperatures))
     return f"store-{'-'.join(parts)}.zarr"
@@ -398,8 +400,8 @@ def parameter_gb(model) -> float:
     return sum(value.nbytes for _, value in tree_flatten(model.parameters())) / 1e9
 
 
-def mlx_lm_run_name(cache, rate: float, seed: int) -> str:
-    return f"mlx-lm-{cache.tag}-lr{rate:g}-seed{seed}"
+def mlx_lm_run_name(cache, stored: StoredTargets, rate: float, seed: int) -> str:
+    return f"mlx-lm-{cache.tag}{store_suffix(str(stored.store))}-lr{rate:g}-seed{seed}"
 
 
 def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache) -> tuple:
@@ -414,7 +416,7 @@ def mlx_lm_jobs(stored: StoredTargets, base, batch_size: int, pairs: list, cache
         )
         return base.parameters(), seconds, {"peak_gb": peak + parameter_gb(base)}
 
-    names = {pair: mlx_lm_run_name(cache, *pair) for pair in pairs}
+    names = {pair: mlx_lm_run_name(cache, stored, *pair) for pair in pairs}
     return {names[p]: functools.partial(job, *p) for p in pairs}, names
 
 
@@ -584,7 +586,7 @@ def row_peaks(config, quantization, base, cache, stored, tmp, ours, levers, mlx_
         peaks[label] = row_peak(cache, run, our_run_name(settings, cache), probe)
     rate, run = mlx_lm
     probe = functools.partial(mlx_lm_probe, base, stored, config.tune.batch_size, rate, cache)
-    peaks["mlx-lm"] = row_peak(cache, run, mlx_lm_run_name(cache, rate, seed), probe)
+    peaks["mlx-lm"] = row_peak(cache, run, mlx_lm_run_name(cache, stored, rate, seed), probe)
     return peaks
 
 
@@ -748,15 +750,15 @@ def main(argv: list[str] | None = None) -> None:
     results, rows_out = [], []
     tmp = CACHE / "tmp"
     config = bench_config(overrides)
-    mlx_lm_config = bench_config(overrides | MLX_LM_TARGETS)
     make_store(config)
-    make_store(mlx_lm_config)
     targets = config.targets
     steps = targets.num_samples // config.tune.batch_size
     budget = (targets.num_samples, targets.max_seq_length, steps)
     if args.ours_sweep is not None:
         sweep_ours(args.quantizations, config, budget, args.ours_sweep)
         return
+    mlx_lm_config = bench_config(overrides | MLX_LM_TARGETS)
+    make_store(mlx_lm_config)
     teacher = load_model("default")
     for bits, group_size in args.quantizations:
         result = one_quantization(

@@ -13,7 +13,7 @@ k=1024 bfloat16 store (issue 15's goal, held out: <= 1.02 at <= 250 B/token; moo
 <= 64). The k=1024 store is the one the
 quality bench's mlx-lm side tunes from; the row of configs/default.yaml's format (marked
 "default") is the quality bench's "ours" (shared cache, same store, same runs). `make bench` runs
-the MEASURED formats (21 tune runs when none is cached, 6 of them the quality bench's; ~3 h here).
+the MEASURED formats (24 tune runs when none is cached, 6 of them the quality bench's; ~4 h here).
 
 Run: `.venv/bin/python -m bench.store_quality [--bits 4 3] [--formats "k=16 s64" ...]`; several
 such processes (and bench.quality ones) share the run cache as bench.quality's do.
@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     default, group_size = default_label(overrides), 64
     teacher = load_model("default")
     config = format_config(REFERENCE, overrides)
+    make_store(config)  # its rows give the validation and test text
     test, split = held_out_sequences(
         EvalConfig(store=config.targets.store, num_sequences=config.eval.num_sequences),
         teacher.tokenizer,

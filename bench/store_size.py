@@ -81,8 +81,12 @@ def kl(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
 
 def main(keep: Path | None = None) -> None:
     """`keep`: a folder to leave the stores in (`python -m bench.store_size FOLDER`)."""
-    base = TargetsConfig(
-        num_samples=ROWS, num_valid_samples=1, max_seq_length=SEQ_LEN, chunk_size=ROWS
+    base = TargetsConfig(  # the logits' encodings, without tail samples
+        num_samples=ROWS,
+        num_valid_samples=1,
+        max_seq_length=SEQ_LEN,
+        chunk_size=ROWS,
+        tail_samples=0,
     )
     loaded = load_model(base.teacher, compute_dtype=base.compute_dtype)
     train, valid = build_sequences(loaded.tokenizer, base.data_spec())

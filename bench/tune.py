@@ -111,6 +111,7 @@ class StoredTargets:
     """A store's rows and its top-k targets in the form mlx-lm's `dwq_quantize` takes."""
 
     def __init__(self, store: Path) -> None:
+        self.store = store
         reader = StoreReader(store)
         self.seq_len = reader.manifest.splits["train"].seq_len
         self.tokens = {split: reader.sequences(split) for split in ("train", "valid")}

@@ -43,7 +43,9 @@ def flag_keys(config_cls: type) -> dict[str, str]:
 
 
 def store_setting(help: str) -> Any:
-    return setting("artifacts/store/default.zarr", help, "--store", identity=False)
+    # configs/default.yaml's store; named by its format (k=16 + 64 tail samples) so that a store
+    # of an earlier default (k=1024, artifacts/store/default.zarr) stays where it was
+    return setting("artifacts/store/default-k16-s64.zarr", help, "--store", identity=False)
 
 
 def storage_options_setting(help: str = "fsspec options for a URL store") -> Any:
