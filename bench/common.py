@@ -25,6 +25,15 @@ from rich.table import Table
 GOAL_TESTS = {">=": operator.ge, "<=": operator.le}
 SCALES = ("quick", "full")
 T = TypeVar("T")
+# mlx-lm's DWQ targets as TargetsConfig settings: the teacher's top 1,024 logits per position in
+# bf16 (mlx_lm/quant/dwq.py), no tail. The benches give mlx-lm's side a store of this format
+# whatever our default is, and compare our store's size with it.
+MLX_LM_FORMAT = {
+    "top_k": 1024,
+    "logits_dtype": "bfloat16",
+    "tail_samples": 0,
+    "lse_temperatures": [1.0, 2.0],
+}
 
 
 def bench_scale() -> str:

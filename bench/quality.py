@@ -4,7 +4,7 @@ Both sides get the same training rows, tokens and optimizer steps (our default r
 configs/default.yaml's rows, tokens per row and batch, one epoch) and the same matmul path
 (dequantize + BLAS), at 4-bit and 3-bit group 64. Each tunes from its own targets of the same
 teacher on those rows: ours from a store in configs/default.yaml's format, mlx-lm's from one in
-its DWQ's (the top 1,024 logits in bf16, MLX_LM_TARGETS), whatever our default is.
+its DWQ's (the top 1,024 logits in bf16, bench.common's MLX_LM_FORMAT), whatever our default is.
 
 - RTN: the teacher quantized round-to-nearest (mlx-lm's `quantize_model`), not tuned;
 - ours: `tune` with configs/default.yaml's settings;
@@ -63,6 +63,7 @@ from mlx.utils import tree_flatten
 from rich.table import Table
 
 from bench.common import (
+    MLX_LM_FORMAT,
     FullTime,
     Ratio,
     by_scale,
@@ -78,6 +79,7 @@ from stages.evaluate import EvalConfig, held_out_sequences, score_models
 from stages.models import load_model
 from stages.targets import compute_targets
 from stages.tune import TuneConfig, tune
+from store.layout import STEPPED_DTYPES
 from store.lock import LockedError
 
 ROOT = Path(__file__).parent.parent
@@ -97,14 +99,7 @@ QUICK = {
     "eval.num_sequences": 4,
 }
 SCORE_BATCH = 4
-# mlx-lm's DWQ keeps the teacher's top 1,024 logits per position (mlx_lm/quant/dwq.py) in bf16: its
-# side tunes from a store of that format, whichever format our default store has.
-MLX_LM_TARGETS = {
-    "targets.top_k": 1024,
-    "targets.logits_dtype": "bfloat16",
-    "targets.tail_samples": 0,
-    "targets.lse_temperatures": [1.0, 2.0],
-}
+MLX_LM_TARGETS = {f"targets.{key}": value for key, value in MLX_LM_FORMAT.items()}  # overrides
 NEVER = 10**9  # val_every / checkpoint_every: validate and checkpoint at start and end only
 # Rows beside our default in the main table: one setting changed at a time, every seed.
 LEVERS = {
@@ -152,12 +147,10 @@ def bench_config(overrides: dict) -> Any:
 
 
 def store_name(targets) -> str:
-    """store.zarr for mlx-lm's format (MLX_LM_TARGETS), else named by what differs from it, as
+    """store.zarr for mlx-lm's format (MLX_LM_FORMAT), else named by what differs from it, as
     store-k16-s64.zarr. Two formats that shared a name would fail in `make_store` (the store
     refuses other settings), never reuse each other's store."""
-    mlx_lm = (1024, "bfloat16", 0, [1.0, 2.0])
-    fields = (targets.top_k, targets.logits_dtype, targets.tail_samples, targets.lse_temperatures)
-    if fields == mlx_lm:
+    if all(getattr(targets, key) == value for key, value in MLX_LM_FORMAT.items()):
         return "store.zarr"
     parts = [f"k{targets.top_k}"]
     if targets.logits_dtype != "bfloat16":
@@ -166,7 +159,7 @@ def store_name(targets) -> str:
         parts.append(f"s{targets.tail_samples}")
         if targets.sample_temperature != 2.0:
             parts.append(f"T{targets.sample_temperature:g}")
-    if targets.logits_dtype in ("uint8",) and targets.logit_step != 0.1:
+    if targets.logits_dtype in STEPPED_DTYPES and targets.logit_step != 0.1:
         parts.append(f"step{targets.logit_step:g}")
     if targets.lse_temperatures != [1.0, 2.0]:
         parts.append("lse" + "-".join(f"{t:g}" for t in targets.lse_temperatures))

@@ -10,10 +10,10 @@ runs (the whole tune call, under whatever load the machine had); KL(teacher || s
 validation rows (the store's valid split: what a default format is chosen on) and on the
 held-out test text, each mean (min-max) over seeds and its ratio to the student tuned on the
 k=1024 bfloat16 store (issue 15's goal, held out: <= 1.02 at <= 250 B/token; moonshot <= 1.05 at
-<= 64). The k=1024 store is the one the
-quality bench's mlx-lm side tunes from; the row of configs/default.yaml's format (marked
-"default") is the quality bench's "ours" (shared cache, same store, same runs). `make bench` runs
-the MEASURED formats (24 tune runs when none is cached, 6 of them the quality bench's; ~4 h here).
+<= 64). The k=1024 store is the one the quality bench's mlx-lm side tunes from; the row of
+configs/default.yaml's format (marked "default") is the quality bench's "ours" (shared cache,
+same store, same runs). `make bench` runs the MEASURED formats (24 tune runs when none is
+cached, 6 of them the quality bench's; ~4 h here).
 
 Run: `.venv/bin/python -m bench.store_quality [--bits 4 3] [--formats "k=16 s64" ...]`; several
 such processes (and bench.quality ones) share the run cache as bench.quality's do.
@@ -59,7 +59,7 @@ from stages.evaluate import EvalConfig, held_out_sequences
 from stages.models import load_model
 from store.inspect import store_info
 
-REFERENCE = "k=1024"  # mlx-lm's DWQ targets (bench.quality's MLX_LM_TARGETS)
+REFERENCE = "k=1024"  # mlx-lm's DWQ targets (bench.common's MLX_LM_FORMAT)
 FORMATS = {  # label -> targets settings besides mlx-lm's format
     REFERENCE: {},
     "k=256": {"targets.top_k": 256},

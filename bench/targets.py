@@ -26,7 +26,7 @@ from unittest import mock
 
 import mlx.core as mx
 
-from bench.common import FullTime, Ratio, by_scale, report
+from bench.common import MLX_LM_FORMAT, FullTime, Ratio, by_scale, report
 from stages.data import build_sequences
 from stages.models import load_model
 from stages.targets import TargetsConfig, compute_targets
@@ -35,7 +35,7 @@ from store.writer import StoreWriter
 
 # (training sequences, tokens per sequence)
 QUICK, FULL = (4, 64), (16, 256)
-MLX_LM_TOP_K = 1024  # mlx_lm/quant/dwq.py's compute_dwq_targets keeps the top 1,024 logits
+MLX_LM_TOP_K = MLX_LM_FORMAT["top_k"]  # mlx_lm/quant/dwq.py's compute_dwq_targets keeps these
 
 
 def bare_forward_seconds(model, tokens, batch_size: int) -> float:

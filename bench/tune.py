@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import stages.tune as tune_stage
-from bench.common import FullTime, Ratio, by_scale, report
+from bench.common import MLX_LM_FORMAT, FullTime, Ratio, by_scale, report
 from stages.targets import TargetsConfig, compute_targets
 from stages.tune import TuneConfig, tune
 from store.reader import StoreReader, stream_batches
@@ -50,16 +50,13 @@ MLX_LM_LEARNING_RATE, MLX_LM_SEED = 1e-6, 123
 # that mlx-lm does not do (bench/quality.py weighs what it buys), and it holds up to 128 rows'
 # hidden states, which would grow the 4x store's peak.
 LOOP_SETTINGS = {"init": "rtn", "val_every": 10**6}
-# mlx-lm's DWQ targets: its top 1,024 logits per position, no tail (mlx_lm/quant/dwq.py). The
-# like-for-like rows give both sides a store of this format; one more row tunes ours from our
-# default format (k=16 + 64 tail samples), each side from the targets it makes by default.
-MLX_LM_FORMAT = {"top_k": 1024, "tail_samples": 0}
 
 
-def make_store(path: Path, samples: int, seq_len: int = SEQ_LEN, **settings) -> Path:
-    """A store of the default teacher in mlx-lm's DWQ format (MLX_LM_FORMAT) unless `settings`
-    say otherwise (`our_default_format=True`: TargetsConfig's defaults)."""
-    store_format = {} if settings.pop("our_default_format", False) else MLX_LM_FORMAT
+def make_store(
+    path: Path, samples: int, seq_len: int = SEQ_LEN, store_format: dict = MLX_LM_FORMAT, **settings
+) -> Path:
+    """A store of the default teacher, by default in mlx-lm's DWQ format, which the like-for-like
+    rows give both sides (`store_format={}`: our default format, TargetsConfig's)."""
     compute_targets(
         TargetsConfig(
             store=str(path),
@@ -239,7 +236,7 @@ def speed(tmp: Path, clock: FullTime) -> list[Ratio]:
     finally:
         tune_stage.stream_batches = original
     ours = scaled(whole_tune_tokens_per_s, store, tmp / "whole", setup)
-    default_store = make_store(tmp / "d.zarr", BATCH * STEPS, our_default_format=True)
+    default_store = make_store(tmp / "d.zarr", BATCH * STEPS, store_format={})
     ours_default = scaled(whole_tune_tokens_per_s, default_store, tmp / "default", setup)
     theirs_same_path = scaled(mlx_lm_tokens_per_s, store, True)
     theirs_shipped = scaled(mlx_lm_tokens_per_s, store, False)
