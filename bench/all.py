@@ -31,6 +31,7 @@ SCRIPTS = (
     "bench.memory",
     "bench.quality",
     "bench.store_quality",
+    "bench.bits_and_modes",
     "bench.remote",
 )
 REPORT = Path("artifacts/bench/report.json")

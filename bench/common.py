@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from rich.console import Console
@@ -99,6 +100,24 @@ class Ratio:
             return None
         op, value = self.goal.split()
         return GOAL_TESTS[op](self.ratio, float(value))
+
+
+def claim(path: Path) -> bool:
+    """True when this process may do the work `path` (a .claim file) stands for: no other live
+    bench process claimed it (one that died is taken over). Several bench processes on one cache
+    share its work this way."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False  # another bench process is doing it
+        except (ProcessLookupError, ValueError):
+            path.unlink(missing_ok=True)  # its process died: take it over
+            return claim(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def spread(values: list[float], fmt: str = "{:.4f}") -> str:

@@ -67,6 +67,7 @@ from bench.common import (
     FullTime,
     Ratio,
     by_scale,
+    claim,
     report,
     report_details,
     spread,
@@ -193,20 +194,7 @@ class RunCache:
         return Run(base.parameters(), float(meta["seconds"]), json.loads(meta["info"]))
 
     def claim(self, name: str) -> bool:
-        """True when this process may run `name`: no other live bench process claimed it."""
-        claim = self.folder / f"{name}.claim"
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                os.kill(int(claim.read_text() or 0), 0)
-                return False  # another bench process is running it
-            except (ProcessLookupError, ValueError):
-                claim.unlink(missing_ok=True)  # its process died: take it over
-                return self.claim(name)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
+        return claim(self.folder / f"{name}.claim")
 
     def release(self, name: str) -> None:
         (self.folder / f"{name}.claim").unlink(missing_ok=True)

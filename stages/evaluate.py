@@ -279,6 +279,25 @@ def _prepare(model: Any, fast_matmul: str) -> Any:
     return model
 
 
+def rtn_like(student: models.LoadedModel, name: str, teacher_spec: str, trust: bool, dtype: str):
+    """The teacher round-to-nearest in `student`'s own mode and bits (per layer when mixed:
+    config.json names them), quantized in the teacher's own dtype as tune's starting student is,
+    then cast to the compute dtype."""
+    bits, group_size = models.quantization_of(student.config, name)
+    mode = models.quantization_mode(student.config)
+    if mode not in MODES:
+        raise ModelError(
+            f"student {name!r}: its config.json names quantization mode {mode!r}, "
+            f"not one of {', '.join(MODES)}"
+        )
+    per_layer = models.layer_quantization(student.config, name)
+    rtn, _ = models.quantize_student(
+        models.load_model(teacher_spec, trust), bits, group_size, mode, per_layer
+    )
+    models.to_compute_dtype(rtn, dtype)
+    return rtn
+
+
 def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
     """Teacher, RTN student (the tuned student's bits, group size and mode, per layer when
     mixed) and tuned student."""
@@ -291,7 +310,7 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     tuned = models.load_model(config.student, trust, dtype)
     if not tuned.config.get("quantization"):
         raise ModelError(f"student {config.student!r} is not quantized: nothing to compare")
-    bits, group_size = models.quantization_of(tuned.config, config.student)
+    models.quantization_of(tuned.config, config.student)  # malformed: refused before the teacher
     teacher = models.load_model(teacher_spec, trust, dtype)
     teacher_vocab = models.tokenizer_fingerprint(teacher.tokenizer)
     if teacher_vocab != models.tokenizer_fingerprint(tuned.tokenizer):
@@ -299,18 +318,7 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
             "the student's tokenizer differs from the teacher's; they cannot be compared"
         )
     _check_output_sizes(teacher.model, tuned.model, manifest)
-    # Quantized in the teacher's own dtype, as tune's starting student is, then cast; a
-    # mixed-bit student's RTN has its per-layer bits (config.json names them).
-    rtn_source = models.load_model(teacher_spec, trust)
-    mode = models.quantization_mode(tuned.config)  # RTN of the same mode as the student
-    if mode not in MODES:
-        raise ModelError(
-            f"student {config.student!r}: its config.json names quantization mode {mode!r}, "
-            f"not one of {', '.join(MODES)}"
-        )
-    per_layer = models.layer_quantization(tuned.config, config.student)
-    rtn, _ = models.quantize_student(rtn_source, bits, group_size, mode, per_layer)
-    models.to_compute_dtype(rtn, dtype)
+    rtn = rtn_like(tuned, config.student, teacher_spec, trust, dtype)
 
     sequences, split = _held_out(config, made_with, teacher.tokenizer)
     tic = time.perf_counter()
