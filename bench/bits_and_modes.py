@@ -1,29 +1,36 @@
 """Bits where they pay and the floating-point modes, RTN against tuned, from one run.
 
-Rows, each tuned once (one seed: the default's) on configs/default.yaml's store, rows, tokens and
-steps, and scored together on its held-out rows as `dwq-pipeline eval` draws them:
+Rows, each tuned once (one seed: the default's) on bench.quality's copy of the default store (the
+rows, tokens and steps of configs/default.yaml), and scored together on the held-out rows
+`dwq-pipeline eval` draws:
 
-- ours, affine 4-bit g64 and 3-bit g64: `tune` with the default settings (and `--set tune.bits=3`);
-- ours, mixed: `tune --bits-per-weight B`, B the uniform 4-bit student's bits per weight as
-  stored (its bytes; 5.0 from the float32 default teacher, 4.5 from a bf16 one);
+- ours, affine 4-bit g64 and 3-bit g64: `tune` with the default settings (and tune.bits 3);
+- ours, mixed: `tune --bits-per-weight B` (widths tune.allowed_bits), B the uniform 4-bit
+  student's bits per weight as stored (its bytes: 5.0 from the float32 default teacher, whose
+  scales are float32; 4.5 from a bf16 one);
 - mlx-lm, mixed: its `quant/dynamic_quant.py` at the same B (its sensitivities from the live
-  teacher on our training rows, its threshold search, `quantize_model`), then its `dwq_quantize`
-  from its own targets (top 1,024 bf16 logits) on the same rows and steps, at the better on the
-  validation rows of MLX_LM_RATES (its best rates at uniform 4 and 3 bits in bench.quality's
-  full sweep). Its widths are LOW_BITS and its default high width, 5: its default low width, 4,
-  is already B's bytes from a float32 teacher, so no mix of 4 and 5 bits fits B;
+  teacher on our training rows, its threshold search, `quantize_model`, as its main does), then
+  its `dwq_quantize` from its own targets (top 1,024 bf16 logits) on the same rows, steps and
+  kernels, at the learning rate of bench.quality's sweep whose student has the lowest KL on the
+  validation rows. Its widths are LOW_BITS and its default high width, 5: its default low width,
+  4, is already B's bytes from a float32 teacher, so no mix of 4 and 5 bits fits B (its uniform
+  4-bit DWQ is bench.quality's mlx-lm row);
 - ours, `tune --mode mxfp4|nvfp4|mxfp8`.
 
-Each RTN row is the teacher round-to-nearest in the tuned student's mode and bits, per layer when
-mixed (`eval`'s RTN row). Columns: bits per weight as stored (mlx-lm's compute_bits_per_weight of
-the model), full-vocabulary KL(teacher || student) per token, the share of RTN's KL tuning
-removed, perplexity, top-1 agreement with the teacher, tune seconds and MLX's peak memory during
-the tune call (ours: the whole `tune`, loading, quantizing, sensitivities and GPTQ included;
-mlx-lm: sensitivities, threshold search, quantization and DWQ, each rate's).
+As in bench.quality, our runs validate at start and end only and keep no best-by-validation
+checkpoint (the start is saved only if the end validates worse); mlx-lm keeps its last
+parameters. Each RTN row is the teacher round-to-nearest in the tuned student's mode and bits, per
+layer when mixed (`eval`'s RTN row). Columns: bits per weight as stored (mlx-lm's
+compute_bits_per_weight of the saved model), full-vocabulary KL(teacher || student) per token,
+the share of RTN's KL tuning removed, perplexity, top-1 agreement with the teacher, tune seconds
+and MLX's peak memory (ours: the whole `tune` call, loading, quantizing, sensitivities and GPTQ
+included; mlx-lm: its sensitivities, threshold search, quantization and DWQ at the chosen rate;
+its targets are decoded before its clock starts).
 
-Each finished run is kept in artifacts/bench/bits_and_modes/ (…-quick/ at the quick scale),
-named by its settings: a run cut short redoes only what is missing; several processes on the same
-cache share the runs (OPENBLAS_NUM_THREADS=1, one process per core).
+Each finished run's model is kept in artifacts/bench/bits_and_modes/ (…-quick/ at the quick
+scale), named by its settings; a run cut short starts again (so that its seconds and peak are
+one run's). Several processes on the same cache share the runs (OPENBLAS_NUM_THREADS=1, one
+process per core). Delete the folder to start over.
 
 Run: `make bench` or `.venv/bin/python -m bench.bits_and_modes` (BENCH_SCALE=quick: minutes).
 """
@@ -44,14 +51,24 @@ from pathlib import Path
 import mlx.core as mx
 from rich.table import Table
 
-from bench.common import FullTime, Ratio, by_scale, claim, report, report_details, wide_console
+from bench.common import (
+    FullTime,
+    Ratio,
+    by_scale,
+    report,
+    report_details,
+    run_shared,
+    wide_console,
+)
 from bench.quality import (
     CLAIM_POLL_S,
+    LEARNING_RATES,
     MLX_LM_TARGETS,
     QUICK,
     bench_config,
     full_budget,
     make_store,
+    our_settings,
     peak_gb,
     settings_digest,
     store_suffix,
@@ -61,6 +78,7 @@ from bench.tune import StoredTargets, run_mlx_lm_dwq
 from stages.evaluate import EvalConfig, held_out_sequences, rtn_like, score_models
 from stages.models import (
     LoadedModel,
+    apply_fast_matmul,
     load_model,
     resolve_model_path,
     to_compute_dtype,
@@ -70,68 +88,72 @@ from stages.tune import tune
 
 ROOT = Path(__file__).parent.parent
 CACHE = ROOT / "artifacts" / "bench" / by_scale("bits_and_modes-quick", "bits_and_modes")
-MIXED = "mixed"  # the row whose budget is measured here (the uniform 4-bit student's)
-OURS: dict[str, dict] = {
-    "affine 4-bit g64": {},
-    "affine 3-bit g64": {"bits": 3},
+RUNS, MODELS = CACHE / "runs", CACHE / "models"
+UNIFORM, MIXED = "ours, affine 4-bit g64", "ours, mixed"
+OURS: dict[str, dict] = {  # label -> settings changed from the default (the mix's budget: below)
+    UNIFORM: {},
+    "ours, affine 3-bit g64": {"bits": 3},
     MIXED: {},
-    "mxfp4": {"mode": "mxfp4"},
-    "nvfp4": {"mode": "nvfp4"},
-    "mxfp8": {"mode": "mxfp8"},
+    "ours, mxfp4": {"mode": "mxfp4"},
+    "ours, nvfp4": {"mode": "nvfp4"},
+    "ours, mxfp8": {"mode": "mxfp8"},
 }
-MLX_LM = "mlx-lm dynamic_quant + DWQ"
+MLX_LM = "mlx-lm, dynamic_quant + DWQ"
 LOW_BITS, HIGH_BITS, GROUP_SIZE = 3, 5, 64
-MLX_LM_RATES = (3e-5, 1e-4)
 SCORE_BATCH = 4
-# The issue's goals: mixed ÷ uniform 4-bit tuned KL; tuned ÷ RTN KL per mode (1 - gap closed).
+# The issue's goals: mixed / uniform 4-bit tuned KL; tuned / RTN KL per mode (1 - gap closed).
 GOALS = {MIXED: "<= 0.7", "mxfp4": "<= 0.5", "nvfp4": "<= 0.6"}
 
 
-def run_jobs(jobs: dict[str, Callable[[], dict]]) -> tuple[dict[str, dict], float]:
-    """Each job's record ({"model": folder, "seconds", "peak_gb", ...}), from CACHE/runs or run
-    here (claimed first, so that several bench processes share them). Returns (records by name,
-    seconds of the runs done here)."""
-    folder = CACHE / "runs"
-    folder.mkdir(parents=True, exist_ok=True)
-    here, pending = 0.0, list(jobs)
-    while pending:
-        for name in list(pending):
-            record = folder / f"{name}.json"
-            if record.exists():
-                pending.remove(name)
-            elif claim(folder / f"{name}.claim"):
-                try:
-                    tic = time.perf_counter()
-                    result = jobs[name]()
-                    here += time.perf_counter() - tic
-                    partial = record.with_suffix(f".{os.getpid()}.partial")
-                    partial.write_text(json.dumps(result))
-                    os.replace(partial, record)
-                finally:
-                    (folder / f"{name}.claim").unlink(missing_ok=True)
-                pending.remove(name)
-        if pending:
-            time.sleep(CLAIM_POLL_S)
-    return {name: json.loads((folder / f"{name}.json").read_text()) for name in jobs}, here
+def run_jobs(jobs: dict[str, Callable[[], dict]]) -> tuple[dict[str, dict], list[str]]:
+    """Each job's record (a JSON object), from RUNS or made here; (records by name, names run
+    here)."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    here = run_shared(
+        RUNS, jobs, lambda name: record_path(name).exists(), write_record, CLAIM_POLL_S
+    )
+    return {name: json.loads(record_path(name).read_text()) for name in jobs}, here
 
 
-def our_jobs(config, budget: float) -> dict[str, tuple[str, Callable[[], dict]]]:
-    """label -> (run name, job) for each of OURS."""
+def record_path(name: str) -> Path:
+    return RUNS / f"{name}.json"
+
+
+def write_record(name: str, record: dict) -> None:
+    partial = record_path(name).with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, record_path(name))
+
+
+def our_jobs(config, budget: float, steps: int) -> dict[str, tuple[str, Callable[[], dict]]]:
+    """label -> (run name, job) for each of OURS, with bench.quality's settings for its runs."""
     out = {}
     for label, extra in OURS.items():
-        extra = {"bits_per_weight": budget} if label == MIXED else extra
-        settings = dataclasses.replace(config.tune, **extra)
+        extra = {"bits_per_weight": budget} if label == MIXED else dict(extra)
+        bits = extra.pop("bits", 4)
+        settings = our_settings(config, bits, GROUP_SIZE, config.tune.seed, **extra)
         name = f"ours-{settings_digest(settings)}{store_suffix(settings.store)}-seed{settings.seed}"
-        out[label] = (name, functools.partial(our_run, settings, CACHE / "runs" / name))
+        out[label] = (name, functools.partial(our_run, settings, name, steps))
     return out
 
 
-def our_run(settings, run_dir: Path) -> dict:
+def our_run(settings, name: str, steps: int) -> dict:
+    run_dir = RUNS / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a run this bench started and was cut short
     tic = time.perf_counter()
     result, peak = peak_gb(lambda: tune(dataclasses.replace(settings, run_dir=str(run_dir))))
     seconds = time.perf_counter() - tic
-    return {"model": str(result.model_dir), "seconds": seconds, "peak_gb": peak}
+    assert result.steps == steps, (result.steps, steps)  # the same budget as every row
+    model = keep_model(result.model_dir, name)
+    shutil.rmtree(run_dir)  # made by this bench; its checkpoints are GBs in the float modes
+    return {"model": model, "seconds": seconds, "peak_gb": peak, "best_step": result.best_step}
+
+
+def keep_model(folder: Path, name: str) -> str:
+    MODELS.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(MODELS / name, ignore_errors=True)
+    shutil.move(str(folder), MODELS / name)
+    return str(MODELS / name)
 
 
 def uniform_budget() -> float:
@@ -144,24 +166,25 @@ def uniform_budget() -> float:
     return round(compute_bits_per_weight(model), 4)
 
 
-def mlx_lm_sensitivities(stored: StoredTargets, path: Path) -> tuple[dict, float]:
-    """dynamic_quant's sensitivities of the default teacher on the training rows (as its
-    command writes them to a JSON file, reused by every rate), and their seconds."""
+def mlx_lm_sensitivities(store: Path) -> dict:
+    """dynamic_quant's sensitivities of the default teacher on the training rows, with their
+    seconds and peak (as its command writes them to a file, reused by every rate)."""
     from mlx_lm.quant.dynamic_quant import estimate_sensitivities
 
-    if path.exists():
-        saved = json.loads(path.read_text())
-        return saved["sensitivities"], saved["seconds"]
-    teacher = load_model("default")
-    data = mx.array(stored.tokens["train"]["tokens"])
+    tokens = mx.array(StoredTargets(store).tokens["train"]["tokens"])
+
+    def measure():
+        teacher = load_model("default")
+        with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
+            found = estimate_sensitivities(
+                teacher.model, tokens, LOW_BITS, GROUP_SIZE, HIGH_BITS, GROUP_SIZE
+            )
+        return dict(found)
+
     tic = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
-        found = estimate_sensitivities(
-            teacher.model, data, LOW_BITS, GROUP_SIZE, HIGH_BITS, GROUP_SIZE
-        )
+    sensitivities, peak = peak_gb(measure)
     seconds = time.perf_counter() - tic
-    path.write_text(json.dumps({"sensitivities": dict(found), "seconds": seconds}))
-    return dict(found), seconds
+    return {"sensitivities": sensitivities, "seconds": seconds, "peak_gb": peak}
 
 
 def mlx_lm_student(sensitivities: dict, budget: float) -> tuple[LoadedModel, dict]:
@@ -182,7 +205,7 @@ def mlx_lm_student(sensitivities: dict, budget: float) -> tuple[LoadedModel, dic
                 return {"bits": HIGH_BITS, "group_size": GROUP_SIZE}
             return True
 
-        model, config = quantize_model(
+        _, config = quantize_model(
             teacher.model,
             teacher.config,
             group_size=GROUP_SIZE,
@@ -195,42 +218,57 @@ def mlx_lm_student(sensitivities: dict, budget: float) -> tuple[LoadedModel, dic
 def mlx_lm_run(store: Path, budget: float, batch_size: int, rate: float, seed: int, name: str):
     from mlx_lm.utils import save
 
+    sensitivity_name, sensitivity_job = mlx_lm_sensitivity_job(store)
+    found = run_jobs({sensitivity_name: sensitivity_job})[0][sensitivity_name]
     stored = StoredTargets(store)
-    sensitivities, sensitivity_s = mlx_lm_sensitivities(stored, CACHE / "runs" / "sens.json")
-    tic = time.perf_counter()
-    (student, config), peak_quantize = peak_gb(lambda: mlx_lm_student(sensitivities, budget))
-    use_dequantized_matmul(student.model)  # the same kernels as ours (bench/quality.py)
     train, valid = stored.rows("train"), stored.rows("valid")
-    _, peak = peak_gb(
-        lambda: run_mlx_lm_dwq(student.model, stored, train, valid, batch_size, rate, seed)
-    )
-    seconds = sensitivity_s + time.perf_counter() - tic
-    folder = CACHE / "runs" / name
+
+    def quantize_and_tune():
+        student, config = mlx_lm_student(found["sensitivities"], budget)
+        use_dequantized_matmul(student.model)  # the same kernels as ours (bench/quality.py)
+        run_mlx_lm_dwq(student.model, stored, train, valid, batch_size, rate, seed)
+        return student, config
+
+    tic = time.perf_counter()
+    (student, config), peak = peak_gb(quantize_and_tune)
+    seconds = found["seconds"] + time.perf_counter() - tic
+    folder = RUNS / name
     shutil.rmtree(folder, ignore_errors=True)
     save(folder, resolve_model_path("default"), student.model, student.tokenizer, config)
-    return {"model": str(folder), "seconds": seconds, "peak_gb": max(peak, peak_quantize)}
+    model = keep_model(folder, name)
+    return {"model": model, "seconds": seconds, "peak_gb": max(peak, found["peak_gb"])}
+
+
+def mlx_lm_tag(store: Path) -> str:
+    return f"{LOW_BITS}-{HIGH_BITS}g{GROUP_SIZE}{store_suffix(str(store))}"
+
+
+def mlx_lm_sensitivity_job(store: Path) -> tuple[str, Callable[[], dict]]:
+    return f"mlx-lm-sensitivities-{mlx_lm_tag(store)}", functools.partial(
+        mlx_lm_sensitivities, store
+    )
 
 
 def mlx_lm_jobs(store: Path, budget: float, config) -> dict[float, tuple[str, Callable]]:
-    tag = f"{LOW_BITS}-{HIGH_BITS}g{GROUP_SIZE}-bpw{budget:g}{store_suffix(str(store))}"
-    seed = config.tune.seed
-    out = {}
-    for rate in MLX_LM_RATES:
-        name = f"mlx-lm-dq{tag}-lr{rate:g}-seed{seed}"
+    """rate -> (run name, job) for dynamic_quant + DWQ at each of bench.quality's rates."""
+    seed, out = config.tune.seed, {}
+    for rate in LEARNING_RATES:
+        name = f"mlx-lm-dq{mlx_lm_tag(store)}-bpw{budget:g}-lr{rate:g}-seed{seed}"
         job = functools.partial(mlx_lm_run, store, budget, config.tune.batch_size, rate, seed, name)
         out[rate] = (name, job)
     return out
 
 
-def prepared(model):
+def prepared(model, fast_matmul: str):
+    """As `eval` scores a model: inference mode, its fast_matmul setting."""
     model.eval()
-    use_dequantized_matmul(model)
+    apply_fast_matmul(model, fast_matmul)
     return model
 
 
 def load_student(folder: str) -> tuple[LoadedModel, float]:
-    """The saved student in float32 (as `eval` computes on CPU) and its bits per weight as
-    stored (counted before the cast)."""
+    """The saved student, computing in float32 as `eval` does on CPU, and its bits per weight
+    as stored (counted before the cast)."""
     from mlx_lm.utils import compute_bits_per_weight
 
     loaded = load_model(folder)
@@ -239,10 +277,11 @@ def load_student(folder: str) -> tuple[LoadedModel, float]:
     return loaded, bits
 
 
-def best_mlx_lm_rate(teacher, records: dict[float, dict], store: Path) -> tuple[float, dict]:
-    """The rate whose student has the lowest KL on the validation rows, and those KLs."""
+def best_mlx_lm_rate(teacher, records: dict[float, dict], store: Path, fast_matmul: str):
+    """The rate whose student has the lowest KL on the validation rows, and every rate's KL."""
     students = {
-        f"{rate:g}": prepared(load_student(r["model"])[0].model) for rate, r in records.items()
+        f"{rate:g}": prepared(load_student(r["model"])[0].model, fast_matmul)
+        for rate, r in records.items()
     }
     scores = score_models(teacher.model, students, valid_sequences(store), SCORE_BATCH)
     kls = {rate: scores[f"{rate:g}"].kl for rate in records}
@@ -251,29 +290,22 @@ def best_mlx_lm_rate(teacher, records: dict[float, dict], store: Path) -> tuple[
 
 def score_rows(teacher, records: dict[str, dict], config) -> tuple[dict, dict, str, int]:
     """Test-split scores of every row's RTN and tuned student, and bits per weight as stored."""
-    students, bits = {}, {}
+    students, bits, fast = {}, {}, config.eval.fast_matmul
     for label, record in records.items():
         tuned, bits[label] = load_student(record["model"])
-        rtn = rtn_like(tuned, record["model"], "default", False, "auto")
-        students[f"{label} rtn"], students[label] = prepared(rtn), prepared(tuned.model)
+        rtn = rtn_like(tuned, record["model"], "default", trust=False, dtype="auto")
+        students[f"{label} rtn"] = prepared(rtn, fast)
+        students[label] = prepared(tuned.model, fast)
     eval_config = EvalConfig(store=config.targets.store, num_sequences=config.eval.num_sequences)
     test, split = held_out_sequences(eval_config, teacher.tokenizer)
     scores = score_models(teacher.model, students, test, SCORE_BATCH)
     return scores, bits, split, int(test.loss_mask().sum())
 
 
-def table(records, scores, bits, title: str) -> Table:
-    out = Table(title=title)
-    for column in (
-        "student",
-        "bits/weight",
-        "KL: RTN → tuned",
-        "closed",
-        "perplexity: RTN → tuned",
-        "top-1",
-        "tune s",
-        "peak GB",
-    ):
+def table(records, scores, bits, title: str, caption: str) -> Table:
+    out = Table(title=title, caption=caption)
+    columns = ("student", "bits/weight", "KL: RTN → tuned", "closed", "perplexity: RTN → tuned")
+    for column in (*columns, "top-1", "tune s", "peak GB"):
         out.add_column(column, justify="right")
     teacher = scores["teacher"]
     out.add_row("teacher", "", "0", "", f"{teacher.perplexity:.2f}", "100%", "", "")
@@ -292,19 +324,20 @@ def table(records, scores, bits, title: str) -> Table:
     return out
 
 
-def ratios(scores, budget: float) -> list[Ratio]:
+def ratios(scores, bits: dict) -> list[Ratio]:
     kl = {label: score.kl for label, score in scores.items()}
+    at = f"{bits[MIXED]:.3f} bits per weight"
     rows = [
         Ratio(
             "bits_and_modes",
-            f"held-out KL at {budget:g} bits per weight: ours mixed vs ours uniform 4-bit, tuned",
-            kl["affine 4-bit g64"],
+            f"held-out KL, ours mixed at {at} vs ours uniform 4-bit ({bits[UNIFORM]:.3f}), tuned",
+            kl[UNIFORM],
             kl[MIXED],
             GOALS[MIXED],
         ),
         Ratio(
             "bits_and_modes",
-            f"held-out KL at {budget:g} bits per weight: ours mixed vs {MLX_LM}",
+            f"held-out KL, ours mixed at {at} vs {MLX_LM} at {bits[MLX_LM]:.3f}",
             kl[MLX_LM],
             kl[MIXED],
             "<= 1",
@@ -315,8 +348,8 @@ def ratios(scores, budget: float) -> list[Ratio]:
             Ratio(
                 "bits_and_modes",
                 f"held-out KL, {mode}: tuned vs RTN (1 - gap closed)",
-                kl[f"{mode} rtn"],
-                kl[mode],
+                kl[f"ours, {mode} rtn"],
+                kl[f"ours, {mode}"],
                 GOALS.get(mode, ""),
             )
         )
@@ -331,36 +364,52 @@ def main() -> None:
     make_store(mlx_lm_config)
     mlx_lm_store = Path(mlx_lm_config.targets.store)
     rows, seq_len = config.targets.num_samples, config.targets.max_seq_length
-    full_rows, full_seq_len, *_ = full_budget()
+    full_rows, full_seq_len, _, full_test = full_budget()
+    steps = rows // config.tune.batch_size
     budget = uniform_budget()
 
-    ours = our_jobs(config, budget)
+    ours = our_jobs(config, budget, steps)
     theirs = mlx_lm_jobs(mlx_lm_store, budget, config)
-    jobs = {name: job for name, job in [*ours.values(), *theirs.values()]}
+    jobs = dict([*ours.values(), mlx_lm_sensitivity_job(mlx_lm_store), *theirs.values()])
+    tic = time.perf_counter()
     done, here = run_jobs(jobs)
-    clock.add(here, rows * seq_len, full_rows * full_seq_len)
+    clock.add(
+        time.perf_counter() - tic,
+        max(len(here), 1) * rows * seq_len,
+        len(here) and full_rows * full_seq_len * len(here),
+    )
 
-    teacher = load_model("default")
-    prepared(teacher.model)
+    teacher = load_model("default", compute_dtype="auto")
+    prepared(teacher.model, config.eval.fast_matmul)
     rate, valid_kl = best_mlx_lm_rate(
-        teacher, {rate: done[name] for rate, (name, _) in theirs.items()}, mlx_lm_store
+        teacher,
+        {rate: done[name] for rate, (name, _) in theirs.items()},
+        mlx_lm_store,
+        config.eval.fast_matmul,
     )
     records = {label: done[name] for label, (name, _) in ours.items()}
     records = {**records, MLX_LM: done[theirs[rate][0]]}
-    scores, bits, split, tokens = score_rows(teacher, records, config)
+    test_models = 1 + 2 * len(records)
+    with clock.part(config.eval.num_sequences * test_models, full_test * test_models):
+        scores, bits, split, tokens = score_rows(teacher, records, config)
 
-    steps = rows // config.tune.batch_size
     title = (
-        f"RTN and tuned by bits and mode: {rows}x{seq_len} training tokens, {steps} steps, one "
-        f"seed; {split} split, {tokens:,} tokens; mixed rows at {budget:g} bits per weight "
-        f"(uniform 4-bit's bytes); {MLX_LM} at lr {rate:g}, chosen on the validation rows "
-        f"({', '.join(f'{r:g}: {kl:.4f}' for r, kl in valid_kl.items())})"
+        f"RTN and tuned students by bits and mode: {rows}x{seq_len} training tokens, {steps} "
+        f"steps, one seed; {split} split, {tokens:,} tokens"
     )
-    wide_console().print(table(records, scores, bits, title))
+    caption = (
+        f"mixed rows at the uniform 4-bit student's {budget:g} bits per weight (its bytes); ours "
+        f"from widths {sorted(config.tune.allowed_bits)}, mlx-lm's from {LOW_BITS} and "
+        f"{HIGH_BITS}, DWQ at lr {rate:g}, the best on the validation rows of "
+        f"{', '.join(f'{r:g}: {kl:.4f}' for r, kl in valid_kl.items())}. tune s and peak GB: "
+        "ours the whole tune call; mlx-lm sensitivities, quantization and DWQ (bench docstring)"
+    )
+    wide_console().print(table(records, scores, bits, title, caption))
     details = {label: {"bits_per_weight": bits[label], **records[label]} for label in records}
     details |= {"scores": {name: vars(score) for name, score in scores.items()}}
-    report_details("bits_and_modes", details | {"mlx_lm_valid_kl": valid_kl, "budget": budget})
-    report("bits per weight and modes (one run)", ratios(scores, budget))
+    details |= {"mlx_lm_valid_kl": {f"{r:g}": kl for r, kl in valid_kl.items()}, "budget": budget}
+    report_details("bits_and_modes", details)
+    report("bits per weight and modes (one run)", ratios(scores, bits))
     clock.write()
 
 

@@ -14,7 +14,7 @@ import json
 import operator
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,14 +110,53 @@ def claim(path: Path) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         try:
-            os.kill(int(path.read_text() or 0), 0)
+            pid = int(path.read_text() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid > 0 and _alive(pid):
             return False  # another bench process is doing it
-        except (ProcessLookupError, ValueError):
-            path.unlink(missing_ok=True)  # its process died: take it over
-            return claim(path)
+        path.unlink(missing_ok=True)  # its process died (or never wrote its pid): take it over
+        return claim(path)
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def run_shared(
+    folder: Path,
+    jobs: dict[str, Callable[[], T]],
+    finished: Callable[[str], bool],
+    keep: Callable[[str, T], None],
+    poll_s: float = 15,
+) -> list[str]:
+    """Each job not `finished` yet run here and its result passed to `keep`, once claimed in
+    `folder` (see `claim`); then wait until the ones other processes claimed are finished.
+    Returns the names run here."""
+    here, pending = [], list(jobs)
+    while pending:
+        for name in list(pending):
+            if finished(name):
+                pending.remove(name)
+            elif claim(folder / f"{name}.claim"):
+                try:
+                    keep(name, jobs[name]())
+                finally:
+                    (folder / f"{name}.claim").unlink(missing_ok=True)
+                pending.remove(name)
+                here.append(name)
+        if pending:
+            time.sleep(poll_s)
+    return here
 
 
 def spread(values: list[float], fmt: str = "{:.4f}") -> str:

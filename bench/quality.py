@@ -67,9 +67,9 @@ from bench.common import (
     FullTime,
     Ratio,
     by_scale,
-    claim,
     report,
     report_details,
+    run_shared,
     spread,
     wide_console,
 )
@@ -193,12 +193,6 @@ class RunCache:
         base.load_weights(list(changed.items()), strict=False)
         return Run(base.parameters(), float(meta["seconds"]), json.loads(meta["info"]))
 
-    def claim(self, name: str) -> bool:
-        return claim(self.folder / f"{name}.claim")
-
-    def release(self, name: str) -> None:
-        (self.folder / f"{name}.claim").unlink(missing_ok=True)
-
     def save(self, name: str, params: dict, seconds: float, info: dict | None = None) -> Run:
         changed = {
             key: value
@@ -229,23 +223,12 @@ def saved_model_params(model_dir: Path, base, rtn: dict) -> dict:
 
 def run_each(cache: RunCache, base, jobs: dict[str, Callable[[], tuple]]) -> tuple[dict, int]:
     """Each job's Run, from the cache or run here ((params, seconds, info) = job()); several
-    bench processes on the same cache share the work: each claims a job before starting it and
-    at the end waits for the ones others claimed. Returns (runs by name, how many ran here)."""
-    done, pending = 0, list(jobs)
-    while pending:
-        for name in list(pending):
-            if cache.path(name).exists():
-                pending.remove(name)
-            elif cache.claim(name):
-                try:
-                    cache.save(name, *jobs[name]())
-                finally:
-                    cache.release(name)
-                pending.remove(name)
-                done += 1
-        if pending:
-            time.sleep(CLAIM_POLL_S)
-    return {name: cache.load(name, base) for name in jobs}, done
+    bench processes on the same cache share the work (bench.common.run_shared). Returns (runs by
+    name, how many ran here)."""
+    finished = lambda name: cache.path(name).exists()  # noqa: E731
+    keep = lambda name, result: cache.save(name, *result)  # noqa: E731
+    here = run_shared(cache.folder, jobs, finished, keep, CLAIM_POLL_S)
+    return {name: cache.load(name, base) for name in jobs}, len(here)
 
 
 def our_jobs(

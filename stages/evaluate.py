@@ -279,7 +279,9 @@ def _prepare(model: Any, fast_matmul: str) -> Any:
     return model
 
 
-def rtn_like(student: models.LoadedModel, name: str, teacher_spec: str, trust: bool, dtype: str):
+def rtn_like(
+    student: models.LoadedModel, name: str, teacher_spec: str, *, trust: bool, dtype: str
+) -> Any:
     """The teacher round-to-nearest in `student`'s own mode and bits (per layer when mixed:
     config.json names them), quantized in the teacher's own dtype as tune's starting student is,
     then cast to the compute dtype."""
@@ -318,7 +320,7 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
             "the student's tokenizer differs from the teacher's; they cannot be compared"
         )
     _check_output_sizes(teacher.model, tuned.model, manifest)
-    rtn = rtn_like(tuned, config.student, teacher_spec, trust, dtype)
+    rtn = rtn_like(tuned, config.student, teacher_spec, trust=trust, dtype=dtype)
 
     sequences, split = _held_out(config, made_with, teacher.tokenizer)
     tic = time.perf_counter()

@@ -18,7 +18,6 @@ from pipeline.config import load_config
 from stages import bit_budget
 from stages.bit_budget import Candidate, Layout, allocate, model_layout
 from stages.errors import InvalidConfig, StageError
-from stages.evaluate import rtn_like
 from stages.losses import kl_tail, tail_logsumexp
 from stages.models import layer_quantization, load_model, quantize_student
 from stages.tune import TuneConfig, _sensitivity_batches, tune
@@ -251,13 +250,6 @@ def test_rtn_of_a_mixed_student_rebuilds_its_mix(budget_run, tiny_teacher):
     modules = dict(rtn.named_modules())
     assert {path: modules[path].bits for path in chosen_bits(budget_run)} == chosen_bits(budget_run)
     assert layer_quantization(rtn_config, "rtn") == layer_quantization(config, "tuned")
-
-
-def test_evals_rtn_row_of_a_mixed_student_has_its_bits(budget_run, tiny_teacher):
-    student = load_model(str(budget_run / "model"))
-    rtn = rtn_like(student, "tuned", str(tiny_teacher), False, "auto")
-    modules = dict(rtn.named_modules())
-    assert {path: modules[path].bits for path in chosen_bits(budget_run)} == chosen_bits(budget_run)
 
 
 def test_report_plots_the_layer_sensitivities(budget_run):

@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import load_config
 from stages.data import TokenSequences
 from stages.errors import ModelError
-from stages.evaluate import RTN, TEACHER, TUNED, evaluate, score_models
+from stages.evaluate import RTN, TEACHER, TUNED, evaluate, rtn_like, score_models
 from stages.models import load_model, quantize_student
 from stages.targets import compute_targets
 from stages.tune import tune
@@ -127,3 +127,30 @@ def test_eval_without_store_needs_teacher_and_data(eval_run, tmp_path):
         "eval.max_seq_length": 17,
     }
     assert run_cli("eval", *cli_args(explicit)).returncode == 0
+
+
+def test_rtn_row_of_a_mix_written_by_mlx_lm_has_its_widths(tiny_teacher, tmp_path):
+    """A mix as mlx-lm's dynamic_quant saves it (one default width, only the other layers listed
+    in config.json): eval's RTN row rebuilds it exactly."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model, save
+
+    teacher = load_model(str(tiny_teacher))
+    high = "model.layers.0.mlp.down_proj"
+
+    def predicate(path, module):
+        if path == high:
+            return {"bits": 5, "group_size": 32}
+        return hasattr(module, "to_quantized")
+
+    model, config = quantize_model(
+        teacher.model, teacher.config, group_size=32, bits=3, quant_predicate=predicate
+    )
+    save(tmp_path / "mixed", str(tiny_teacher), model, teacher.tokenizer, config)
+    saved = load_model(str(tmp_path / "mixed"))
+    rtn = rtn_like(saved, "mixed", str(tiny_teacher), trust=False, dtype="model")
+    widths = {path: m.bits for path, m in rtn.named_modules() if hasattr(m, "bits")}
+    assert widths[high] == 5 and set(widths.values()) == {3, 5}
+    expected = dict(tree_flatten(saved.model.parameters()))
+    for path, value in tree_flatten(rtn.parameters()):
+        assert mx.array_equal(value, expected[path]).item(), path
