@@ -16,6 +16,8 @@ eval.json, their held-out KL next to RTN's; the runs' folders are only read.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,11 +115,13 @@ class RunSummary:
 
 
 def _budget_line(record: dict[str, Any]) -> str:
-    weights: dict[int, int] = {}
+    weights: dict[str, int] = {}
     for layer in record["layers"]:
-        weights[layer["bits"]] = weights.get(layer["bits"], 0) + layer["parameters"]
+        key = _choice_key(layer)
+        weights[key] = weights.get(key, 0) + layer["parameters"]
     total = sum(weights.values()) or 1
-    shares = ", ".join(f"{b}-bit {n / total:.0%}" for b, n in sorted(weights.items()))
+    ordered = sorted(weights.items(), key=lambda item: _key_order(item[0]))
+    shares = ", ".join(f"{_choice_label(key)} {n / total:.0%}" for key, n in ordered)
     return (
         f"bits budget {record['budget']} per weight as stored: {record['bits_per_weight']:.3f} "
         f"spent; of the quantized weights {shares}"
@@ -191,6 +195,8 @@ def _is_sensitivity_record(raw: Any) -> bool:
             and isinstance(layer.get("parameters"), int)
             and isinstance(layer.get("estimated_kl"), dict)
             and all(isinstance(v, number) for v in layer["estimated_kl"].values())
+            and all(re.fullmatch(r"[0-9]{1,2}(g[0-9]{1,4})?", key) for key in layer["estimated_kl"])
+            and _choice_key(layer) in layer["estimated_kl"]
             for layer in raw["layers"]
         )
     )
@@ -257,16 +263,43 @@ def build_figure(summary: RunSummary):
     return figure
 
 
+def _choice_key(layer: dict[str, Any]) -> str:
+    """The layer's own key in its estimates: "4", or "4g128" at another group size than the
+    record's (bit_budget.option_label); records from before group sizes have bits alone."""
+    return str(layer.get("choice", layer["bits"]))
+
+
+def _choice_label(layer_or_key: dict[str, Any] | str) -> str:
+    key = _choice_key(layer_or_key) if isinstance(layer_or_key, dict) else layer_or_key
+    bits, _, size = key.partition("g")
+    return f"{bits}-bit" + (f" g{size}" if size else "")
+
+
+def _key_order(key: str) -> tuple[int, int]:
+    bits, _, size = key.partition("g")
+    return int(bits), int(size or 0)
+
+
 def _plot_sensitivities(ax, record: dict[str, Any]) -> None:
-    """Per layer (in model order) the estimated KL at each allowed width, a dot at its own."""
+    """Per layer (in model order) the estimated KL at each allowed width (and group size), a
+    dot at its own."""
     layers = record["layers"]
     positions = range(len(layers))
-    widths = sorted({int(b) for layer in layers for b in layer["estimated_kl"]})
+    keys = sorted({key for layer in layers for key in layer["estimated_kl"]}, key=_key_order)
     floor = 1e-12  # a log axis: an estimate of 0 (a width that loses nothing) sits at the floor
-    for bits in widths:
-        values = [max(layer["estimated_kl"].get(str(bits), floor), floor) for layer in layers]
-        ax.plot(positions, values, lw=1, alpha=0.7, label=f"{bits}-bit")
-    chosen = [max(layer["estimated_kl"][str(layer["bits"])], floor) for layer in layers]
+    widths = sorted({_key_order(key)[0] for key in keys})
+    sizes = sorted({_key_order(key)[1] for key in keys})
+    for key in keys:  # a group size a layer's width does not divide: a gap, not the floor
+        values = [max(layer["estimated_kl"].get(key, math.inf), floor) for layer in layers]
+        values = [math.nan if v == math.inf else v for v in values]
+        bits, size = _key_order(key)
+        style = dict(
+            color=f"C{widths.index(bits) % 10}", ls=("-", "--", ":")[sizes.index(size) % 3]
+        )
+        ax.plot(
+            positions, values, marker=".", lw=1, ms=2, alpha=0.7, label=_choice_label(key), **style
+        )
+    chosen = [max(layer["estimated_kl"][_choice_key(layer)], floor) for layer in layers]
     ax.plot(positions, chosen, "k.", ms=5, label="chosen")
     ax.set_yscale("log")
     ax.set_xlabel("quantized layer (model order)")
@@ -276,7 +309,7 @@ def _plot_sensitivities(ax, record: dict[str, Any]) -> None:
         f"{record['bits_per_weight']:.3f} spent"
     )
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", ncol=len(widths) + 1, fontsize="small")
+    ax.legend(loc="best", ncol=min(len(keys) + 1, 6), fontsize="small")
 
 
 def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:

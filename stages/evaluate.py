@@ -273,7 +273,8 @@ def _held_out(
     return build_held_out_sequences(tokenizer, spec, config.num_sequences, config.seed)
 
 
-def _prepare(model: Any, fast_matmul: str) -> Any:
+def prepare_for_scoring(model: Any, fast_matmul: str) -> Any:
+    """As `eval` scores a model: inference mode, its fast_matmul setting."""
     model.eval()
     models.apply_fast_matmul(model, fast_matmul)
     return model
@@ -325,11 +326,11 @@ def evaluate(config: EvalConfig, on_batch: Callable[[int, int], None] | None = N
     sequences, split = _held_out(config, made_with, teacher.tokenizer)
     tic = time.perf_counter()
     students = {
-        RTN: _prepare(rtn, config.fast_matmul),
-        TUNED: _prepare(tuned.model, config.fast_matmul),
+        RTN: prepare_for_scoring(rtn, config.fast_matmul),
+        TUNED: prepare_for_scoring(tuned.model, config.fast_matmul),
     }
     scores = score_models(
-        _prepare(teacher.model, config.fast_matmul),
+        prepare_for_scoring(teacher.model, config.fast_matmul),
         students,
         sequences,
         config.batch_size,

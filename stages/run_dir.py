@@ -43,7 +43,7 @@ RUN_MARK = "run"
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "tune_config.json"  # the run's TuneConfig, for reports
-SENSITIVITY_FILE = "sensitivities.json"  # with a bits budget: each layer's estimates and bits
+SENSITIVITY_FILE = "sensitivities.json"  # with a bits budget: each layer's estimates and choice
 LOCK_FILE = "tune.lock"
 # The best parameters so far, on disk rather than in memory (a copy of the trained state: as
 # much as Adam's moments), written beside as BEST_PARTIAL and swapped in.

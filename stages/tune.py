@@ -152,6 +152,12 @@ class TuneConfig:
     allowed_bits: list[int] = setting(
         DEFAULT_ALLOWED_BITS, "with bits_per_weight: the bit widths a layer may get"
     )
+    allowed_group_sizes: list[int] | None = setting(
+        None,
+        "with bits_per_weight: the group sizes a layer may get (those that divide its width; "
+        "must include tune.group_size; the smallest decides which layers are quantized); "
+        "unset = tune.group_size only",
+    )
     loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
     learning_rate: float = setting(
@@ -279,8 +285,17 @@ class TuneConfig:
 
     @property
     def quantization(self) -> tuple[int, int]:
-        """(bits, group_size) the teacher is quantized with: a floating-point mode's own."""
-        return FLOAT_MODES.get(self.mode, (self.bits, self.group_size))
+        """(bits, group_size) the teacher is quantized with: a floating-point mode's own; under
+        a budget the smallest allowed group size, which decides (as mlx-lm's quantize_model
+        does) which layers are quantized at all: each then gets its own."""
+        return FLOAT_MODES.get(self.mode, (self.bits, min(self.budget_group_sizes)))
+
+    @property
+    def budget_group_sizes(self) -> list[int]:
+        """The group sizes a bits budget chooses from (tune.group_size alone without one)."""
+        if self.bits_per_weight is None or self.allowed_group_sizes is None:
+            return [self.group_size]
+        return sorted(self.allowed_group_sizes)
 
     @property
     def needs_teacher_weights(self) -> bool:
@@ -311,9 +326,13 @@ class TuneConfig:
             if not self.train_norms:  # the latents have tune.latent_lr: nothing else trains
                 del kept["learning_rate"]
         if self.bits_per_weight is None:
-            del kept["bits_per_weight"], kept["allowed_bits"]
+            del kept["bits_per_weight"], kept["allowed_bits"], kept["allowed_group_sizes"]
         else:
             kept["allowed_bits"] = sorted(self.allowed_bits)
+            if self.allowed_group_sizes in (None, [self.group_size]):
+                del kept["allowed_group_sizes"]  # as before the setting: older runs resume
+            else:
+                kept["allowed_group_sizes"] = sorted(self.allowed_group_sizes)
             kept["budget_revision"] = BUDGET_REVISION
         return kept
 
@@ -374,6 +393,18 @@ def _budget_problems(config: TuneConfig) -> list[str]:
         problems.append(f"tune.allowed_bits must be distinct values of {widths} (got {allowed})")
     if not any(b < 8 for b in allowed):
         problems.append("tune.allowed_bits needs a width below 8 to have scales to tune")
+    sizes = config.allowed_group_sizes
+    if sizes is not None:
+        if any(g not in MLX_GROUP_SIZES for g in sizes) or len(set(sizes)) != len(sizes):
+            choices = ", ".join(map(str, MLX_GROUP_SIZES))
+            problems.append(
+                f"tune.allowed_group_sizes must be distinct values of {choices} (got {sizes})"
+            )
+        if config.group_size not in sizes:
+            problems.append(
+                f"tune.allowed_group_sizes must include tune.group_size ({config.group_size}): "
+                f"every layer the budget chooses for divides by it (got {sizes})"
+            )
     if config.bits_per_weight is not None and config.bits_per_weight <= 0:
         problems.append(f"tune.bits_per_weight must be > 0 (got {config.bits_per_weight})")
     if config.bits_per_weight is not None and config.mode != AFFINE:
@@ -423,7 +454,7 @@ class _Student:
     originals: dict | None = None  # the teacher's float weights, for the levers that need them
     dtypes: dict = dataclasses.field(default_factory=dict)  # its own dtypes, kept when saved
     tied_outputs: list = dataclasses.field(default_factory=list)  # kept GPTQ output layers
-    layer_bits: dict | None = None  # with a bits budget: each layer's bits
+    layer_bits: dict | None = None  # with a bits budget: each layer's [bits, group size]
     budget_record: dict | None = None  # and what chose them, when measured in this run
 
 
@@ -444,7 +475,7 @@ def _load_student(config: TuneConfig, inputs: _StartInputs) -> _Student:
         loaded = load_model(teacher, trust_remote_code=config.trust_remote_code)
         originals = full_precision_weights(loaded.model) if config.needs_teacher_weights else None
         layer_bits, record = _layer_bits(config, loaded.model, inputs)
-        per_layer = {p: {"bits": b, "group_size": config.group_size} for p, b in layer_bits.items()}
+        per_layer = {p: {"bits": b, "group_size": g} for p, (b, g) in layer_bits.items()}
         # Quantized in the teacher's own dtype (as mlx-lm's convert does), then cast.
         model, quantized_config = quantize_student(
             loaded, *config.quantization, config.mode, per_layer
@@ -481,22 +512,22 @@ class _StartInputs:
 
 
 def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[dict, dict | None]:
-    """Each layer's bits under tune.bits_per_weight ({} without one): as the checkpoint being
-    resumed recorded them, or chosen from the full-precision `model`'s sensitivities on the
-    store's first training sequences (with the record of them for the run folder). The model
-    computes them in the compute dtype (a bfloat16 teacher on CPU in float32: MLX's bfloat16
-    matmul is slow there and its gather_mm takes float32 only) and is put back in its own
-    dtype after, for quantizing."""
+    """Each layer's [bits, group size] under tune.bits_per_weight ({} without one): as the
+    checkpoint being resumed recorded them, or chosen from the full-precision `model`'s
+    sensitivities on the store's first training sequences (with the record of them for the run
+    folder). The model computes them in the compute dtype (a bfloat16 teacher on CPU in
+    float32: MLX's bfloat16 matmul is slow there and its gather_mm takes float32 only) and is
+    put back in its own dtype after, for quantizing."""
     if config.bits_per_weight is None:
         return {}, None
     if inputs.recorded_bits is not None:
-        return dict(inputs.recorded_bits), None
+        return _with_group_sizes(inputs.recorded_bits, config.group_size), None
     batches = _sensitivity_batches(config, inputs.reader, inputs.run_dir)
     rows = len(batches.rows)
     label = "measuring layer sensitivities: sequence {}/" + str(rows)
     on_batch = lambda number: inputs.phase(label.format(number + 1))  # noqa: E731
     inputs.phase("measuring layer sensitivities")
-    layout = model_layout(model, config.group_size)  # scales as stored: the teacher's dtype
+    layout = model_layout(model, config.quantization[1])  # scales as stored: the teacher's dtype
     own = to_compute_dtype(model, config.compute_dtype)
     try:
         choice, record = choose_layer_bits(
@@ -507,13 +538,33 @@ def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[d
             config.allowed_bits,
             config.seed,
             on_batch,
+            config.budget_group_sizes,
         )
     finally:
         restore_dtypes(model, own)
     # Every rank measured the same rows, but machines of a ring may round differently and break
     # a near tie otherwise: all take rank 0's mix, so every rank tunes the same student.
     paths = list(choice)  # the layout's order, the same on every rank
-    return dict(zip(paths, inputs.dist.from_root([choice[p] for p in paths]), strict=True)), record
+    flat = inputs.dist.from_root([value for p in paths for value in choice[p]])
+    pairs = [[flat[2 * i], flat[2 * i + 1]] for i in range(len(paths))]
+    return dict(zip(paths, pairs, strict=True)), record
+
+
+def _as_recorded(layer_bits: dict[str, list[int]], config: TuneConfig) -> dict:
+    """Bits alone where every layer has tune.group_size (the checkpoint format from before
+    group sizes were chosen, which older versions resume), else [bits, group size]."""
+    if config.budget_group_sizes == [config.group_size]:
+        return {path: bits for path, (bits, _) in layer_bits.items()}
+    return layer_bits
+
+
+def _with_group_sizes(recorded: dict, group_size: int) -> dict[str, list[int]]:
+    """A checkpoint's layer choices as [bits, group size] (one made before group sizes were
+    chosen recorded bits alone, at tune.group_size)."""
+    return {
+        path: [value, group_size] if isinstance(value, int) else list(value)
+        for path, value in recorded.items()
+    }
 
 
 @dataclass
@@ -634,13 +685,22 @@ def _recorded_tied_outputs(state: dict) -> list | None:
 
 
 def _recorded_layer_bits(state: dict) -> dict | None:
-    """Each layer's bits as the checkpoint of this same run chose them (None: no such
-    checkpoint, or a run without a bits budget)."""
+    """Each layer's bits, or [bits, group size], as the checkpoint of this same run chose them
+    (None: no such checkpoint, or a run without a bits budget)."""
     recorded = state.get("layer_bits")
-    valid = isinstance(recorded, dict) and all(
-        isinstance(b, int) and b in AFFINE_BITS for b in recorded.values()
-    )
-    return recorded if valid else None
+
+    def valid(value) -> bool:
+        if type(value) is int:  # bits alone, at tune.group_size
+            return value in AFFINE_BITS
+        return (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(type(v) is int for v in value)
+            and value[0] in AFFINE_BITS
+            and value[1] in MLX_GROUP_SIZES
+        )
+
+    return recorded if isinstance(recorded, dict) and all(map(valid, recorded.values())) else None
 
 
 def _float32_trainable(model: Any) -> dict:
@@ -995,8 +1055,8 @@ def tune(
         if dist.rank == 0 and student.budget_record is not None:  # once the run is accepted
             run_folder.write_sensitivities(run_dir, student.budget_record)
         run.state["tied_outputs"] = student.tied_outputs  # which start a resume rebuilds
-        if student.layer_bits is not None:
-            run.state["layer_bits"] = student.layer_bits  # the mix a resume rebuilds
+        if student.layer_bits is not None:  # the mix a resume rebuilds
+            run.state["layer_bits"] = _as_recorded(student.layer_bits, config)
         _train_loop(trainer, run, on_step)
         with _stop_requests():  # every step is done: a Ctrl-C now waits for the model on disk
             model_dir = _save_best(trainer, run, student)

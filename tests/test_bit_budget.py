@@ -53,6 +53,11 @@ def chosen_bits(run_dir: Path) -> dict[str, int]:
     return {layer["path"]: layer["bits"] for layer in sensitivities(run_dir)["layers"]}
 
 
+def chosen_options(run_dir: Path) -> dict[str, tuple[int, int]]:
+    layers = sensitivities(run_dir)["layers"]
+    return {layer["path"]: (layer["bits"], layer["group_size"]) for layer in layers}
+
+
 def test_a_mixed_bit_student_loads_back_bit_exactly_with_its_per_layer_bits(budget_run):
     from mlx_lm import load as mlx_load
     from mlx_lm.utils import compute_bits_per_weight
@@ -81,11 +86,12 @@ def test_the_chosen_mix_spends_the_budget(budget_run, tiny_teacher):
     """Within the budget, and no layer can be raised to any wider allowed width without
     exceeding it."""
     layout = model_layout(load_model(str(tiny_teacher)).model, group_size=32)
-    chosen = chosen_bits(budget_run)
+    chosen = chosen_options(budget_run)
     assert layout.bits_per_weight(chosen) <= BUDGET
     for candidate in layout.candidates:
-        for wider in (b for b in bit_budget.DEFAULT_ALLOWED_BITS if b > chosen[candidate.path]):
-            assert layout.bits_per_weight({**chosen, candidate.path: wider}) > BUDGET
+        bits = chosen[candidate.path][0]
+        for wider in (b for b in bit_budget.DEFAULT_ALLOWED_BITS if b > bits):
+            assert layout.bits_per_weight({**chosen, candidate.path: (wider, 32)}) > BUDGET
 
 
 def test_greedy_allocation_follows_the_estimates_and_fills_the_budget():
@@ -98,12 +104,13 @@ def test_greedy_allocation_follows_the_estimates_and_fills_the_budget():
     rng = np.random.default_rng(0)
     scale = rng.uniform(0.1, 10.0, size=6)
     estimates = {
-        f"layer{i}": {b: float(scale[i] * 4.0**-b) for b in (2, 3, 4, 5, 6, 8)} for i in range(6)
+        f"layer{i}": {(b, 64): float(scale[i] * 4.0**-b) for b in (2, 3, 4, 5, 6, 8)}
+        for i in range(6)
     }
     for budget in (3.0, 4.5, 5.25, 7.0):
         choice = allocate(layout, estimates, [2, 3, 4, 5, 6, 8], budget)
         assert layout.bits_per_weight(choice) <= budget
-        order = sorted(choice, key=lambda path: estimates[path][2])  # least sensitive first
+        order = sorted(choice, key=lambda path: estimates[path][2, 64])  # least sensitive first
         assert [choice[p] for p in order] == sorted(choice[p] for p in order)
 
 
@@ -152,7 +159,8 @@ def test_the_estimates_rank_layers_as_their_measured_kl_does(tiny_store, tiny_te
     model = load_model(str(tiny_teacher)).model
     paths = [c.path for c in model_layout(model, 32).candidates]
     fishers, positions = bit_budget.fisher_diagonals(model, paths, batches, seed=0)
-    estimates = bit_budget.estimated_kl(model, fishers, positions, [3], 32)
+    options = {path: [(3, 32)] for path in paths}
+    estimates = bit_budget.estimated_kl(model, fishers, positions, options)
     baseline = stored_kl(model, batches)  # the stored logits' rounding: not zero
     measured = {}
     for path in paths:
@@ -161,12 +169,12 @@ def test_the_estimates_rank_layers_as_their_measured_kl_does(tiny_store, tiny_te
         measured[path] = stored_kl(alone, batches) - baseline
     ranks = [
         np.argsort(np.argsort(v))
-        for v in ([estimates[p][3] for p in paths], [measured[p] for p in paths])
+        for v in ([estimates[p][3, 32] for p in paths], [measured[p] for p in paths])
     ]
     rho = np.corrcoef(*ranks)[0, 1]  # Spearman's rank correlation
     assert rho > 0.8, (rho, estimates, measured)
     # and in nats: the second-order estimate is the measured KL to within a factor of 2
-    assert all(0.5 < estimates[p][3] / measured[p] < 2.0 for p in paths), (estimates, measured)
+    assert all(0.5 < estimates[p][3, 32] / measured[p] < 2.0 for p in paths), (estimates, measured)
 
 
 def test_a_layer_made_fragile_gets_more_bits(tmp_path_factory):
@@ -195,7 +203,9 @@ def test_a_layer_made_fragile_gets_more_bits(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "levers", [{}, {"init": "gptq", "learned_rounding": True}], ids=["rtn", "gptq+rounding"]
+    "levers",
+    [{}, {"init": "gptq", "learned_rounding": True}, {"allowed_group_sizes": [32, 64]}],
+    ids=["rtn", "gptq+rounding", "group-sizes"],
 )
 def test_resume_with_a_budget_is_bit_identical(tiny_store, tmp_path, levers):
     assert_kill_and_resume_is_bit_identical(tiny_store, tmp_path, bits_per_weight=BUDGET, **levers)
@@ -205,7 +215,7 @@ def test_a_resumed_run_keeps_its_bits_and_refuses_another_budget(tiny_store, tmp
     run_dir = tmp_path / "run"
     tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, max_steps=4, epochs=1))
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
-    assert state["layer_bits"] == chosen_bits(run_dir)
+    assert state["layer_bits"] == chosen_bits(run_dir)  # bits alone, as before group sizes
     phases = []
     tune(
         tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, max_steps=4, epochs=1),
@@ -309,8 +319,8 @@ def test_the_budget_counts_as_mlx_lm_measures_the_quantized_model(model_type, tm
     folder = make_arch_model_folder(tmp_path / model_type, model_type)
     layout = model_layout(load_model(str(folder)).model, group_size=32)
     widths = [3, 4, 5, 6, 8]
-    choice = {c.path: widths[i % len(widths)] for i, c in enumerate(layout.candidates)}
-    per_layer = {p: {"bits": b, "group_size": 32} for p, b in choice.items()}
+    choice = {c.path: (widths[i % len(widths)], 32) for i, c in enumerate(layout.candidates)}
+    per_layer = {p: {"bits": b, "group_size": g} for p, (b, g) in choice.items()}
     quantized, _ = quantize_student(load_model(str(folder)), 4, 32, per_layer=per_layer)
     assert layout.bits_per_weight(choice) == pytest.approx(compute_bits_per_weight(quantized))
     # 4 bits + a bfloat16 scale and bias per 32 weights, plus the few float parameters
@@ -332,3 +342,99 @@ def test_every_rank_tunes_rank_0s_mix(tiny_store, tmp_path, monkeypatch):
     bits = {path: entry["bits"] for path, entry in layer_quantization(config, "tuned").items()}
     first = next(iter(chosen_bits(run_dir)))  # the layout's order, as the mix was shared
     assert bits[first] == 8 and chosen_bits(run_dir)[first] != 8
+
+
+def test_group_sizes_are_chosen_with_the_bits_and_saved_per_layer(tiny_store, tmp_path):
+    """With tune.allowed_group_sizes a layer's group size is chosen too: the record, the saved
+    config.json and mlx_lm.load agree on each layer's (bits, group size), the budget holds, and
+    the mix uses more than one group size (3 bits alone: 4.0 bits per weight at 64 and 5.0 at
+    32 with float32 scales, so 4.5 is spent only by putting some layers in groups of 32)."""
+    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import compute_bits_per_weight
+
+    run_dir = tmp_path / "run"
+    sizes = {"allowed_group_sizes": [32, 64], "allowed_bits": [3]}
+    tune(tune_config(tiny_store, run_dir, bits_per_weight=4.5, **sizes, **SHORT))
+    chosen = chosen_options(run_dir)
+    assert len({size for _, size in chosen.values()}) > 1
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    entries = layer_quantization(config, "tuned")
+    assert {p: (e["bits"], e["group_size"]) for p, e in entries.items()} == chosen
+    model, _ = mlx_load(str(run_dir / "model"))
+    modules = dict(model.named_modules())
+    assert {p: (modules[p].bits, modules[p].group_size) for p in chosen} == chosen
+    stored = compute_bits_per_weight(model)
+    assert stored == pytest.approx(sensitivities(run_dir)["bits_per_weight"], rel=1e-9)
+    assert 4.3 < stored <= 4.5
+    layers = sensitivities(run_dir)["layers"]
+    assert all(layer["estimated_kl"].keys() == {"3g32", "3g64"} for layer in layers)
+    from pipeline.report import build_figure, summarize
+
+    summary = summarize(run_dir)
+    assert any("3-bit g64" in line for line in summary.lines())
+    _, panel = build_figure(summary).axes
+    labels = [text.get_text() for text in panel.get_legend().get_texts()]
+    assert labels == ["3-bit g32", "3-bit g64", "chosen"]
+
+
+def test_allocation_spends_the_budget_on_group_sizes_where_they_pay():
+    """A layer whose width a group size does not divide never gets it; at a budget below
+    every layer at 4 bits in groups of 32 the estimate-led mix is cheaper in scales than
+    bits-only and estimates less KL."""
+    layout = Layout(
+        [Candidate("wide", 4096, 32, columns=256), Candidate("odd", 4096, 32, columns=96)],
+        group_size=32,
+        fixed_bits=0,
+        parameters=2 * 4096,
+    )
+    assert layout.candidates[1].options([4], [32, 64, 128]) == [(4, 32)]
+
+    def estimate(bits: int, size: int) -> float:  # larger groups round a little worse
+        return 4.0**-bits * (1 + size / 128)
+
+    estimates = {
+        c.path: {o: estimate(*o) for o in c.options([3, 4, 5], [32, 64, 128])}
+        for c in layout.candidates
+    }
+    budget = 5.5  # float32 scales: 4 bits at 32 is 6.0, 5 bits at 128 is 5.5
+    both = allocate(layout, estimates, [3, 4, 5], budget, [32, 64, 128])
+    assert layout.bits_per_weight(both) <= budget
+    assert both["odd"][1] == 32 and both["wide"][1] > 32
+    bits_only = allocate(layout, estimates, [3, 4, 5], budget)
+    total = lambda choice: sum(estimates[p][o] for p, o in choice.items())  # noqa: E731
+    assert total(both) < total(bits_only)
+    least, _ = bit_budget.reachable(layout, [3, 4, 5], [32, 64, 128])
+    with pytest.raises(StageError, match="at 3 bits in its largest group") as refused:
+        allocate(layout, estimates, [3, 4, 5], least - 0.1, [32, 64, 128])
+    assert "in groups of 32, 64, 128" in str(refused.value)
+    with pytest.raises(StageError, match="no allowed group size .64, 128. divides the width 96"):
+        allocate(layout, estimates, [3, 4, 5], budget, [64, 128])
+
+
+def test_group_size_settings_are_checked_and_keyed_only_when_they_choose():
+    budget = TuneConfig(bits_per_weight=4.5)
+    assert "allowed_group_sizes" not in budget.identity()
+    same = TuneConfig(bits_per_weight=4.5, allowed_group_sizes=[64])
+    assert same.resume_key() == budget.resume_key()
+    wider = TuneConfig(bits_per_weight=4.5, allowed_group_sizes=[128, 64])
+    assert wider.identity()["allowed_group_sizes"] == [64, 128]
+    assert wider.resume_key() != budget.resume_key()
+    for bad, words in (
+        ({"allowed_group_sizes": [64, 100]}, "distinct values of 32, 64, 128"),
+        ({"allowed_group_sizes": [32, 128]}, "must include tune.group_size"),
+    ):
+        with pytest.raises(InvalidConfig, match=words):
+            TuneConfig(bits_per_weight=4.5, **bad)
+    from_yaml = load_config(None, {"tune.allowed_group_sizes": [32, 64, 128]}).tune
+    assert from_yaml.allowed_group_sizes == [32, 64, 128]
+
+
+def test_a_checkpoint_from_before_group_sizes_resumes_with_its_bits():
+    from stages.tune import _recorded_layer_bits, _with_group_sizes
+
+    old = {"layer_bits": {"a": 4, "b": 6}}
+    assert _with_group_sizes(_recorded_layer_bits(old), 64) == {"a": [4, 64], "b": [6, 64]}
+    new = {"layer_bits": {"a": [4, 128], "b": [6, 32]}}
+    assert _with_group_sizes(_recorded_layer_bits(new), 64) == {"a": [4, 128], "b": [6, 32]}
+    for damaged in ({"a": [4, 100]}, {"a": [7, 64]}, {"a": "4"}, {"a": [4]}):
+        assert _recorded_layer_bits({"layer_bits": damaged}) is None
