@@ -327,21 +327,29 @@ def test_the_budget_counts_as_mlx_lm_measures_the_quantized_model(model_type, tm
     assert layout.bits_per_weight(layout.uniform(4)) == pytest.approx(4 + 2 * 16 / 32, abs=0.2)
 
 
-def test_every_rank_tunes_rank_0s_mix(tiny_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sizes", [None, [32, 64]], ids=["bits", "bits+group-sizes"])
+def test_every_rank_tunes_rank_0s_mix(tiny_store, tmp_path, monkeypatch, sizes):
     """A rank whose own measurement broke a near tie the other way still takes rank 0's mix
-    (simulated here: rank 0 gave the first layer 8 bits)."""
+    (simulated here: rank 0 gave the first layer 8 bits, in groups of 64 when those are
+    allowed, 32 otherwise)."""
     from stages.distributed import Distributed
 
-    def root_mix(self, values):
-        return [8, *values[1:]]
+    size = 64 if sizes else 32
+
+    def root_mix(self, values):  # [bits, group size] per layer, flat, in the layout's order
+        return [8, size, *values[2:]]
 
     monkeypatch.setattr(Distributed, "from_root", root_mix)
     run_dir = tmp_path / "run"
-    tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, **SHORT))
+    tune(
+        tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, allowed_group_sizes=sizes, **SHORT)
+    )
     config = json.loads((run_dir / "model" / "config.json").read_text())
-    bits = {path: entry["bits"] for path, entry in layer_quantization(config, "tuned").items()}
-    first = next(iter(chosen_bits(run_dir)))  # the layout's order, as the mix was shared
-    assert bits[first] == 8 and chosen_bits(run_dir)[first] != 8
+    saved = {
+        p: (e["bits"], e["group_size"]) for p, e in layer_quantization(config, "tuned").items()
+    }
+    first = next(iter(chosen_options(run_dir)))  # the layout's order, as the mix was shared
+    assert saved[first] == (8, size) and chosen_options(run_dir)[first] != (8, size)
 
 
 def test_group_sizes_are_chosen_with_the_bits_and_saved_per_layer(tiny_store, tmp_path):
