@@ -402,8 +402,8 @@ def _budget_problems(config: TuneConfig) -> list[str]:
             )
         if config.group_size not in sizes:
             problems.append(
-                f"tune.allowed_group_sizes must include tune.group_size ({config.group_size}): "
-                f"every layer the budget chooses for divides by it (got {sizes})"
+                f"tune.allowed_group_sizes must include tune.group_size ({config.group_size}) "
+                f"(got {sizes})"
             )
     if config.bits_per_weight is not None and config.bits_per_weight <= 0:
         problems.append(f"tune.bits_per_weight must be > 0 (got {config.bits_per_weight})")
