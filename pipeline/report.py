@@ -264,13 +264,12 @@ def build_figure(summary: RunSummary):
 
 
 def _choice_key(layer: dict[str, Any]) -> str:
-    """The layer's own key in its estimates: "4", or "4g128" at another group size than the
-    record's (bit_budget.option_label); records from before group sizes have bits alone."""
+    """The layer's own key in its estimates (bit_budget.option_label): "4" with one group size
+    allowed, "4g128" with several; records from before group sizes have bits alone."""
     return str(layer.get("choice", layer["bits"]))
 
 
-def _choice_label(layer_or_key: dict[str, Any] | str) -> str:
-    key = _choice_key(layer_or_key) if isinstance(layer_or_key, dict) else layer_or_key
+def _choice_label(key: str) -> str:
     bits, _, size = key.partition("g")
     return f"{bits}-bit" + (f" g{size}" if size else "")
 
@@ -290,8 +289,8 @@ def _plot_sensitivities(ax, record: dict[str, Any]) -> None:
     widths = sorted({_key_order(key)[0] for key in keys})
     sizes = sorted({_key_order(key)[1] for key in keys})
     for key in keys:  # a group size a layer's width does not divide: a gap, not the floor
-        values = [max(layer["estimated_kl"].get(key, math.inf), floor) for layer in layers]
-        values = [math.nan if v == math.inf else v for v in values]
+        found = [layer["estimated_kl"].get(key) for layer in layers]
+        values = [math.nan if v is None else max(v, floor) for v in found]
         bits, size = _key_order(key)
         style = dict(
             color=f"C{widths.index(bits) % 10}", ls=("-", "--", ":")[sizes.index(size) % 3]

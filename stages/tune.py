@@ -329,7 +329,7 @@ class TuneConfig:
             del kept["bits_per_weight"], kept["allowed_bits"], kept["allowed_group_sizes"]
         else:
             kept["allowed_bits"] = sorted(self.allowed_bits)
-            if self.allowed_group_sizes in (None, [self.group_size]):
+            if self.budget_group_sizes == [self.group_size]:
                 del kept["allowed_group_sizes"]  # as before the setting: older runs resume
             else:
                 kept["allowed_group_sizes"] = sorted(self.allowed_group_sizes)
