@@ -92,9 +92,15 @@ def _unexpected(action: str, exc: BaseException) -> str:
     return f"{action} failed{where}: {type(exc).__name__}{': ' + detail if detail else ''}{hint}"
 
 
+def _peer_stopped(command: str) -> str:
+    left = INTERRUPTED.get(command, "nothing was written or changed")
+    return f"another process of this launch stopped (its error says why); {left}"
+
+
 def guarded(command):
     """Every error becomes one red line: known bad input exits 2, anything unforeseen exits 1
     (the traceback only with --debug)."""
+    from stages.distributed import peer_lost
     from stages.errors import StageError
     from stages.tune import TuneInterrupted
     from store.errors import StoreError
@@ -119,7 +125,9 @@ def guarded(command):
             raise
         except Exception as exc:
             _show_traceback_if_debug()
-            ui.error(_unexpected(action, exc))
+            ui.error(
+                _peer_stopped(command.__name__) if peer_lost(exc) else _unexpected(action, exc)
+            )
             raise typer.Exit(EXIT_UNEXPECTED) from None
 
     return wrapper

@@ -7,6 +7,16 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_map
 
+# How MLX's collectives fail when another process of the launch has exited (the ring backend's
+# words, MLX 0.32).
+_PEER_LOST = "connection to a peer was lost"
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another rank stopped (that rank prints its
+    own error: this one only follows it)."""
+    return isinstance(exc, RuntimeError) and _PEER_LOST in str(exc)
+
 
 class Distributed:
     """This process's rank in the group, and the few collectives the stages need."""

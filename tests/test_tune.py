@@ -325,6 +325,25 @@ def test_two_ranks_match_one_process(tiny_store, tmp_path, grad_checkpoint):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_a_write_failing_on_rank_0_stops_every_rank_with_one_line_each(tiny_store, tmp_path):
+    """Rank 0 alone writes the run folder; when that fails the other rank's next collective
+    fails too, and says it followed another process instead of MLX's bare RuntimeError."""
+    run_dir = tmp_path / "ranks"
+    tune(tune_config(tiny_store, run_dir, max_steps=1))  # a folder this program made
+    for made in ("checkpoint", "model"):
+        shutil.rmtree(run_dir / made)
+    (run_dir / "best.safetensors").unlink()  # so the next run starts over, and writes it first
+    (run_dir / "best.partial.safetensors" / "in the way").mkdir(parents=True)
+    args = cli_args({**TUNE_SETTINGS, "tune.max_steps": 1})
+    done = run_cli("tune", "--store", str(tiny_store), "--run-dir", str(run_dir), *args, ranks=2)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, done.stderr
+    assert any(f"cannot write to {run_dir}" in line for line in errors), done.stderr
+    assert any("another process of this launch stopped" in line for line in errors)
+    assert "RuntimeError" not in done.stderr and "Traceback" not in done.stderr
+    assert not (run_dir / "model").exists()
+
+
 def test_sigterm_checkpoints_and_the_rerun_finishes_identically(tiny_store, tmp_path):
     import signal
     import time
