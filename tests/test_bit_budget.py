@@ -437,6 +437,15 @@ def test_group_size_settings_are_checked_and_keyed_only_when_they_choose():
     assert from_yaml.allowed_group_sizes == [32, 64, 128]
 
 
+def test_resume_keys_are_those_earlier_versions_wrote():
+    """A checkpoint is resumed only under the key it was saved with: these are the keys of
+    version b6fcb4c (before group sizes) for a budget run and a plain run. A change that moves
+    them leaves every earlier checkpoint unresumable, so it must be deliberate (a revision)."""
+    budget = load_config(None, {"tune.bits_per_weight": 4.5}).tune
+    assert budget.resume_key() == "30913f28493f157f4e85ffd375fb7eb2"
+    assert load_config(None, {}).tune.resume_key() == "03dd44ba8e38885d558e9b07af053d13"
+
+
 def test_a_checkpoint_from_before_group_sizes_resumes_with_its_bits():
     from stages.tune import _recorded_layer_bits, _with_group_sizes
 
