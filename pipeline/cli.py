@@ -92,9 +92,18 @@ def _unexpected(action: str, exc: BaseException) -> str:
     return f"{action} failed{where}: {type(exc).__name__}{': ' + detail if detail else ''}{hint}"
 
 
-def _peer_stopped(command: str) -> str:
-    left = INTERRUPTED.get(command, "nothing was written or changed")
-    return f"another process of this launch stopped (its error says why); {left}"
+def _left_behind(name: str) -> str:
+    """What the command `name` leaves when it stops early."""
+    return INTERRUPTED.get(name, "nothing was written or changed")
+
+
+def _peer_lost_line(name: str) -> str:
+    """A rank knows only that the connection broke, not why: the other process's own error
+    line, or mlx.launch's warning with its exit code (a process killed prints nothing), says."""
+    return (
+        "lost the connection to another process of this launch (its error line or mlx.launch's "
+        f"warning says why, unless the network failed); {_left_behind(name)}"
+    )
 
 
 def guarded(command):
@@ -105,7 +114,8 @@ def guarded(command):
     from stages.tune import TuneInterrupted
     from store.errors import StoreError
 
-    action = {"evaluate": "eval", "show_config": "config"}.get(command.__name__, command.__name__)
+    name = command.__name__
+    action = {"evaluate": "eval", "show_config": "config"}.get(name, name)
     action = action.replace("_", " ")
 
     @functools.wraps(command)
@@ -119,15 +129,17 @@ def guarded(command):
             ui.error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
-            left = INTERRUPTED.get(command.__name__, "nothing was written or changed")
-            _report_interrupt(f"interrupted; {left}")
+            _report_interrupt(f"interrupted; {_left_behind(name)}")
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
             _show_traceback_if_debug()
-            ui.error(
-                _peer_stopped(command.__name__) if peer_lost(exc) else _unexpected(action, exc)
-            )
+            if not peer_lost(exc):
+                ui.error(_unexpected(action, exc))
+            else:
+                if _is_console:  # mlx.launch's SIGTERM follows at once: not before this line
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                ui.error(_peer_lost_line(name))
             raise typer.Exit(EXIT_UNEXPECTED) from None
 
     return wrapper

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from stages.data import DEFAULT_DATA, DataSpec, TokenSequences, build_sequences
-from stages.distributed import Distributed
+from stages.distributed import Distributed, peer_lost
 from stages.errors import InvalidConfig, ModelError, StageError
 from stages.models import (
     DEFAULT_TEACHER,
@@ -736,7 +736,13 @@ class RowsPlan:
             raise StageError(_OTHER_ROWS)
 
     def stop(self) -> None:
-        self._send(self.STOP)
+        """Tells the other ranks that rank 0 stops; when they are gone already, its own error
+        is what matters, not this."""
+        try:
+            self._send(self.STOP)
+        except RuntimeError as exc:
+            if not peer_lost(exc):
+                raise
 
     def _send(self, values: list[int]) -> None:
         if self.ranks and not self.sent:
@@ -747,7 +753,7 @@ class RowsPlan:
     def receive(cls, ranks: Distributed, splits) -> list[tuple[str, int, int]]:
         values = ranks.from_root([])
         if values == cls.STOP:
-            raise StageError("rank 0 stopped before computing (its error above says why)")
+            raise StageError("rank 0 stopped before computing (its own error line says why)")
         digest, values = values[:DIGEST_INTS], values[DIGEST_INTS:]
         if _disagreeing_ranks(ranks, mismatch=digest != rows_digest(splits)):
             raise StageError(_OTHER_ROWS)

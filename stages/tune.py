@@ -7,7 +7,10 @@ import functools
 import hashlib
 import json
 import math
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext
@@ -1015,17 +1018,64 @@ def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
     return list(reader.manifest.settings["lse_temperatures"]).index(config.temperature)
 
 
+# How long a rank of a launch may take to stop after a SIGTERM: mlx.launch sends one when another
+# rank exits with an error, and a collective waiting on the dead rank can block for good (MLX
+# 0.32's ring, on sums of more than about 1 MiB), where the stop flag is never read.
+LAUNCH_STOP_GRACE_S = 180.0
+EXIT_STUCK = 1
+
+
 @contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """SIGINT/SIGTERM set a flag instead of killing: the loop checkpoints, then stops."""
+def _stop_requests(dist: Distributed | None = None) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set a flag instead of killing: the loop checkpoints, then stops. A rank of
+    a launch (`dist` of several ranks) still running LAUNCH_STOP_GRACE_S after a SIGTERM says
+    so and exits."""
     requested: list[int] = []
     handler = lambda signum, frame: requested.append(signum)  # noqa: E731
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    launched = dist is not None and dist.size > 1
     try:
-        yield requested
+        with _exit_if_stuck_after_sigterm(LAUNCH_STOP_GRACE_S) if launched else nullcontext():
+            yield requested
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def _exit_if_stuck_after_sigterm(seconds: float) -> Iterator[None]:
+    """Exit with one line when still inside `seconds` after a SIGTERM. A thread learns of the
+    signal from Python's wakeup fd, which the C-level handler writes even while the main thread
+    is blocked in MLX (where no Python handler runs)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    done = threading.Event()
+
+    def watch() -> None:
+        while received := os.read(read_fd, 64):
+            if signal.SIGTERM in received:
+                if not done.wait(seconds):
+                    sys.stderr.write(
+                        f"error: still running {seconds:.0f} s after mlx.launch asked this "
+                        "process to stop (another process of the launch ended, or the launch "
+                        "was interrupted); the last checkpoint in the run folder is kept; "
+                        "re-run the same command to resume\n"
+                    )
+                    sys.stderr.flush()
+                    os._exit(EXIT_STUCK)
+                return
+
+    watcher = threading.Thread(target=watch, name="sigterm-watchdog", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher's read returns empty
+        watcher.join()
+        os.close(read_fd)
 
 
 # ---- the stage: setup -> loop -> save ----------------------------------------------------------
@@ -1058,7 +1108,7 @@ def tune(
         if student.layer_bits is not None:  # the mix a resume rebuilds
             run.state["layer_bits"] = _as_recorded(student.layer_bits, config)
         _train_loop(trainer, run, on_step)
-        with _stop_requests():  # every step is done: a Ctrl-C now waits for the model on disk
+        with _stop_requests(dist):  # every step is done: a Ctrl-C now waits for the model on disk
             model_dir = _save_best(trainer, run, student)
     return _result(run, model_dir, _rate_setting(config))
 
@@ -1241,7 +1291,7 @@ def _train_loop(trainer: _Trainer, run: _Run, on_step) -> None:
     prefetched = closing(
         stream_batches(trainer.reader, "train", planned, config.prefetch, wait_s=config.wait_s)
     )
-    with _stop_requests() as stop_requested, prefetched as batches:
+    with _stop_requests(trainer.dist) as stop_requested, prefetched as batches:
         stream = zip(trainer.my_batches(steps), batches, strict=True)
         speed = _Speed()
         for step in steps:

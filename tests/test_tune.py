@@ -325,9 +325,9 @@ def test_two_ranks_match_one_process(tiny_store, tmp_path, grad_checkpoint):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_a_write_failing_on_rank_0_stops_every_rank_with_one_line_each(tiny_store, tmp_path):
+def test_a_write_failing_on_rank_0_stops_every_rank_with_an_error_line_each(tiny_store, tmp_path):
     """Rank 0 alone writes the run folder; when that fails the other rank's next collective
-    fails too, and says it followed another process instead of MLX's bare RuntimeError."""
+    fails too, and it says it lost the other process instead of MLX's bare RuntimeError."""
     run_dir = tmp_path / "ranks"
     tune(tune_config(tiny_store, run_dir, max_steps=1))  # a folder this program made
     for made in ("checkpoint", "model"):
@@ -335,13 +335,56 @@ def test_a_write_failing_on_rank_0_stops_every_rank_with_one_line_each(tiny_stor
     (run_dir / "best.safetensors").unlink()  # so the next run starts over, and writes it first
     (run_dir / "best.partial.safetensors" / "in the way").mkdir(parents=True)
     args = cli_args({**TUNE_SETTINGS, "tune.max_steps": 1})
-    done = run_cli("tune", "--store", str(tiny_store), "--run-dir", str(run_dir), *args, ranks=2)
+    run = ("tune", "--store", str(tiny_store), "--run-dir", str(run_dir), *args)
+    done = run_cli(*run, ranks=2, timeout=240)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2, done.stderr
     assert any(f"cannot write to {run_dir}" in line for line in errors), done.stderr
-    assert any("another process of this launch stopped" in line for line in errors)
+    lost = "lost the connection to another process of this launch"
+    assert any(lost in line for line in errors), done.stderr
     assert "RuntimeError" not in done.stderr and "Traceback" not in done.stderr
     assert not (run_dir / "model").exists()
+
+
+@pytest.mark.parametrize("stuck", [True, False], ids=["stuck", "stops in time"])
+def test_a_launched_rank_still_running_after_sigterm_exits_with_one_line(tmp_path, stuck):
+    """mlx.launch SIGTERMs the other ranks when one fails; a rank blocked in a collective on
+    the dead one never reads the stop flag (MLX's ring can wait for good): after the grace it
+    exits on its own, and a rank that stops in time is left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    blocked = "threading.Event().wait()" if stuck else "time.sleep(0.5)"
+    script = (
+        "import threading, time\n"
+        "import stages.tune as T\n"
+        "T.LAUNCH_STOP_GRACE_S = 1.0\n"
+        "class Launched: size = 2\n"
+        "with T._stop_requests(Launched()):\n"
+        "    print('ready', flush=True)\n"
+        f"    {blocked}\n"
+        "time.sleep(2)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # still there only when the test fails
+    if stuck:
+        assert proc.returncode == 1, err
+        assert err.startswith("error: still running 1 s after mlx.launch asked"), err
+        assert len(err.strip().splitlines()) == 1
+    else:
+        assert proc.returncode == 0 and err == "", err
 
 
 def test_sigterm_checkpoints_and_the_rerun_finishes_identically(tiny_store, tmp_path):
