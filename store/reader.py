@@ -57,12 +57,19 @@ class StoreReader:
         self._records: dict[str, dict[int, ChunkRecord]] | None = None
 
     def read_targets_when_ready(
-        self, split: str, chunk: int, timeout_s: float, poll_s: float = 1.0
-    ) -> dict[str, np.ndarray]:
+        self,
+        split: str,
+        chunk: int,
+        timeout_s: float,
+        poll_s: float = 1.0,
+        abandoned: threading.Event | None = None,
+    ) -> dict[str, np.ndarray] | None:
         """Like read_targets, but for a store still being filled or copied: wait until the chunk
-        is recorded done and its files read back whole (a copy may bring them in any order)."""
+        is recorded done and its files read back whole (a copy may bring them in any order).
+        None when `abandoned` is set first (the reader is gone: nobody waits for the chunk)."""
         deadline = time.monotonic() + timeout_s
-        while True:
+        abandoned = abandoned or threading.Event()
+        while not abandoned.is_set():
             self._pick_up_record(split, chunk)
             try:
                 return self.read_targets(split, chunk, verify=True)
@@ -73,7 +80,8 @@ class StoreReader:
                         f"({str(exc).split(';')[0]}); is targets or the copy still running? "
                         "re-run to resume"
                     ) from exc
-            time.sleep(poll_s)
+            abandoned.wait(poll_s)
+        return None
 
     def _pick_up_record(self, split: str, chunk: int) -> None:
         """Read one chunk's record if it arrived since the records were listed."""
@@ -185,26 +193,41 @@ class StoreReader:
 class _ChunkCache:
     """The few most recently decoded chunks: a batch's rows may span two of them."""
 
-    def __init__(self, reader: StoreReader, split: str, size: int = 2, wait_s: float | None = None):
+    def __init__(
+        self,
+        reader: StoreReader,
+        split: str,
+        size: int = 2,
+        wait_s: float | None = None,
+        abandoned: threading.Event | None = None,
+    ):
         self.reader, self.split, self.size, self.wait_s = reader, split, size, wait_s
+        self.abandoned = abandoned
         self.chunks: dict[int, dict[str, np.ndarray]] = {}
 
-    def rows(self, row_ids: list[int]) -> dict[str, np.ndarray]:
+    def rows(self, row_ids: list[int]) -> dict[str, np.ndarray] | None:
+        """The rows' target arrays, or None when abandoned while waiting for a chunk."""
         shape = self.reader.manifest.splits[self.split]
         picked: dict[str, list[np.ndarray]] = {name: [] for name in shape.target_arrays}
         for row in row_ids:
             chunk, offset = divmod(row, shape.chunk_rows)
             values = self._get(chunk)
+            if values is None:
+                return None
             for name in shape.target_arrays:
                 picked[name].append(values[name][offset])
         return {name: np.stack(parts) for name, parts in picked.items()}
 
-    def _get(self, chunk: int) -> dict[str, np.ndarray]:
+    def _get(self, chunk: int) -> dict[str, np.ndarray] | None:
         if chunk not in self.chunks:
             if self.wait_s is None:
                 values = self.reader.read_targets(self.split, chunk, verify=True)
             else:
-                values = self.reader.read_targets_when_ready(self.split, chunk, self.wait_s)
+                values = self.reader.read_targets_when_ready(
+                    self.split, chunk, self.wait_s, abandoned=self.abandoned
+                )
+                if values is None:
+                    return None
             values["topk_logits"] = self.reader.logits_as_float32(self.split, values["topk_logits"])
             values["topk_indices"] = values["topk_indices"].astype(np.int32)
             if "tail_samples" in values:
@@ -241,10 +264,11 @@ def stream_batches(
         return False
 
     def produce() -> None:
-        cache = _ChunkCache(reader, split, wait_s=wait_s)
+        cache = _ChunkCache(reader, split, wait_s=wait_s, abandoned=stop)
         try:
             for rows in batches:
-                if not put(cache.rows(rows)):
+                values = cache.rows(rows)
+                if values is None or not put(values):
                     return
             put(_END)
         except BaseException as exc:  # handed to the consumer

@@ -136,3 +136,19 @@ def test_wait_gives_up_after_its_timeout_with_one_line(full, tmp_path):
     assert result.exit_code == 2
     assert "waited 2s for chunk train/" in result.output and "re-run" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_stream_closed_while_waiting_for_a_chunk_stops_at_once(full, tmp_path):
+    """When the loop stops (an error, another rank gone) while the prefetch waits for a chunk
+    that is not there, closing the stream ends the wait instead of sitting out its timeout."""
+    from store.reader import StoreReader, stream_batches
+
+    store, _ = with_train_records_held_back(full, tmp_path, [1])
+    reader = StoreReader(str(store))
+    rows = reader.manifest.splits["train"].chunk_rows
+    stream = stream_batches(reader, "train", [[0], [rows]], wait_s=30)  # chunk 1 is missing
+    assert next(stream)["topk_logits"].shape[0] == 1
+    time.sleep(1.5)  # the prefetch is now polling for chunk 1
+    tic = time.monotonic()
+    stream.close()
+    assert time.monotonic() - tic < 5
