@@ -7,8 +7,9 @@ rows, tokens and steps of configs/default.yaml), and scored together on the held
 - ours, affine 4-bit g64 and 3-bit g64: `tune` with the default settings (and tune.bits 3);
 - ours, mixed: `tune --bits-per-weight B` (widths tune.allowed_bits), B the uniform 4-bit
   student's bits per weight as stored (its bytes: 5.0 from the float32 default teacher, whose
-  scales are float32; 4.5 from a bf16 one), at learning rate MIX_RATE; and the same with
-  tune.allowed_group_sizes [32, 64, 128] (each layer's group size chosen too);
+  scales are float32; 4.5 from a bf16 one), at learning rate MIX_RATE, with
+  tune.allowed_group_sizes [64] (bits chosen, every group of 64, the budget's choice before
+  2026-12-01) and [32, 64, 128] (each layer's group size chosen too: the default now);
 - mlx-lm, mixed: its `quant/dynamic_quant.py` at the same B (its sensitivities from the live
   teacher on our training rows, its threshold search, `quantize_model`, as its main does), then
   its `dwq_quantize` from its own targets (top 1,024 bf16 logits) on the same rows, steps and
@@ -104,7 +105,7 @@ MIX_RATE = 2.5e-5
 OURS: dict[str, dict] = {  # label -> settings changed from the default (the mixes' budget: below)
     UNIFORM: {},
     "ours, affine 3-bit g64": {"bits": 3},
-    MIXED: {"learning_rate": MIX_RATE},
+    MIXED: {"learning_rate": MIX_RATE, "allowed_group_sizes": [64]},  # bits only: one size
     MIXED_GROUPS: {"learning_rate": MIX_RATE, "allowed_group_sizes": [32, 64, 128]},
     "ours, mxfp4": {"mode": "mxfp4"},
     "ours, nvfp4": {"mode": "nvfp4"},

@@ -235,7 +235,7 @@ def build_figure(summary: RunSummary):
     from matplotlib.figure import Figure
 
     budget = summary.sensitivities
-    figure = Figure(figsize=(8, 8.5) if budget else (8, 4.5), dpi=120)
+    figure = Figure(figsize=(8, 9.5) if budget else (8, 4.5), dpi=120)
     ax = figure.add_subplot(2, 1, 1) if budget else figure.add_subplot()
     if summary.train:
         steps, losses = zip(*summary.train, strict=True)
@@ -308,7 +308,14 @@ def _plot_sensitivities(ax, record: dict[str, Any]) -> None:
         f"{record['bits_per_weight']:.3f} spent"
     )
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", ncol=min(len(keys) + 1, 6), fontsize="small")
+    # Below the axes: with every group size there are 16 entries, which would hide the peaks.
+    ax.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncol=min(len(keys) + 1, 6),
+        fontsize="small",
+        frameon=False,
+    )
 
 
 def write_report(run_dir: Path) -> tuple[RunSummary, Path | None]:

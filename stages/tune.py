@@ -156,10 +156,11 @@ class TuneConfig:
         DEFAULT_ALLOWED_BITS, "with bits_per_weight: the bit widths a layer may get"
     )
     allowed_group_sizes: list[int] | None = setting(
-        None,
+        list(MLX_GROUP_SIZES),
         "with bits_per_weight: the group sizes a layer may get (those that divide its width; "
         "must include tune.group_size; the smallest decides which layers are quantized); "
-        "unset = tune.group_size only",
+        "[tune.group_size] or null = that size only (the choice before 2026-12-01: a budget "
+        "run checkpointed then resumes with it)",
     )
     loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
@@ -403,7 +404,7 @@ def _budget_problems(config: TuneConfig) -> list[str]:
             problems.append(
                 f"tune.allowed_group_sizes must be distinct values of {choices} (got {sizes})"
             )
-        if config.group_size not in sizes:
+        if config.bits_per_weight is not None and config.group_size not in sizes:
             problems.append(
                 f"tune.allowed_group_sizes must include tune.group_size ({config.group_size}) "
                 f"(got {sizes})"

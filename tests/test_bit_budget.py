@@ -118,6 +118,7 @@ def test_an_unreachable_budget_is_one_line_naming_the_nearest(tiny_store, tiny_t
     def tune_cli(budget: float):
         overrides = {"store": str(tiny_store), "tune.run_dir": str(tmp_path / "run")}
         overrides |= {"tune.group_size": 32, "tune.allowed_bits": "[3,4]"}
+        overrides |= {"tune.allowed_group_sizes": "[32]"}  # the layout computed below
         return run_cli("tune", "--bits-per-weight", str(budget), *cli_args(overrides))
 
     layout = model_layout(load_model(str(tiny_teacher)).model, group_size=32)
@@ -195,7 +196,8 @@ def test_a_layer_made_fragile_gets_more_bits(tmp_path_factory):
             save_model(folder, loaded.model)
         store = make_tune_store(folder, tmp_path_factory)
         run_dir = tmp_path_factory.mktemp(f"{name}-run") / "run"
-        tune(tune_config(store, run_dir, bits_per_weight=BUDGET, max_steps=1, epochs=1))
+        bits_only = {"allowed_group_sizes": [32], "max_steps": 1, "epochs": 1}
+        tune(tune_config(store, run_dir, bits_per_weight=BUDGET, **bits_only))
         found[name] = {layer["path"]: layer for layer in sensitivities(run_dir)["layers"]}
     plain, made = found["plain"][fragile], found["fragile"][fragile]
     assert made["bits"] > plain["bits"]
@@ -213,19 +215,20 @@ def test_resume_with_a_budget_is_bit_identical(tiny_store, tmp_path, levers):
 
 def test_a_resumed_run_keeps_its_bits_and_refuses_another_budget(tiny_store, tmp_path):
     run_dir = tmp_path / "run"
-    tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, max_steps=4, epochs=1))
+    one_size = {"allowed_group_sizes": [32], "max_steps": 4, "epochs": 1}
+    tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, **one_size))
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["layer_bits"] == chosen_bits(run_dir)  # bits alone, as before group sizes
     phases = []
     tune(
-        tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, max_steps=4, epochs=1),
+        tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, **one_size),
         on_phase=phases.append,
     )
     assert not any("sensitivities" in phase for phase in phases)  # the recorded bits are used
     kept = (run_dir / "sensitivities.json").read_bytes()
     phases.clear()
     with pytest.raises(StageError, match="tune.bits_per_weight was 5.5, now 6.0"):
-        other = tune_config(tiny_store, run_dir, bits_per_weight=6.0, max_steps=4, epochs=1)
+        other = tune_config(tiny_store, run_dir, bits_per_weight=6.0, **one_size)
         tune(other, on_phase=phases.append)
     assert (run_dir / "sensitivities.json").read_bytes() == kept  # the refused run wrote none
     assert phases == []  # refused before the teacher loads: no sensitivities measured for it
@@ -270,10 +273,12 @@ def test_report_plots_the_layer_sensitivities(budget_run):
     assert any(line.startswith(f"bits budget {BUDGET} per weight") for line in summary.lines())
     _, panel = build_figure(summary).axes
     labels = [text.get_text() for text in panel.get_legend().get_texts()]
-    assert labels == [f"{b}-bit" for b in bit_budget.DEFAULT_ALLOWED_BITS] + ["chosen"]
+    sizes = (32, 64, 128)  # the default tune.allowed_group_sizes
+    options = [f"{b}-bit g{g}" for b in bit_budget.DEFAULT_ALLOWED_BITS for g in sizes]
+    assert labels == [*options, "chosen"]
     chosen = panel.get_lines()[-1].get_ydata()
     layers = sensitivities(budget_run)["layers"]
-    assert list(chosen) == [layer["estimated_kl"][str(layer["bits"])] for layer in layers]
+    assert list(chosen) == [layer["estimated_kl"][layer["choice"]] for layer in layers]
     _, plot = write_report(budget_run)
     assert plot is not None and plot.stat().st_size > 0
 
@@ -420,13 +425,16 @@ def test_allocation_spends_the_budget_on_group_sizes_where_they_pay():
 
 
 def test_group_size_settings_are_checked_and_keyed_only_when_they_choose():
-    budget = TuneConfig(bits_per_weight=4.5)
+    budget = TuneConfig(bits_per_weight=4.5, allowed_group_sizes=None)
     assert "allowed_group_sizes" not in budget.identity()
     same = TuneConfig(bits_per_weight=4.5, allowed_group_sizes=[64])
     assert same.resume_key() == budget.resume_key()
     wider = TuneConfig(bits_per_weight=4.5, allowed_group_sizes=[128, 64])
     assert wider.identity()["allowed_group_sizes"] == [64, 128]
     assert wider.resume_key() != budget.resume_key()
+    assert TuneConfig(bits_per_weight=4.5).budget_group_sizes == [32, 64, 128]  # the default
+    assert "allowed_group_sizes" not in TuneConfig().identity()  # no budget: nothing to choose
+    assert TuneConfig(mode="nvfp4", group_size=16).allowed_group_sizes  # no budget: not checked
     for bad, words in (
         ({"allowed_group_sizes": [64, 100]}, "distinct values of 32, 64, 128"),
         ({"allowed_group_sizes": [32, 128]}, "must include tune.group_size"),
@@ -439,11 +447,14 @@ def test_group_size_settings_are_checked_and_keyed_only_when_they_choose():
 
 def test_resume_keys_are_those_earlier_versions_wrote():
     """A checkpoint is resumed only under the key it was saved with: these are the keys of
-    version b6fcb4c (before group sizes) for a budget run and a plain run. A change that moves
-    them leaves every earlier checkpoint unresumable, so it must be deliberate (a revision)."""
-    budget = load_config(None, {"tune.bits_per_weight": 4.5}).tune
-    assert budget.resume_key() == "30913f28493f157f4e85ffd375fb7eb2"
+    version b6fcb4c (before group sizes) for a budget run, which one with the group size of
+    that time resumes, and a plain run. A change that moves them leaves every earlier
+    checkpoint unresumable, so it must be deliberate (a revision)."""
+    old_choice = {"tune.bits_per_weight": 4.5, "tune.allowed_group_sizes": [64]}
+    assert load_config(None, old_choice).tune.resume_key() == "30913f28493f157f4e85ffd375fb7eb2"
     assert load_config(None, {}).tune.resume_key() == "03dd44ba8e38885d558e9b07af053d13"
+    budget = load_config(None, {"tune.bits_per_weight": 4.5}).tune  # group sizes chosen too
+    assert budget.identity()["allowed_group_sizes"] == [32, 64, 128]
 
 
 def test_a_checkpoint_from_before_group_sizes_resumes_with_its_bits():
