@@ -106,6 +106,15 @@ def _peer_lost_line(name: str) -> str:
     )
 
 
+def _peer_lost_error(name: str) -> None:
+    """The line, which mlx.launch's SIGTERM (it follows at once) must not cut short; after it
+    the SIGTERM may end the process again (mlx.launch waits for it with no timeout)."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _is_console else None
+    ui.error(_peer_lost_line(name))
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def guarded(command):
     """Every error becomes one red line: known bad input exits 2, anything unforeseen exits 1
     (the traceback only with --debug)."""
@@ -137,9 +146,7 @@ def guarded(command):
             if not peer_lost(exc):
                 ui.error(_unexpected(action, exc))
             else:
-                if _is_console:  # mlx.launch's SIGTERM follows at once: not before this line
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                ui.error(_peer_lost_line(name))
+                _peer_lost_error(name)
             raise typer.Exit(EXIT_UNEXPECTED) from None
 
     return wrapper

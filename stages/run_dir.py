@@ -365,7 +365,15 @@ def _first_difference(saved: Any, settings: dict[str, Any]) -> str:
         return ""
     was = repr(saved[name]) if name in saved else "not part of the run's key"
     now = repr(settings[name]) if name in settings else "not part of the run's key"
-    return f" (tune.{name} was {was}, now {now})"
+    return f" (tune.{name} was {was}, now {now}{_how_to_resume(name, saved)})"
+
+
+def _how_to_resume(name: str, saved: dict[str, Any]) -> str:
+    """For a budget run of a version that chose bits only: the setting that resumes it."""
+    if name != "allowed_group_sizes" or "group_size" not in saved:
+        return ""
+    size = saved["group_size"]
+    return f"; that earlier run resumes with --set 'tune.allowed_group_sizes=[{size}]'"
 
 
 def load_checkpoint(

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -142,11 +141,14 @@ class TuneConfig:
     )
     bits: int = setting(DEFAULT_BITS, "bits per weight when quantizing the teacher into a student")
     group_size: int = setting(
-        DEFAULT_GROUP_SIZE, "quantization group size when quantizing the teacher"
+        DEFAULT_GROUP_SIZE,
+        "quantization group size when quantizing the teacher (under a bits budget, one of "
+        "tune.allowed_group_sizes)",
     )
     bits_per_weight: float | None = setting(
         None,
-        "a budget: each layer's bits chosen from tune.allowed_bits by its sensitivity on the "
+        "a budget: each layer's bits (from tune.allowed_bits) and group size (from "
+        "tune.allowed_group_sizes) chosen by its sensitivity on the "
         "store so that the saved student's bits per weight as stored (mlx-lm's "
         "compute_bits_per_weight: scales, biases and float parameters counted) stay within "
         "it; unset = every layer at tune.bits",
@@ -159,8 +161,8 @@ class TuneConfig:
         list(MLX_GROUP_SIZES),
         "with bits_per_weight: the group sizes a layer may get (those that divide its width; "
         "must include tune.group_size; the smallest decides which layers are quantized); "
-        "[tune.group_size] or null = that size only (the choice before 2026-12-01: a budget "
-        "run checkpointed then resumes with it)",
+        "[tune.group_size] = that size only (the choice before 2026-12-01: a budget run "
+        "checkpointed then resumes with it)",
     )
     loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
@@ -1019,9 +1021,9 @@ def _temperature_index(reader: StoreReader, config: TuneConfig) -> int | None:
     return list(reader.manifest.settings["lse_temperatures"]).index(config.temperature)
 
 
-# How long a rank of a launch may take to stop after a SIGTERM: mlx.launch sends one when another
-# rank exits with an error, and a collective waiting on the dead rank can block for good (MLX
-# 0.32's ring, on sums of more than about 1 MiB), where the stop flag is never read.
+# How long a rank of a launch may take to stop after a SIGTERM (mlx.launch sends one when another
+# rank exits with an error) or a Ctrl-C: a collective waiting on a dead rank can block for good
+# (MLX 0.32's ring, on sums of more than about 1 MiB), where the stop flag is never read.
 LAUNCH_STOP_GRACE_S = 180.0
 EXIT_STUCK = 1
 
@@ -1029,14 +1031,14 @@ EXIT_STUCK = 1
 @contextmanager
 def _stop_requests(dist: Distributed | None = None) -> Iterator[list[int]]:
     """SIGINT/SIGTERM set a flag instead of killing: the loop checkpoints, then stops. A rank of
-    a launch (`dist` of several ranks) still running LAUNCH_STOP_GRACE_S after a SIGTERM says
-    so and exits."""
+    a launch (`dist` of several ranks) still running LAUNCH_STOP_GRACE_S after one says so and
+    exits."""
     requested: list[int] = []
     handler = lambda signum, frame: requested.append(signum)  # noqa: E731
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     launched = dist is not None and dist.size > 1
     try:
-        with _exit_if_stuck_after_sigterm(LAUNCH_STOP_GRACE_S) if launched else nullcontext():
+        with _exit_if_stuck_after_stop_signal(LAUNCH_STOP_GRACE_S) if launched else nullcontext():
             yield requested
     finally:
         for s, h in previous.items():
@@ -1044,38 +1046,47 @@ def _stop_requests(dist: Distributed | None = None) -> Iterator[list[int]]:
 
 
 @contextmanager
-def _exit_if_stuck_after_sigterm(seconds: float) -> Iterator[None]:
-    """Exit with one line when still inside `seconds` after a SIGTERM. A thread learns of the
-    signal from Python's wakeup fd, which the C-level handler writes even while the main thread
-    is blocked in MLX (where no Python handler runs)."""
+def _exit_if_stuck_after_stop_signal(seconds: float) -> Iterator[None]:
+    """Exit with one line when still inside `seconds` after a SIGTERM or SIGINT. A thread learns
+    of the signal from Python's wakeup fd, which the C-level handler writes even while the main
+    thread is blocked in MLX (where no Python handler runs)."""
     read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     done = threading.Event()
 
     def watch() -> None:
-        while received := os.read(read_fd, 64):
-            if signal.SIGTERM in received:
+        while not done.is_set():
+            received = os.read(read_fd, 64)
+            if not received:
+                return
+            if signal.SIGTERM in received or signal.SIGINT in received:
                 if not done.wait(seconds):
-                    sys.stderr.write(
-                        f"error: still running {seconds:.0f} s after mlx.launch asked this "
-                        "process to stop (another process of the launch ended, or the launch "
-                        "was interrupted); the last checkpoint in the run folder is kept; "
-                        "re-run the same command to resume\n"
+                    line = (
+                        f"error: still running {seconds:.0f} s after it was asked to stop "
+                        "(another process of the launch ended, or the launch was interrupted); "
+                        "the last checkpoint in the run folder is kept; re-run the same command "
+                        "to resume\n"
                     )
-                    sys.stderr.flush()
+                    os.write(2, line.encode())  # not sys.stderr: its lock may be held
                     os._exit(EXIT_STUCK)
                 return
 
-    watcher = threading.Thread(target=watch, name="sigterm-watchdog", daemon=True)
+    try:
+        os.set_blocking(write_fd, False)
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    watcher = threading.Thread(target=watch, name="stop-watchdog", daemon=True)
     watcher.start()
     try:
         yield
     finally:
         done.set()
         signal.set_wakeup_fd(previous_fd)
-        os.close(write_fd)  # the watcher's read returns empty
+        os.write(write_fd, b"\0")  # wakes the watcher's read (a forked child may hold the pipe)
         watcher.join()
+        os.close(write_fd)
         os.close(read_fd)
 
 

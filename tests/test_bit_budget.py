@@ -6,6 +6,7 @@ exact."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -83,15 +84,22 @@ def test_a_mixed_bit_student_loads_back_bit_exactly_with_its_per_layer_bits(budg
 
 
 def test_the_chosen_mix_spends_the_budget(budget_run, tiny_teacher):
-    """Within the budget, and no layer can be raised to any wider allowed width without
-    exceeding it."""
+    """Within the budget, and no layer can take any dearer allowed option (bits and group size)
+    of a lower estimate without exceeding it."""
     layout = model_layout(load_model(str(tiny_teacher)).model, group_size=32)
     chosen = chosen_options(budget_run)
     assert layout.bits_per_weight(chosen) <= BUDGET
-    for candidate in layout.candidates:
-        bits = chosen[candidate.path][0]
-        for wider in (b for b in bit_budget.DEFAULT_ALLOWED_BITS if b > bits):
-            assert layout.bits_per_weight({**chosen, candidate.path: (wider, 32)}) > BUDGET
+    sizes = [32, 64, 128]  # the default tune.allowed_group_sizes
+    for layer in sensitivities(budget_run)["layers"]:
+        candidate = next(c for c in layout.candidates if c.path == layer["path"])
+        now, estimate = chosen[candidate.path], layer["estimated_kl"]
+        for option in candidate.options(bit_budget.DEFAULT_ALLOWED_BITS, sizes):
+            dearer = candidate.stored_bits(*option) > candidate.stored_bits(*now)
+            if (
+                dearer
+                and estimate[bit_budget.option_label(option, sizes)] < estimate[layer["choice"]]
+            ):
+                assert layout.bits_per_weight({**chosen, candidate.path: option}) > BUDGET
 
 
 def test_greedy_allocation_follows_the_estimates_and_fills_the_budget():
@@ -232,6 +240,11 @@ def test_a_resumed_run_keeps_its_bits_and_refuses_another_budget(tiny_store, tmp
         tune(other, on_phase=phases.append)
     assert (run_dir / "sensitivities.json").read_bytes() == kept  # the refused run wrote none
     assert phases == []  # refused before the teacher loads: no sensitivities measured for it
+    # Its key is the one versions before group sizes wrote: today's default (every group size)
+    # is another run, and the refusal names the setting that resumes it.
+    resumes = "resumes with --set 'tune.allowed_group_sizes=[32]'"
+    with pytest.raises(StageError, match=re.escape(resumes)):
+        tune(tune_config(tiny_store, run_dir, bits_per_weight=BUDGET, max_steps=4, epochs=1))
 
 
 def test_budget_settings_are_checked_and_keyed_only_when_set():

@@ -355,13 +355,14 @@ def test_a_launched_rank_still_running_after_sigterm_exits_with_one_line(tmp_pat
     import subprocess
     import sys
 
-    blocked = "threading.Event().wait()" if stuck else "time.sleep(0.5)"
+    # Stuck: never reads the flag; in time: stops once the flag is up, as the loop does.
+    blocked = "threading.Event().wait()" if stuck else "while not asked: time.sleep(0.01)"
     script = (
         "import threading, time\n"
         "import stages.tune as T\n"
         "T.LAUNCH_STOP_GRACE_S = 1.0\n"
         "class Launched: size = 2\n"
-        "with T._stop_requests(Launched()):\n"
+        "with T._stop_requests(Launched()) as asked:\n"
         "    print('ready', flush=True)\n"
         f"    {blocked}\n"
         "time.sleep(2)\n"
@@ -381,7 +382,7 @@ def test_a_launched_rank_still_running_after_sigterm_exits_with_one_line(tmp_pat
         proc.kill()  # still there only when the test fails
     if stuck:
         assert proc.returncode == 1, err
-        assert err.startswith("error: still running 1 s after mlx.launch asked"), err
+        assert err.startswith("error: still running 1 s after it was asked to stop"), err
         assert len(err.strip().splitlines()) == 1
     else:
         assert proc.returncode == 0 and err == "", err
