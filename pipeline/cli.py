@@ -294,7 +294,10 @@ def tune(
     ] = None,
     bits_per_weight: Annotated[
         float | None,
-        typer.Option(help="Budget as stored (scales included); each layer's bits by sensitivity."),
+        typer.Option(
+            help="Budget as stored (scales included); each layer's bits and group size by "
+            "sensitivity."
+        ),
     ] = None,
     overwrite: Annotated[
         bool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -1045,6 +1046,13 @@ def _stop_requests(dist: Distributed | None = None) -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+def _pass_on(received: bytes, wakeup_fd: int) -> None:
+    """What the wakeup fd brought, to the one it replaced (an asyncio loop's, say)."""
+    if wakeup_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(wakeup_fd, received)
+
+
 @contextmanager
 def _exit_if_stuck_after_stop_signal(seconds: float) -> Iterator[None]:
     """Exit with one line when still inside `seconds` after a SIGTERM or SIGINT. A thread learns
@@ -1054,10 +1062,11 @@ def _exit_if_stuck_after_stop_signal(seconds: float) -> Iterator[None]:
     done = threading.Event()
 
     def watch() -> None:
-        while not done.is_set():
+        while True:
             received = os.read(read_fd, 64)
-            if not received:
+            if not received or done.is_set():  # the context is over: this is the wake byte
                 return
+            _pass_on(received, previous_fd)
             if signal.SIGTERM in received or signal.SIGINT in received:
                 if not done.wait(seconds):
                     line = (
@@ -1078,14 +1087,15 @@ def _exit_if_stuck_after_stop_signal(seconds: float) -> Iterator[None]:
         os.close(write_fd)
         raise
     watcher = threading.Thread(target=watch, name="stop-watchdog", daemon=True)
-    watcher.start()
     try:
+        watcher.start()
         yield
     finally:
         done.set()
         signal.set_wakeup_fd(previous_fd)
-        os.write(write_fd, b"\0")  # wakes the watcher's read (a forked child may hold the pipe)
-        watcher.join()
+        if watcher.is_alive():
+            os.write(write_fd, b"\0")  # wakes its read (a forked child may hold the pipe open)
+            watcher.join()
         os.close(write_fd)
         os.close(read_fd)
 
