@@ -97,20 +97,16 @@ def _left_behind(name: str) -> str:
     return INTERRUPTED.get(name, "nothing was written or changed")
 
 
-def _peer_lost_line(name: str) -> str:
+def _peer_lost_error(name: str) -> None:
     """A rank knows only that the connection broke, not why: the other process's own error
-    line, or mlx.launch's warning with its exit code (a process killed prints nothing), says."""
-    return (
+    line, or mlx.launch's warning with its exit code (a process killed prints nothing), says.
+    mlx.launch's SIGTERM follows at once and must not cut the line short; after it the SIGTERM
+    may end the process again (mlx.launch waits for it with no timeout)."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _is_console else None
+    ui.error(
         "lost the connection to another process of this launch (its error line or mlx.launch's "
         f"warning says why, unless the network failed); {_left_behind(name)}"
     )
-
-
-def _peer_lost_error(name: str) -> None:
-    """The line, which mlx.launch's SIGTERM (it follows at once) must not cut short; after it
-    the SIGTERM may end the process again (mlx.launch waits for it with no timeout)."""
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _is_console else None
-    ui.error(_peer_lost_line(name))
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
 

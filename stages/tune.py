@@ -339,7 +339,7 @@ class TuneConfig:
             if self.budget_group_sizes == [self.group_size]:
                 del kept["allowed_group_sizes"]  # as before the setting: older runs resume
             else:
-                kept["allowed_group_sizes"] = sorted(self.allowed_group_sizes)
+                kept["allowed_group_sizes"] = self.budget_group_sizes
             kept["budget_revision"] = BUDGET_REVISION
         return kept
 
