@@ -100,7 +100,8 @@ INCOMPLETE = ("refuse", "use", "wait")
 GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden states are held
 # A start whose algorithm changed gives other integers from the same settings: its revision is
 # part of a run's identity, so a checkpoint made before the change is refused, not resumed.
-START_REVISIONS = {"gptq": 2}  # 2: a tied embedding re-quantized as the output layer
+# gptq 2: a tied embedding re-quantized as the output layer; 3: act-order and searched grids
+START_REVISIONS = {"gptq": 3}
 ROUNDING_REVISION = 2  # 2: a weight its start put well past the tie starts at residual 0
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
 LATENT_LR = 1e-4  # the first rate run on the default teacher, not swept (README: --mode)
