@@ -84,9 +84,7 @@ def _group_grid(
     for ratio in np.array(ratios, dtype=np.float32):  # one by one: a tied head is vocabulary-tall
         scales = stored(2 * half * ratio / (2**bits - 1))
         biases = stored(middle - half * ratio)
-        codes = np.clip(
-            np.round((columns - biases[:, None]) / _nonzero(scales)[:, None]), 0, 2**bits - 1
-        )
+        codes = _grid_codes(columns, scales[:, None], biases[:, None], bits)
         restored = codes * scales[:, None] + biases[:, None]
         error = ((restored - columns) ** 2 * importance).sum(axis=1)
         better = error < best_error  # strictly: the first (widest) ratio where equal
@@ -96,8 +94,10 @@ def _group_grid(
     return best_scales, best_biases
 
 
-def _nonzero(scales: np.ndarray) -> np.ndarray:
-    return np.where(scales == 0, 1.0, scales)
+def _grid_codes(values: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int):
+    """The integers that round `values` to the grid (a zero scale: the bias's own code)."""
+    safe_scales = np.where(scales == 0, 1.0, scales)
+    return np.clip(np.round((values - biases) / safe_scales), 0, 2**bits - 1)
 
 
 def gptq_quantize(
@@ -125,7 +125,7 @@ def gptq_quantize(
     u = inverse_hessian_factor(mx.array(h[np.ix_(order, order)]))
     w = np.array(weight.astype(mx.float32)).T[order]  # (in, out), one row per column, in turn
     importance = importance / max(importance.mean(), np.finfo(np.float32).tiny) + IMPORTANCE_FLOOR
-    top, groups = 2**bits - 1, w.shape[0] // group_size
+    groups = w.shape[0] // group_size
     scales = np.zeros((groups, w.shape[1]), dtype=np.float32)
     biases = np.zeros_like(scales)
     gridded = np.zeros(groups, dtype=bool)
@@ -145,7 +145,7 @@ def gptq_quantize(
                 )
                 gridded[group] = True
             column = w[k] - u[start:k, k] @ errors[:done]
-            q = np.clip(np.round((column - biases[group]) / _nonzero(scales[group])), 0, top)
+            q = _grid_codes(column, scales[group], biases[group], bits)
             codes[k] = q
             errors[done] = (column - (q * scales[group] + biases[group])) / u[k, k]
         w[end:] -= u[start:end, end:].T @ errors  # the later columns once per block
