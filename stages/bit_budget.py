@@ -92,6 +92,10 @@ class Layout:
     def uniform(self, bits: int) -> dict[str, Option]:
         return {c.path: (bits, self.group_size) for c in self.candidates}
 
+    def sizes(self, allowed: list[int] | None) -> list[int]:
+        """The group sizes a budget chooses from, smallest first: its own without a list."""
+        return sorted(allowed or [self.group_size])
+
 
 def _leaf_modules(model: Any) -> list[tuple[str, Any]]:
     return tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
@@ -156,7 +160,7 @@ def reachable(
     layout: Layout, allowed: list[int], group_sizes: list[int] | None = None
 ) -> tuple[float, float]:
     """The least and the most bits per weight the allowed widths and group sizes give."""
-    group_sizes = group_sizes or [layout.group_size]
+    group_sizes = layout.sizes(group_sizes)
     options = options_of(layout, allowed, group_sizes)
     low = layout.bits_per_weight({p: found[0] for p, found in options.items()})
     high = layout.bits_per_weight({p: found[-1] for p, found in options.items()})
@@ -172,7 +176,7 @@ def check_reachable(
             f"tune.bits_per_weight: no layer of this model quantizes at group size "
             f"{layout.group_size}, so there are no bits to choose; leave it unset"
         )
-    group_sizes = group_sizes or [layout.group_size]
+    group_sizes = layout.sizes(group_sizes)
     low, high = reachable(layout, allowed, group_sizes)
     widths = ", ".join(map(str, sorted(allowed)))
     least = most = ""
@@ -286,7 +290,7 @@ def allocate(
     """Each layer's (bits, group size): all at their cheapest choice, then the change with the
     largest estimated drop per stored bit that fits, again and again until none fits. When it
     stops no layer can take a dearer choice of a lower estimate within the budget."""
-    group_sizes = group_sizes or [layout.group_size]
+    group_sizes = layout.sizes(group_sizes)
     check_reachable(layout, allowed, budget, group_sizes)
     options = options_of(layout, allowed, group_sizes)
     choice = {path: found[0] for path, found in options.items()}
@@ -328,7 +332,7 @@ def budget_record(
     group_sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """What the run folder keeps of the choice: per layer its estimates, bits and group size."""
-    group_sizes = sorted(group_sizes or [layout.group_size])
+    group_sizes = layout.sizes(group_sizes)
     label = lambda option: option_label(option, group_sizes)  # noqa: E731
     options = {option for per_option in estimates.values() for option in per_option}
     return {
@@ -368,7 +372,7 @@ def choose_layer_bits(
     """(path -> (bits, group size), the record for the run folder) of the full-precision
     `model`, whose stored bits `layout` counts (taken in the dtype it is quantized in: the model
     may compute in another); a budget no mix reaches is refused before anything is measured."""
-    group_sizes = group_sizes or [layout.group_size]
+    group_sizes = layout.sizes(group_sizes)
     check_reachable(layout, allowed, budget, group_sizes)
     options = options_of(layout, allowed, group_sizes)
     fishers, positions = fisher_diagonals(model, list(options), batches, seed, on_batch)

@@ -40,11 +40,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from stages.errors import ModelError
 from stages.models import dequantized_weight, is_trainable_quantized
 from stages.rounding import pack_codes
 
 DAMPING = 1e-2  # of the Hessian's mean diagonal, as mlx-lm
-CLIP_RATIOS = tuple(np.linspace(1.0, 0.6, 21))  # of a group's range, searched for its grid
+RANGE_RATIOS = tuple(np.linspace(1.0, 0.6, 21))  # of a group's range, searched for its grid
 IMPORTANCE_FLOOR = 1e-2  # of the mean: a column no token reached still counts a little
 LAZY_BLOCK = 128  # columns whose errors reach the later columns in one product
 Batch = tuple[mx.array, mx.array]  # token rows (B, L) and their loss mask (B, L)
@@ -69,7 +70,7 @@ def _group_grid(
     importance: np.ndarray,
     bits: int,
     dtype: mx.Dtype,
-    ratios: Sequence[float] = CLIP_RATIOS,
+    ratios: Sequence[float] = RANGE_RATIOS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A group's affine scales and biases as stored (in `dtype`) for `columns` (out, group): of
     the grids spanning the group's range narrowed about its middle by each of `ratios`, per
@@ -107,7 +108,7 @@ def gptq_quantize(
     group_size: int,
     dtype: mx.Dtype,
     act_order: bool = True,
-    clip_ratios: Sequence[float] = CLIP_RATIOS,
+    range_ratios: Sequence[float] = RANGE_RATIOS,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(packed, scales, biases) of `weight` (out, in) by GPTQ for the inputs' Hessian (in, in).
 
@@ -115,8 +116,8 @@ def gptq_quantize(
     first: "act-order"), so the columns that matter most are rounded before errors pile up on
     them and the later ones absorb their errors. The groups stay mlx's contiguous runs of
     columns: a group's grid is chosen when its first column comes up, from its columns as the
-    errors fed in so far left them (`_group_grid`, searched over `clip_ratios`). act_order=False
-    and clip_ratios=(1.0,) is the paper's column order on a full-range grid (mlx-lm's and the
+    errors fed in so far left them (`_group_grid`, searched over `range_ratios`). act_order=False
+    and range_ratios=(1.0,) is the paper's column order on a full-range grid (mlx-lm's and the
     earlier revision's grid put zero on a code)."""
     h = np.array(hessian.astype(mx.float32))
     importance = np.diag(h).copy()
@@ -141,7 +142,7 @@ def gptq_quantize(
                 turns = place[members]
                 columns = w[turns] - u[start:k, turns].T @ errors[:done]
                 scales[group], biases[group] = _group_grid(
-                    columns.T, importance[members], bits, dtype, clip_ratios
+                    columns.T, importance[members], bits, dtype, range_ratios
                 )
                 gridded[group] = True
             column = w[k] - u[start:k, k] @ errors[:done]
@@ -266,9 +267,11 @@ def _quantize_layers(
     weights: dict[str, mx.array],
     inputs: list[tuple],
     batches: list[Batch],
+    prefix: str = "",
 ) -> list[mx.array]:
-    """GPTQ for `root`'s quantized Linears at `paths` (inside root) on root's inputs, Hessians
-    from the float layers; returns the re-quantized root's outputs on the same inputs."""
+    """GPTQ for `root`'s quantized Linears at `paths` (inside root, at `prefix` in the model) on
+    root's inputs, Hessians from the float layers; returns the re-quantized root's outputs on the
+    same inputs."""
     calibration = _Calibration()
     modules = dict(root.named_modules())
     catchers = {p: _Catcher(_float_linear(modules[p], weights[p]), calibration) for p in paths}
@@ -276,7 +279,7 @@ def _quantize_layers(
         _run_block(root, inputs, batches, calibration)
     for path in paths:
         module = modules[path]
-        hessian = catchers.pop(path).hessian
+        hessian = _finite(catchers.pop(path).hessian, prefix + path)
         dtype = module["scales"].dtype
         packed, scales, biases = gptq_quantize(
             weights[path], hessian, module.bits, module.group_size, dtype
@@ -285,6 +288,17 @@ def _quantize_layers(
         mx.eval(module.parameters())
     with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
         return _run_block(root, inputs, batches, calibration)
+
+
+def _finite(hessian: mx.array, path: str) -> mx.array:
+    """The Hessian, refused when an input overflowed: GPTQ would round to garbage."""
+    if not mx.all(mx.isfinite(hessian)).item():
+        raise ModelError(
+            f"the GPTQ start cannot quantize {path}: its inputs on the calibration rows are not "
+            "finite (the model overflows in its dtype); start from plain rounding with "
+            "--set tune.init=rtn"
+        )
+    return hessian
 
 
 def gptq_layers(model: Any, originals: dict[str, mx.array]) -> list[str]:
@@ -323,7 +337,7 @@ def gptq_init(
             on_block(number + 1, len(blocks))
         mine = [p[len(prefix) :] for p in todo if p.startswith(prefix)]
         weights = {p: originals[prefix + p] for p in mine}
-        outputs = _quantize_layers(block, mine, weights, inputs, batches)
+        outputs = _quantize_layers(block, mine, weights, inputs, batches, prefix)
         inputs = [
             ((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs, strict=True)
         ]
@@ -389,8 +403,9 @@ def tied_output_layers(
                 break  # the forward ended without the output layer: only looked up
             else:
                 dtype = embedding["scales"].dtype
+                hessian = _finite(catcher.hessian, f"{path} (as the output layer)")
                 arrays = gptq_quantize(
-                    originals[path], catcher.hessian, embedding.bits, embedding.group_size, dtype
+                    originals[path], hessian, embedding.bits, embedding.group_size, dtype
                 )
                 found[path] = dict(zip(("weight", "scales", "biases"), arrays, strict=True))
     return found

@@ -353,18 +353,30 @@ def _damaged_checkpoint(path: Path, why: str) -> StageError:
     )
 
 
+# Keys a version bumps when it changes how a run's parameters are made (not settings a user sets)
+REVISION_WORDS = {
+    "start_revision": "its starting quantization (tune.init)",
+    "rounding_revision": "its learned rounding",
+    "budget_revision": "its bits-per-weight allocation",
+}
+
+
 def _first_difference(saved: Any, settings: dict[str, Any]) -> str:
     """' (tune.NAME was X, now Y)' for the first setting that differs from the saved ones."""
     saved = saved if isinstance(saved, dict) else {}
     name = next((k for k, v in settings.items() if k in saved and saved[k] != v), None)
-    if name is not None:
-        return f" (tune.{name} was {saved[name]!r}, now {settings[name]!r})"
-    # A setting only one side keys (a newer or older version's run): name it too.
-    name = next((k for k in {**saved, **settings} if (k in saved) != (k in settings)), None)
+    # Else a setting only one side keys (a newer or older version's run): name it too.
+    name = name or next((k for k in {**saved, **settings} if (k in saved) != (k in settings)), None)
     if name is None:
         return ""
     was = repr(saved[name]) if name in saved else "not part of the run's key"
     now = repr(settings[name]) if name in settings else "not part of the run's key"
+    if name in REVISION_WORDS and name in settings:
+        made = f"revision {was}" if name in saved else "before revisions were kept"
+        return (
+            f" ({REVISION_WORDS[name]} was made by an earlier version of this program "
+            f"({made}, now {now}))"
+        )
     return f" (tune.{name} was {was}, now {now}{_how_to_resume(name, saved)})"
 
 

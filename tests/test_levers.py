@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from stages import gptq, rounding
-from stages.errors import InvalidConfig
+from stages.errors import InvalidConfig, ModelError
 from stages.models import load_model, quantize_student, unfreeze_scales_and_biases
 from stages.tune import TuneConfig, _calibration_batches, tune
 from store.reader import StoreReader
@@ -381,11 +381,11 @@ def test_act_order_and_the_grid_search_each_lower_gptqs_output_error(bits, group
         return hessian_error(arrays, weight, hessian, bits, group)
 
     rtn = hessian_error(mx.quantize(weight, group, bits), weight, hessian, bits, group)
-    plain = error(act_order=False, clip_ratios=(1.0,))
+    plain = error(act_order=False, range_ratios=(1.0,))
     assert plain < rtn
-    assert error(clip_ratios=(1.0,)) < plain
+    assert error(range_ratios=(1.0,)) < plain
     assert error(act_order=False) < plain
-    assert error() < min(error(clip_ratios=(1.0,)), error(act_order=False))
+    assert error() < min(error(range_ratios=(1.0,)), error(act_order=False))
 
 
 def test_gptq_start_saves_as_an_mlx_lm_model_of_the_rtn_format(tiny_store, tiny_teacher, tmp_path):
@@ -526,6 +526,27 @@ def test_gptq_requantizes_an_untied_output_layer_too():
     assert output_error(student.lm_head, weight, head_inputs) < output_error(
         rtn, weight, head_inputs
     )
+
+
+def test_gptq_refuses_a_layer_whose_inputs_overflow_naming_it():
+    """Inputs past float32's range make the Hessian infinite, and GPTQ would round to garbage:
+    one line naming the layer and the start that still works, not a student of noise."""
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    args = {"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 96}
+    args |= {"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}
+    teacher = Model(ModelArgs(model_type="llama", tie_word_embeddings=False, **args))
+    norm = teacher.model.layers[0].post_attention_layernorm
+    norm.weight = norm.weight * 1e25  # the MLP's inputs ~1e25: their squares overflow float32
+    originals = rounding.full_precision_weights(teacher)
+    student = Model(ModelArgs(model_type="llama", tie_word_embeddings=False, **args))
+    student.update(teacher.parameters())
+    nn.quantize(student, group_size=32, bits=4)
+    tokens = mx.random.randint(0, 96, (4, 12), key=mx.random.key(1))
+    with pytest.raises(
+        ModelError, match=r"cannot quantize model\.layers\.0\.mlp\.(gate|up)_proj: its"
+    ):
+        gptq.gptq_init(student, originals, [(tokens, mx.ones((4, 12)))])
 
 
 def test_auto_start_is_gptq_from_the_teacher_and_the_given_student_as_is():

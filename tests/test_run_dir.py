@@ -178,6 +178,23 @@ def test_a_refused_resume_names_a_setting_only_one_run_keys(tmp_path):
         refuse_other_run(tmp_path, state, "new", "s", {"mode": "nvfp4"})
 
 
+def test_a_checkpoint_of_an_earlier_revision_is_refused_in_words_not_as_a_setting(tmp_path):
+    """A revision key is not a setting a user can change: the line says an earlier version
+    made that part of the run, whether its key held an older revision or none."""
+    from stages.run_dir import refuse_other_run
+
+    state = {"store": "s", "resume_key": "old", "settings": {"init": "gptq", "start_revision": 2}}
+    settings = {"init": "gptq", "start_revision": 3}
+    with pytest.raises(StageError) as refused:
+        refuse_other_run(tmp_path, state, "new", "s", settings)
+    assert "starting quantization (tune.init) was made by an earlier version" in str(refused.value)
+    assert "revision 2, now 3" in str(refused.value)
+    assert "tune.start_revision" not in str(refused.value)
+    state["settings"] = {"init": "gptq"}
+    with pytest.raises(StageError, match="before revisions were kept, now 3"):
+        refuse_other_run(tmp_path, state, "new", "s", settings)
+
+
 def test_the_best_parameters_live_on_disk_and_a_resume_takes_the_checkpoints(tmp_path):
     """Best parameters written after the last checkpoint (then a crash) give way to the
     checkpoint's on resume; --overwrite discards them with the checkpoint."""
