@@ -169,9 +169,10 @@ class TuneConfig:
     loss: str = setting("kl_tail", f"distillation loss: {', '.join(LOSSES)}", "--loss")
     temperature: float = setting(2.0, "softmax temperature of the loss")
     learning_rate: float = setting(
-        5e-5,
-        "peak Adam learning rate (chosen on the validation rows by bench.quality --ours-sweep; "
-        "README: Benchmarks)",
+        1.5e-5,
+        "peak Adam learning rate (chosen on the validation rows for a 4-bit student from the "
+        "GPTQ start; a 3-bit one validates better at 5e-5, configs/default-3bit.yaml's; README: "
+        "Benchmarks)",
         "--learning-rate",
     )
     adam_moments_dtype: str = setting(
