@@ -4,7 +4,8 @@ Rows, each tuned once (one seed: the default's) on bench.quality's copy of the d
 rows, tokens and steps of configs/default.yaml), and scored together on the held-out rows
 `dwq-pipeline eval` draws:
 
-- ours, affine 4-bit g64 and 3-bit g64: `tune` with the default settings (and tune.bits 3);
+- ours, affine 4-bit g64 and 3-bit g64: `tune` with the default settings (and tune.bits 3, at
+  configs/default-3bit.yaml's rate: bench.quality's WIDTH_RATES);
 - ours, mixed: `tune --bits-per-weight B` (widths tune.allowed_bits), B the uniform 4-bit
   student's bits per weight as stored (its bytes: 5.0 from the float32 default teacher, whose
   scales are float32; 4.5 from a bf16 one), at learning rate MIX_RATE, with
@@ -99,8 +100,9 @@ RUNS, MODELS = CACHE / "runs", CACHE / "models"
 UNIFORM, MIXED = "ours, affine 4-bit g64", "ours, mixed"
 MIXED_GROUPS = "ours, mixed bits + group sizes"
 # The mixes' rate: 2.5e-5 gave the lower validation KL on the bits-only mix (0.1081 against
-# 0.1152 at the default 5e-5, seed 123, 2026-12-01); the uniform rows keep the default, which
-# bench.quality's sweep chose on validation for them.
+# 0.1152 at the then-default 5e-5, seed 123, 2026-12-01) and on the bits + group sizes mix from
+# the revision-3 GPTQ start (0.0721 against 0.0735 at 1.5e-5); the uniform rows keep their
+# width's rate (bench.quality.our_settings), chosen on validation for them.
 MIX_RATE = 2.5e-5
 OURS: dict[str, dict] = {  # label -> settings changed from the default (the mixes' budget: below)
     UNIFORM: {},

@@ -7,9 +7,11 @@ teacher on those rows: ours from a store in configs/default.yaml's format, mlx-l
 its DWQ's (the top 1,024 logits in bf16, bench.common's MLX_LM_FORMAT), whatever our default is.
 
 - RTN: the teacher quantized round-to-nearest (mlx-lm's `quantize_model`), not tuned;
-- ours: `tune` with configs/default.yaml's settings;
+- ours: `tune` with configs/default.yaml's settings, at 3 bits at configs/default-3bit.yaml's
+  learning rate (WIDTH_RATES);
 - ours with each of LEVERS (a quality lever switched on alone, or an earlier default's
-  settings), every seed, or the first only for FIRST_SEED_LEVERS (CPU time);
+  settings; one that is our default's run at that width is left out), every seed, or the first
+  only for FIRST_SEED_LEVERS (CPU time);
 - mlx-lm: `dwq_quantize` with its optimizer as its command builds it (bias-corrected Adam,
   constant rate, T=2) at each learning rate of a sweep, in two rounds: every rate with the first
   seed, then the FINALISTS rates with the lowest validation KL get every other seed; its best
@@ -111,16 +113,17 @@ LEVERS = {
 }
 FIRST_SEED_LEVERS = ("+train_norms", "+learned_rounding")
 PROBE_STEPS = 2  # a peak-memory probe's steps
-# Our rate where a width validates better at another than the default's (the default, 1.5e-5,
-# is 4-bit's): configs/default-3bit.yaml's. Validation KL, seed 123, 2026-12-01: 3-bit 0.2863 at
-# 5e-5 against 0.3063 at 1.5e-5; 4-bit 0.0657 at 1.5e-5 against 0.0758 at 5e-5 (README).
-WIDTH_RATES = {3: 5e-5}
+# Our rate where a width validates better at another than the default's (1.5e-5, chosen for 4-bit):
+# configs/default-3bit.yaml's, 5e-5. Validation KL, seed 123, 2026-12-01: 3-bit 0.2863 at 5e-5
+# against 0.3063 at 1.5e-5; 4-bit 0.0657 at 1.5e-5 against 0.0758 at 5e-5 (README: Benchmarks).
+WIDTH_RATES = {3: load_config(ROOT / "configs" / "default-3bit.yaml").tune.learning_rate}
 # `--ours-sweep`: our settings besides the default, each tuned with every seed and scored on the
 # validation rows only, to choose our defaults the way mlx-lm's rate is chosen (never on test).
-OURS_SWEEP = {
+OURS_SWEEP = {  # a rate equal to a width's own (WIDTH_RATES) is the default's run there: skipped
     "lr 1e-5": {"learning_rate": 1e-5},
     "lr 2.5e-5": {"learning_rate": 2.5e-5},
     "lr 5e-5": {"learning_rate": 5e-5},
+    "lr 1e-4": {"learning_rate": 1e-4},
 }  # T=1 was swept on the k=1024 store; the default store's samples fix tune's temperature at 2
 
 
@@ -273,14 +276,31 @@ def our_jobs(
     return jobs, names
 
 
+def width_rate(config, bits: int) -> float:
+    """Our learning rate at `bits`: the default's, or WIDTH_RATES' where a width has its own."""
+    return WIDTH_RATES.get(bits, config.tune.learning_rate)
+
+
 def our_settings(config, bits: int, group_size: int, seed: int, **extra) -> TuneConfig:
     """The default tune settings of one of our bench runs (at its width's rate), changed by
     `extra`."""
     bench = dict(
         bits=bits, group_size=group_size, seed=seed, val_every=NEVER, checkpoint_every=NEVER
     )
-    bench["learning_rate"] = WIDTH_RATES.get(bits, config.tune.learning_rate)
+    bench["learning_rate"] = width_rate(config, bits)
     return dataclasses.replace(config.tune, **(bench | extra))
+
+
+def other_than_ours(variants: dict[str, dict], config, quantization) -> dict[str, dict]:
+    """The variants whose runs differ from our default's at this width (at 3 bits, "lr 5e-5" is
+    the default's own run: WIDTH_RATES)."""
+    bits, group_size = quantization
+    ours = our_settings(config, bits, group_size, SEEDS[0])
+    return {
+        label: extra
+        for label, extra in variants.items()
+        if our_settings(config, bits, group_size, SEEDS[0], **extra) != ours
+    }
 
 
 def our_run_name(tune_config: TuneConfig, cache) -> str:
@@ -347,7 +367,7 @@ def lever_runs(config, quantization, base, setup, steps, cache, tmp) -> tuple[di
         steps,
         cache,
         tmp,
-        LEVERS,
+        other_than_ours(LEVERS, config, quantization),
         lambda label: SEEDS[:1] if label in FIRST_SEED_LEVERS else SEEDS,
     )
     runs, done = run_each(cache, base, jobs)
@@ -439,7 +459,8 @@ def our_sweep(
     rounds as mlx-lm's rates: every setting with the first seed, then the FINALISTS best of them
     (and the default) with every other seed."""
     bits, group_size = quantization
-    variants = {"default": {}} | {label: OURS_SWEEP[label] for label in labels}
+    swept = other_than_ours({label: OURS_SWEEP[label] for label in labels}, config, quantization)
+    variants = {"default": {}} | swept
     jobs, names = variant_jobs(config, quantization, base, setup, steps, cache, tmp, variants)
 
     def run_and_score(labels, seeds) -> dict:
@@ -523,9 +544,11 @@ def one_quantization(
         "split": split,
         "test_tokens": int(test.loss_mask().sum()),
         "best_learning_rate": best,
-        "ours_learning_rate": config.tune.learning_rate,
+        "ours_learning_rate": width_rate(config, bits),
         "ours_store": Path(config.targets.store).name,
-        "ours_settings": settings_digest(dataclasses.replace(config.tune, bits=bits)),
+        "ours_settings": settings_digest(
+            dataclasses.replace(config.tune, bits=bits, learning_rate=width_rate(config, bits))
+        ),
         "ours_best_step": [run.info.get("best_step") for run in ours.values()],
         "valid_kl": {f"{rate:g}": values for rate, values in valid_kl.items()},
         "scores": {name: vars(value) for name, value in test_scores.items()},

@@ -304,9 +304,12 @@ def tune(
     set_: SetOption = None,
 ) -> None:
     """Tune the student's quantization scales and biases on the store's targets (resumable)."""
+    from stages.tune import rate_note
     from stages.tune import tune as run_tune
 
     cfg = _stage_config("tune", config, set_, locals())
+    if note := rate_note(cfg):
+        ui.info(f"note: {note}")
     with ui.tune_progress() as display:
         result = run_tune(
             cfg, overwrite=overwrite, on_step=display.on_step, on_phase=display.on_phase

@@ -8,17 +8,18 @@ Unlike mlx-lm's, it keeps the RTN student's bits (any width, 3 included), group 
 mode: only the layers that the RTN student quantized are re-quantized, and the integers, scales
 and biases go into the student's own quantized layers. An embedding that is also the output layer
 (tied, as in SmolLM2 and Qwen3's small models) gets a GPTQ candidate as the output layer, on the
-last hidden states, which tune keeps when it lowers the validation loss; an embedding only looked
-up stays RTN.
+last hidden states, which tune keeps when it lowers the validation loss (none when those inputs'
+X^T X is not finite); an embedding only looked up stays RTN.
 
 Unlike the paper's and mlx-lm's, the columns are taken largest input energy first (act-order)
 and each group's grid is searched over narrowed ranges for the least Hessian-weighted rounding
 error instead of spanning the group's full range (`gptq_quantize`). The default run's student
 (4-bit g64, 24 steps, seed 123) scored validation KL 0.0758 against 0.1269 with the earlier
 revision (mlx-lm's grid, the paper's order) — the start itself, kept by tune as its best: the
-24 steps at the default rate validated worse — and the 4-bit-budget mix (bits and group sizes,
-tuned) 0.0721 against 0.0961; the start before its tied output layer 0.165 against 0.268 at
-4-bit g64 and 0.103 against 0.132 for the mix (README, 2026-12-01).
+24 steps at the then-default rate 5e-5 validated worse (at 1.5e-5, the default since, they
+reached 0.0657) — and the 4-bit-budget mix (bits and group sizes, tuned) 0.0721 against 0.0961;
+the start before its tied output layer 0.165 against 0.268 at 4-bit g64 and 0.103 against 0.132
+for the mix (README, 2026-12-01).
 
 The Hessians are taken block by block (the model's `layers`), each block's inputs those of the
 already re-quantized blocks before it (sequential GPTQ, as AutoGPTQ): the inputs of the first block
@@ -184,7 +185,8 @@ class _Calibration:
 
     def gram(self, x: mx.array) -> mx.array:
         if id(x) not in self.grams:  # x is kept alive with its entry, so its id is not reused
-            rows = (x.astype(mx.float32) * self.mask[..., None]).reshape(-1, x.shape[-1])
+            kept = self.mask[..., None]  # where, not a product: inf x 0 at a masked position
+            rows = mx.where(kept > 0, x.astype(mx.float32) * kept, 0).reshape(-1, x.shape[-1])
             self.grams[id(x)] = (x, rows.T @ rows)
         return self.grams[id(x)][1]
 
@@ -291,11 +293,12 @@ def _quantize_layers(
 
 
 def _finite(hessian: mx.array, path: str) -> mx.array:
-    """The Hessian, refused when an input overflowed: GPTQ would round to garbage."""
+    """The Hessian, refused when it is not finite: GPTQ would round to garbage."""
     if not mx.all(mx.isfinite(hessian)).item():
         raise ModelError(
-            f"the GPTQ start cannot quantize {path}: its inputs on the calibration rows are not "
-            "finite (the model overflows in its dtype); start from plain rounding with "
+            f"the GPTQ start cannot quantize {path}: its inputs' X^T X on the calibration rows is "
+            "not finite (inputs past float32's range, or the model overflowing in its compute "
+            "dtype); try --set tune.compute_dtype=float32, or start from plain rounding with "
             "--set tune.init=rtn"
         )
     return hessian
@@ -403,9 +406,10 @@ def tied_output_layers(
                 break  # the forward ended without the output layer: only looked up
             else:
                 dtype = embedding["scales"].dtype
-                hessian = _finite(catcher.hessian, f"{path} (as the output layer)")
+                if not mx.all(mx.isfinite(catcher.hessian)).item():
+                    continue  # no candidate: the blocks' GPTQ stands, the head stays RTN
                 arrays = gptq_quantize(
-                    originals[path], hessian, embedding.bits, embedding.group_size, dtype
+                    originals[path], catcher.hessian, embedding.bits, embedding.group_size, dtype
                 )
                 found[path] = dict(zip(("weight", "scales", "biases"), arrays, strict=True))
     return found

@@ -362,22 +362,45 @@ REVISION_WORDS = {
 
 
 def _first_difference(saved: Any, settings: dict[str, Any]) -> str:
-    """' (tune.NAME was X, now Y)' for the first setting that differs from the saved ones."""
-    saved = saved if isinstance(saved, dict) else {}
-    name = next((k for k, v in settings.items() if k in saved and saved[k] != v), None)
-    # Else a setting only one side keys (a newer or older version's run): name it too.
-    name = name or next((k for k in {**saved, **settings} if (k in saved) != (k in settings)), None)
-    if name is None:
+    """' (tune.NAME was X, now Y)' for the first setting that differs from the saved ones; a
+    revision that differs comes first and in words, since no setting resumes that run."""
+    if not isinstance(saved, dict):
         return ""
+    keys = [*settings, *(k for k in saved if k not in settings)]
+    differs = [k for k in keys if saved.get(k, _ABSENT) != settings.get(k, _ABSENT)]
+    if not differs:
+        return ""
+    differs.sort(key=lambda k: _telling_order(k, saved, settings))
+    name = differs[0]
     was = repr(saved[name]) if name in saved else "not part of the run's key"
     now = repr(settings[name]) if name in settings else "not part of the run's key"
-    if name in REVISION_WORDS and name in settings:
-        made = f"revision {was}" if name in saved else "before revisions were kept"
-        return (
-            f" ({REVISION_WORDS[name]} was made by an earlier version of this program "
-            f"({made}, now {now}))"
-        )
+    if name in REVISION_WORDS:
+        version = _which_version(saved.get(name), settings.get(name))
+        return f" ({REVISION_WORDS[name]} was made by {version})"
     return f" (tune.{name} was {was}, now {now}{_how_to_resume(name, saved)})"
+
+
+_ABSENT = object()
+
+
+def _telling_order(name: str, saved: dict, settings: dict) -> int:
+    """Which difference to name: a revision both runs keep (no setting resumes it), then a
+    setting both keep, then one only one side keeps (another version's, or a lever on or off),
+    then a revision only one side keeps (its lever's own difference says more)."""
+    both = name in saved and name in settings
+    if name in REVISION_WORDS:
+        return 0 if both else 3
+    return 1 if both else 2
+
+
+def _which_version(saved: Any, now: Any) -> str:
+    if saved is None:
+        return f"an earlier version of this program (before revisions were kept; now {now})"
+    if now is None:
+        return f"another version of this program (revision {saved!r}; this one keeps none)"
+    newer = isinstance(saved, int) and isinstance(now, int) and saved > now
+    which = "a later" if newer else "an earlier"
+    return f"{which} version of this program (revision {saved!r}, now {now!r})"
 
 
 def _how_to_resume(name: str, saved: dict[str, Any]) -> str:

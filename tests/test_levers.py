@@ -529,8 +529,8 @@ def test_gptq_requantizes_an_untied_output_layer_too():
 
 
 def test_gptq_refuses_a_layer_whose_inputs_overflow_naming_it():
-    """Inputs past float32's range make the Hessian infinite, and GPTQ would round to garbage:
-    one line naming the layer and the start that still works, not a student of noise."""
+    """Inputs whose squares pass float32's range make the Hessian infinite, and GPTQ would round
+    to garbage: one line naming the layer and what to try, not a student of noise."""
     from mlx_lm.models.llama import Model, ModelArgs
 
     args = {"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 96}
@@ -547,6 +547,24 @@ def test_gptq_refuses_a_layer_whose_inputs_overflow_naming_it():
         ModelError, match=r"cannot quantize model\.layers\.0\.mlp\.(gate|up)_proj: its"
     ):
         gptq.gptq_init(student, originals, [(tokens, mx.ones((4, 12)))])
+
+
+def test_a_tied_output_layer_whose_inputs_overflow_gets_no_candidate():
+    """The tied head's candidate is optional: when its inputs' squares overflow, the blocks'
+    GPTQ stands and the head stays as it was, instead of the whole start being refused."""
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    args = {"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 96}
+    args |= {"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}
+    teacher = Model(ModelArgs(model_type="llama", tie_word_embeddings=True, **args))
+    teacher.model.norm.weight = teacher.model.norm.weight * 1e25  # the head's inputs only
+    originals = rounding.full_precision_weights(teacher)
+    student = Model(ModelArgs(model_type="llama", tie_word_embeddings=True, **args))
+    student.update(teacher.parameters())
+    nn.quantize(student, group_size=32, bits=4)
+    batches = [(mx.random.randint(0, 96, (4, 12), key=mx.random.key(1)), mx.ones((4, 12)))]
+    assert gptq.gptq_init(student, originals, batches) == 7
+    assert gptq.tied_output_layers(student, originals, batches) == {}
 
 
 def test_auto_start_is_gptq_from_the_teacher_and_the_given_student_as_is():

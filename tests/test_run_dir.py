@@ -191,7 +191,18 @@ def test_a_checkpoint_of_an_earlier_revision_is_refused_in_words_not_as_a_settin
     assert "revision 2, now 3" in str(refused.value)
     assert "tune.start_revision" not in str(refused.value)
     state["settings"] = {"init": "gptq"}
-    with pytest.raises(StageError, match="before revisions were kept, now 3"):
+    with pytest.raises(StageError, match="before revisions were kept; now 3"):
+        refuse_other_run(tmp_path, state, "new", "s", settings)
+    # An earlier default rate as well: the revision is named, since no --learning-rate resumes it
+    state["settings"] = {"init": "gptq", "learning_rate": 5e-5, "start_revision": 2}
+    with pytest.raises(StageError, match=r"earlier version of this program \(revision 2, now 3"):
+        refuse_other_run(tmp_path, state, "new", "s", settings | {"learning_rate": 1.5e-5})
+    state["settings"] = {"init": "gptq", "start_revision": 4}
+    with pytest.raises(StageError, match=r"a later version of this program \(revision 4, now 3"):
+        refuse_other_run(tmp_path, state, "new", "s", settings)
+    # A revision only one side keeps follows its lever's own difference
+    state["settings"] = {"init": "rtn"}
+    with pytest.raises(StageError, match=r"tune.init was 'rtn', now 'gptq'"):
         refuse_other_run(tmp_path, state, "new", "s", settings)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -432,3 +433,17 @@ def test_grad_checkpoint_by_chunks_off_the_fast_path(tiny_store, tmp_path, monke
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=0, err_msg=name)
     assert checkpointed.best_val_loss == pytest.approx(plain.best_val_loss, rel=1e-4)
+
+
+def test_a_3_bit_student_at_the_4_bit_default_rate_gets_a_note_naming_the_3_bit_rate():
+    """The default rate was chosen for 4 bits; a 3-bit run left at it is told the rate that
+    validated better there, which configs/default-3bit.yaml sets (and the benches read)."""
+    from stages.tune import NARROW_RATE, rate_note
+
+    three_bit = load_config(Path("configs/default-3bit.yaml")).tune
+    assert three_bit.learning_rate == NARROW_RATE and rate_note(three_bit) is None
+    default = load_config(Path("configs/default.yaml")).tune
+    assert rate_note(default) is None
+    at_default = dataclasses.replace(three_bit, learning_rate=default.learning_rate)
+    assert f"--learning-rate {NARROW_RATE:g}" in rate_note(at_default)
+    assert rate_note(dataclasses.replace(at_default, bits_per_weight=4.0)) is None  # a mix
