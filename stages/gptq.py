@@ -297,9 +297,9 @@ def _finite(hessian: mx.array, path: str) -> mx.array:
     if not mx.all(mx.isfinite(hessian)).item():
         raise ModelError(
             f"the GPTQ start cannot quantize {path}: its inputs' X^T X on the calibration rows is "
-            "not finite (inputs past float32's range, or the model overflowing in its compute "
-            "dtype); try --set tune.compute_dtype=float32, or start from plain rounding with "
-            "--set tune.init=rtn"
+            "not finite (a NaN/inf weight before it, inputs past float32's range, or the model "
+            "overflowing in its compute dtype); check the model's weights, try --set "
+            "tune.compute_dtype=float32, or start from plain rounding with --set tune.init=rtn"
         )
     return hessian
 
