@@ -81,7 +81,7 @@ from stages.data import TokenSequences
 from stages.evaluate import EvalConfig, held_out_sequences, score_models
 from stages.models import load_model
 from stages.targets import compute_targets
-from stages.tune import TuneConfig, tune
+from stages.tune import NARROW_RATE, TuneConfig, tune
 from store.layout import STEPPED_DTYPES
 from store.lock import LockedError
 
@@ -116,7 +116,7 @@ PROBE_STEPS = 2  # a peak-memory probe's steps
 # Our rate where a width validates better at another than the default's (1.5e-5, chosen for 4-bit):
 # configs/default-3bit.yaml's, 5e-5. Validation KL, seed 123, 2026-12-01: 3-bit 0.2863 at 5e-5
 # against 0.3063 at 1.5e-5; 4-bit 0.0657 at 1.5e-5 against 0.0758 at 5e-5 (README: Benchmarks).
-WIDTH_RATES = {3: load_config(ROOT / "configs" / "default-3bit.yaml").tune.learning_rate}
+WIDTH_RATES = {3: NARROW_RATE}  # tests/test_tune.py keeps default-3bit.yaml's rate equal to it
 # `--ours-sweep`: our settings besides the default, each tuned with every seed and scored on the
 # validation rows only, to choose our defaults the way mlx-lm's rate is chosen (never on test).
 OURS_SWEEP = {  # a rate equal to a width's own (WIDTH_RATES) is the default's run there: skipped
@@ -538,16 +538,17 @@ def one_quantization(
     scored = len(students), 1 + (2 + len(LEVERS)) * len(FULL_SEEDS)
     with clock.part(len(test) * seq_len * scored[0], full[3] * full[1] * scored[1]):
         test_scores = score(teacher, base, students, test)
+    rate = width_rate(config, bits)
     return {
         "bits": bits,
         "group_size": group_size,
         "split": split,
         "test_tokens": int(test.loss_mask().sum()),
         "best_learning_rate": best,
-        "ours_learning_rate": width_rate(config, bits),
+        "ours_learning_rate": rate,
         "ours_store": Path(config.targets.store).name,
         "ours_settings": settings_digest(
-            dataclasses.replace(config.tune, bits=bits, learning_rate=width_rate(config, bits))
+            dataclasses.replace(config.tune, bits=bits, learning_rate=rate)
         ),
         "ours_best_step": [run.info.get("best_step") for run in ours.values()],
         "valid_kl": {f"{rate:g}": values for rate, values in valid_kl.items()},

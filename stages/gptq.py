@@ -292,9 +292,13 @@ def _quantize_layers(
         return _run_block(root, inputs, batches, calibration)
 
 
+def _is_finite(hessian: mx.array) -> bool:
+    return mx.all(mx.isfinite(hessian)).item()
+
+
 def _finite(hessian: mx.array, path: str) -> mx.array:
     """The Hessian, refused when it is not finite: GPTQ would round to garbage."""
-    if not mx.all(mx.isfinite(hessian)).item():
+    if not _is_finite(hessian):
         raise ModelError(
             f"the GPTQ start cannot quantize {path}: its inputs' X^T X on the calibration rows is "
             "not finite (a NaN/inf weight before it, inputs past float32's range, or the model "
@@ -406,7 +410,7 @@ def tied_output_layers(
                 break  # the forward ended without the output layer: only looked up
             else:
                 dtype = embedding["scales"].dtype
-                if not mx.all(mx.isfinite(catcher.hessian)).item():
+                if not _is_finite(catcher.hessian):
                     continue  # no candidate: the blocks' GPTQ stands, the head stays RTN
                 arrays = gptq_quantize(
                     originals[path], catcher.hessian, embedding.bits, embedding.group_size, dtype
