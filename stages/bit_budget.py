@@ -48,8 +48,15 @@ DEFAULT_ALLOWED_BITS = [3, 4, 5, 6, 8]
 Option = tuple[int, int]  # a layer's (bits, group size)
 SENSITIVITY_ROWS = 16  # training sequences the Fisher is estimated on, one backward pass each
 # A change of the estimate or the allocation chooses other bits from the same settings: part of
-# the run's identity, so a checkpoint made before the change is refused, not resumed.
+# the run's identity, so a checkpoint made before the change is refused, not resumed. Revision 2
+# scales a GPTQ start's estimates by what GPTQ leaves; other starts choose as revision 1.
 BUDGET_REVISION = 1
+GPTQ_BUDGET_REVISION = 2
+
+GPTQ_NOTE = (
+    ", times the layer's gptq_error_ratio: the share of that error a GPTQ start leaves, from "
+    "its inputs' Hessian on the calibration rows"
+)
 
 Batch = tuple  # tokens (1, L), top-k logits (1, L, K), their indices, tail at T=1 or None, mask
 
@@ -368,15 +375,35 @@ def choose_layer_bits(
     seed: int,
     on_batch: Callable[[int], None] | None = None,
     group_sizes: list[int] | None = None,
+    error_ratios: dict[str, float] | None = None,
 ) -> tuple[dict[str, Option], dict[str, Any]]:
     """(path -> (bits, group size), the record for the run folder) of the full-precision
     `model`, whose stored bits `layout` counts (taken in the dtype it is quantized in: the model
-    may compute in another); a budget no mix reaches is refused before anything is measured."""
+    may compute in another); a budget no mix reaches is refused before anything is measured.
+    `error_ratios` (path -> the share of rounding's error a GPTQ start leaves in that layer)
+    scale the layers' estimates for a student that starts from GPTQ."""
     group_sizes = layout.sizes(group_sizes)
     check_reachable(layout, allowed, budget, group_sizes)
     options = options_of(layout, allowed, group_sizes)
     fishers, positions = fisher_diagonals(model, list(options), batches, seed, on_batch)
     estimates = estimated_kl(model, fishers, positions, options)
     del fishers
+    if error_ratios:
+        estimates = scaled(estimates, error_ratios)
     choice = allocate(layout, estimates, allowed, budget, group_sizes)
-    return choice, budget_record(layout, estimates, choice, budget, positions, group_sizes)
+    record = budget_record(layout, estimates, choice, budget, positions, group_sizes)
+    if error_ratios:
+        record["estimate"] += GPTQ_NOTE
+        for layer in record["layers"]:
+            layer["gptq_error_ratio"] = error_ratios.get(layer["path"], 1.0)
+    return choice, record
+
+
+def scaled(
+    estimates: dict[str, dict[Option, float]], ratios: dict[str, float]
+) -> dict[str, dict[Option, float]]:
+    """Each layer's estimates times its ratio (1 for a layer without one)."""
+    return {
+        path: {option: kl * ratios.get(path, 1.0) for option, kl in per_option.items()}
+        for path, per_option in estimates.items()
+    }

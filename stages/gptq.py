@@ -358,6 +358,62 @@ def gptq_init(
     return len(todo)
 
 
+# ---- what GPTQ leaves of plain rounding's error -----------------------------------------------
+
+
+def output_error_ratio(hessian: mx.array) -> float:
+    """About how much of round-to-nearest's output error on the calibration inputs GPTQ leaves
+    in a layer, from the inputs' Hessian alone. Rounding column j to nearest costs its error
+    squared times H_jj; quantized after the columns before it (act-order) with their errors fed
+    in, it costs its error squared over [H^-1]_jj of the columns still open, 1/U_jj^2 with U the
+    upper Cholesky factor of the inverse taken in that order. For rounding errors of like size
+    in every column the ratio is sum_j 1/U_jj^2 / sum_j H_jj (both dampened as GPTQ is): the
+    more the inputs are correlated, the more GPTQ cancels. It does not depend on the bits."""
+    h = np.array(hessian.astype(mx.float32), dtype=np.float64)
+    diagonal = np.diag(h).copy()
+    if not diagonal.mean() > 0 or not np.isfinite(h).all():
+        return 1.0  # no calibration token reached it (or GPTQ refuses it): plain rounding
+    order = np.argsort(-diagonal, kind="stable")
+    u = inverse_hessian_factor(mx.array(h[np.ix_(order, order)].astype(np.float32)))
+    left = (1.0 / np.square(np.diag(u).astype(np.float64))).sum()
+    return float(min(1.0, left / (diagonal.sum() * (1 + DAMPING))))
+
+
+def full_precision_hessians(model: Any, batches: list[Batch]) -> dict[str, mx.array]:
+    """X^T X of the inputs of every Linear in the model's blocks and of its output layer (an
+    untied lm_head, or the embedding it is tied to), by path, on the full-precision model's own
+    inputs at the loss mask's positions."""
+    hessians = {}
+    blocks = list(zip(getattr(model, "layers", []), _block_prefixes(model), strict=True))
+    inputs = first_block_inputs(model, batches) if blocks else []
+    for block, prefix in blocks:
+        calibration = _Calibration()
+        linears = [(p, m) for p, m in block.named_modules() if isinstance(m, nn.Linear)]
+        catchers = {p: _Catcher(m, calibration) for p, m in linears}
+        with _swapped(block, catchers):
+            outputs = _run_block(block, inputs, batches, calibration)
+        hessians.update({prefix + p: catchers[p].hessian for p, _ in linears})
+        inputs = [((out, *a[1:]), kw) for out, (a, kw) in zip(outputs, inputs, strict=True)]
+    inside = tuple(prefix for _, prefix in blocks)
+    outside = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not path.startswith(inside)
+    ]
+    if outside:  # an untied lm_head: its inputs are the last hidden states
+        calibration = _Calibration()
+        catchers = {path: _Catcher(module, calibration) for path, module in outside}
+        with _swapped(model, catchers):
+            _run_block(model, [((tokens,), {}) for tokens, _ in batches], batches, calibration)
+        hessians.update({path: catchers[path].hessian for path, _ in outside})
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and not isinstance(module, nn.QuantizedEmbedding):
+            hessian = _tied_head_hessian(model, path, module.weight.shape[1], batches)
+            if hessian is not None:
+                hessians[path] = hessian
+    return hessians
+
+
 # ---- a tied output layer ------------------------------------------------------------------------
 
 
@@ -398,25 +454,32 @@ def tied_output_layers(
     modules = dict(model.named_modules())
     found = {}
     for path in _quantized_layers(model, originals, nn.QuantizedEmbedding):
-        embedding, calibration = modules[path], _Calibration()
-        catcher = _HeadCatcher(embedding, originals[path].shape[1], calibration)
-        with _swapped(model, {path: catcher}):
-            for tokens, mask in batches:
-                calibration.start_batch(mask)
-                try:
-                    model(tokens)
-                except _HeadReached:
-                    continue
-                break  # the forward ended without the output layer: only looked up
-            else:
-                dtype = embedding["scales"].dtype
-                if not _is_finite(catcher.hessian):
-                    continue  # no candidate: the blocks' GPTQ stands, the head stays RTN
-                arrays = gptq_quantize(
-                    originals[path], catcher.hessian, embedding.bits, embedding.group_size, dtype
-                )
-                found[path] = dict(zip(("weight", "scales", "biases"), arrays, strict=True))
+        embedding = modules[path]
+        hessian = _tied_head_hessian(model, path, originals[path].shape[1], batches)
+        if hessian is None or not _is_finite(hessian):
+            continue  # only looked up; or no candidate: the blocks' GPTQ stands, the head RTN
+        dtype = embedding["scales"].dtype
+        arrays = gptq_quantize(
+            originals[path], hessian, embedding.bits, embedding.group_size, dtype
+        )
+        found[path] = dict(zip(("weight", "scales", "biases"), arrays, strict=True))
     return found
+
+
+def _tied_head_hessian(model: Any, path: str, width: int, batches: list[Batch]) -> mx.array | None:
+    """X^T X of the inputs of the output layer tied to the embedding at `path`, at the loss
+    mask's positions (None: the forward ends without it, the embedding only looked up)."""
+    calibration = _Calibration()
+    catcher = _HeadCatcher(dict(model.named_modules())[path], width, calibration)
+    with _swapped(model, {path: catcher}):
+        for tokens, mask in batches:
+            calibration.start_batch(mask)
+            try:
+                model(tokens)
+            except _HeadReached:
+                continue
+            return None
+    return catcher.hessian
 
 
 def swap_quantized(module: nn.Module, arrays: QuantizedArrays) -> QuantizedArrays:

@@ -102,6 +102,30 @@ def test_the_chosen_mix_spends_the_budget(budget_run, tiny_teacher):
                 assert layout.bits_per_weight({**chosen, candidate.path: option}) > BUDGET
 
 
+def test_a_gptq_start_weighs_each_layer_by_what_gptq_leaves_of_its_error(
+    budget_run, tiny_store, tiny_teacher
+):
+    """A GPTQ student keeps far less of some layers' rounding error than of others': each
+    layer's estimates are scaled by its share, from the full-precision teacher's inputs on
+    GPTQ's calibration rows, which the record keeps."""
+    from stages import gptq
+    from stages.tune import _calibration_batches
+
+    record = sensitivities(budget_run)
+    assert "gptq_error_ratio" in record["estimate"]
+    model = load_model(str(tiny_teacher)).model
+    config = tune_config(tiny_store, Path("unused"))
+    hessians = gptq.full_precision_hessians(
+        model, _calibration_batches(StoreReader(str(tiny_store)), config)
+    )
+    shares = {layer["path"]: layer["gptq_error_ratio"] for layer in record["layers"]}
+    assert set(shares) == set(hessians)  # every Linear and the tied embedding (its head's inputs)
+    for path, share in shares.items():
+        assert 0 < share <= 1
+        assert share == pytest.approx(gptq.output_error_ratio(hessians[path]), rel=1e-3), path
+    assert max(shares.values()) > 1.5 * min(shares.values())  # they differ: the ranking moves
+
+
 def test_greedy_allocation_follows_the_estimates_and_fills_the_budget():
     layout = Layout(
         [Candidate(f"layer{i}", 4096, 16) for i in range(6)],
@@ -463,7 +487,8 @@ def test_resume_keys_are_those_earlier_versions_wrote():
     keep the keys of version b6fcb4c (before group sizes): a budget run, which one with the
     group size of that time resumes, and a plain run. The GPTQ start's revision 3 (act-order
     and searched grids, after a31c551) moved the GPTQ keys on purpose: a checkpoint of the
-    earlier GPTQ is refused. A change that moves them leaves every earlier checkpoint
+    earlier GPTQ is refused; so did the GPTQ budget's revision 2 (estimates scaled by what
+    GPTQ leaves of each layer's error). A change that moves them leaves every earlier checkpoint
     unresumable, so it must be deliberate (a revision). Those runs were made at the default
     rate of their time, 5e-5 (1.5e-5 since 5d1afa4: such a run resumes with that rate given)."""
     old_choice = {"tune.bits_per_weight": 4.5, "tune.allowed_group_sizes": [64]}
@@ -474,7 +499,7 @@ def test_resume_keys_are_those_earlier_versions_wrote():
 
     assert key(old_choice | rtn) == "be171f3caa7f9b206692091d0edca9e9"
     assert key(rtn) == "d8aad2e5a8017881e87daaa64bd2da90"
-    assert key(old_choice) == "d069d787db40d228e493fd97a397f81c"
+    assert key(old_choice) == "bd0db0c41eafc01aa6ee5d0e4a19f167"  # d069d787... at revision 1
     assert key({}) == "734fca31cab0c6ab95e98ad20e20c52a"
     budget = load_config(None, {"tune.bits_per_weight": 4.5}).tune  # group sizes chosen too
     assert budget.identity()["allowed_group_sizes"] == [32, 64, 128]

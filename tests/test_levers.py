@@ -293,12 +293,14 @@ def test_gptq_lowers_the_output_error_of_every_layer(tiny_store, tiny_teacher, b
         assert after < before, path
 
 
-def skewed_layer(seed: int = 0, width: int = 256) -> tuple[mx.array, mx.array]:
+def skewed_layer(
+    seed: int = 0, width: int = 256, correlation: float = 1.0
+) -> tuple[mx.array, mx.array]:
     """A bf16 weight (64, width) with outliers and a Hessian of correlated inputs whose
     channels differ in scale by orders of magnitude, as a transformer's do."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((64, width)) * (1 + 9 * (rng.random((64, width)) < 0.01))
-    mixing = rng.standard_normal((width, width)) / np.sqrt(width) + np.eye(width)
+    mixing = correlation * rng.standard_normal((width, width)) / np.sqrt(width) + np.eye(width)
     inputs = rng.standard_normal((4 * width, width)) @ mixing * np.exp(rng.standard_normal(width))
     return mx.array(weight).astype(mx.bfloat16), mx.array(inputs.T @ inputs, dtype=mx.float32)
 
@@ -386,6 +388,59 @@ def test_act_order_and_the_grid_search_each_lower_gptqs_output_error(bits, group
     assert error(range_ratios=(1.0,)) < plain
     assert error(act_order=False) < plain
     assert error() < min(error(range_ratios=(1.0,)), error(act_order=False))
+
+
+@pytest.mark.parametrize("bits, group", [(3, 64), (4, 64), (4, 128)])
+def test_the_error_ratio_foretells_what_gptq_leaves_of_rounding_error(bits, group):
+    """From the Hessian alone, whatever the bits: about 1 for uncorrelated inputs (nothing to
+    cancel), lower the more they are correlated, as GPTQ's measured share is; close to the
+    share GPTQ leaves on the full-range grid (its grid search then lowers both the same way)."""
+
+    def shares(correlation: float) -> tuple[float, float, float]:
+        weight, hessian = skewed_layer(bits * group, correlation=correlation)
+        rtn = hessian_error(mx.quantize(weight, group, bits), weight, hessian, bits, group)
+        left = lambda **grid: hessian_error(  # noqa: E731
+            gptq.gptq_quantize(weight, hessian, bits, group, mx.bfloat16, **grid),
+            weight,
+            hessian,
+            bits,
+            group,
+        )
+        full_range = left(range_ratios=(1.0,)) / rtn
+        return gptq.output_error_ratio(hessian), full_range, left() / rtn
+
+    weak, strong = shares(0.1), shares(1.0)
+    for foretold, full_range, _ in (weak, strong):
+        assert 0.8 * full_range < foretold < 1.3 * full_range
+    assert strong[0] < 0.6 * weak[0] and strong[2] < 0.6 * weak[2]
+    _, hessian = skewed_layer()
+    diagonal = mx.array(np.diag(np.diag(np.array(hessian))))
+    assert gptq.output_error_ratio(diagonal) > 0.98
+    assert gptq.output_error_ratio(mx.zeros_like(hessian)) == 1.0  # no token reached it
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_full_precision_hessians_are_every_quantized_layers_inputs(tied):
+    """X^T X of each block Linear's inputs and of the output layer's (tied: the embedding's
+    path), at the loss mask's positions only."""
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    args = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 96}
+    args |= {"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}
+    model = Model(ModelArgs(model_type="llama", tie_word_embeddings=tied, **args))
+    tokens = mx.random.randint(0, 96, (8, 12), key=mx.random.key(1))
+    mask = (mx.random.uniform(shape=(8, 12), key=mx.random.key(2)) < 0.7).astype(mx.float32)
+    batches = [(tokens[i : i + 4], mask[i : i + 4]) for i in (0, 4)]
+    hessians = gptq.full_precision_hessians(model, batches)
+    inputs = float_layer_inputs(model, batches)
+    head = "model.embed_tokens" if tied else "lm_head"
+    if tied:
+        inputs[head] = last_hidden_states(model, batches)
+    assert set(hessians) == set(inputs) and len(inputs) == 15
+    for path, x in inputs.items():
+        np.testing.assert_allclose(
+            np.array(hessians[path]), np.array(x.T @ x), rtol=1e-4, atol=1e-4, err_msg=path
+        )
 
 
 def test_gptq_start_saves_as_an_mlx_lm_model_of_the_rtn_format(tiny_store, tiny_teacher, tmp_path):

@@ -447,3 +447,5 @@ def test_a_3_bit_student_at_the_4_bit_default_rate_gets_a_note_naming_the_3_bit_
     at_default = dataclasses.replace(three_bit, learning_rate=default.learning_rate)
     assert f"--learning-rate {NARROW_RATE:g}" in rate_note(at_default)
     assert rate_note(dataclasses.replace(at_default, bits_per_weight=4.0)) is None  # a mix
+    assert "2-bit was not measured" in rate_note(dataclasses.replace(at_default, bits=2))
+    assert "not measured" not in rate_note(at_default)
