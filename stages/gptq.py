@@ -379,11 +379,10 @@ def output_error_ratio(hessian: mx.array) -> float:
     return float(min(1.0, left / (diagonal.sum() * (1 + DAMPING))))
 
 
-def full_precision_hessians(model: Any, batches: list[Batch]) -> dict[str, mx.array]:
-    """X^T X of the inputs of every Linear in the model's blocks and of its output layer (an
-    untied lm_head, or the embedding it is tied to), by path, on the full-precision model's own
-    inputs at the loss mask's positions."""
-    hessians = {}
+def full_precision_hessians(model: Any, batches: list[Batch]) -> Iterator[tuple[str, mx.array]]:
+    """(path, X^T X of its inputs) for every Linear in the model's blocks, block by block (one
+    block's in memory at a time), then for its output layer (an untied lm_head, or the embedding
+    it is tied to), on the full-precision model's own inputs at the loss mask's positions."""
     blocks = list(zip(getattr(model, "layers", []), _block_prefixes(model), strict=True))
     inputs = first_block_inputs(model, batches) if blocks else []
     for block, prefix in blocks:
@@ -392,8 +391,9 @@ def full_precision_hessians(model: Any, batches: list[Batch]) -> dict[str, mx.ar
         catchers = {p: _Catcher(m, calibration) for p, m in linears}
         with _swapped(block, catchers):
             outputs = _run_block(block, inputs, batches, calibration)
-        hessians.update({prefix + p: catchers[p].hessian for p, _ in linears})
         inputs = [((out, *a[1:]), kw) for out, (a, kw) in zip(outputs, inputs, strict=True)]
+        for path, _ in linears:
+            yield prefix + path, catchers.pop(path).hessian
     inside = tuple(prefix for _, prefix in blocks)
     outside = [
         (path, module)
@@ -405,13 +405,12 @@ def full_precision_hessians(model: Any, batches: list[Batch]) -> dict[str, mx.ar
         catchers = {path: _Catcher(module, calibration) for path, module in outside}
         with _swapped(model, catchers):
             _run_block(model, [((tokens,), {}) for tokens, _ in batches], batches, calibration)
-        hessians.update({path: catchers[path].hessian for path, _ in outside})
+        yield from ((path, catchers[path].hessian) for path, _ in outside)
     for path, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, nn.QuantizedEmbedding):
             hessian = _tied_head_hessian(model, path, module.weight.shape[1], batches)
             if hessian is not None:
-                hessians[path] = hessian
-    return hessians
+                yield path, hessian
 
 
 # ---- a tied output layer ------------------------------------------------------------------------

@@ -593,7 +593,7 @@ def _gptq_error_ratios(config: TuneConfig, model: Any, inputs: _StartInputs) -> 
     spends its bits where GPTQ leaves most error."""
     inputs.phase("measuring what GPTQ leaves of each layer's rounding error")
     hessians = full_precision_hessians(model, _calibration_batches(inputs.reader, config))
-    return {path: output_error_ratio(hessian) for path, hessian in hessians.items()}
+    return {path: output_error_ratio(hessian) for path, hessian in hessians}
 
 
 @dataclass

@@ -115,9 +115,8 @@ def test_a_gptq_start_weighs_each_layer_by_what_gptq_leaves_of_its_error(
     assert "gptq_error_ratio" in record["estimate"]
     model = load_model(str(tiny_teacher)).model
     config = tune_config(tiny_store, Path("unused"))
-    hessians = gptq.full_precision_hessians(
-        model, _calibration_batches(StoreReader(str(tiny_store)), config)
-    )
+    batches = _calibration_batches(StoreReader(str(tiny_store)), config)
+    hessians = dict(gptq.full_precision_hessians(model, batches))
     shares = {layer["path"]: layer["gptq_error_ratio"] for layer in record["layers"]}
     assert set(shares) == set(hessians)  # every Linear and the tied embedding (its head's inputs)
     for path, share in shares.items():

@@ -431,7 +431,7 @@ def test_full_precision_hessians_are_every_quantized_layers_inputs(tied):
     tokens = mx.random.randint(0, 96, (8, 12), key=mx.random.key(1))
     mask = (mx.random.uniform(shape=(8, 12), key=mx.random.key(2)) < 0.7).astype(mx.float32)
     batches = [(tokens[i : i + 4], mask[i : i + 4]) for i in (0, 4)]
-    hessians = gptq.full_precision_hessians(model, batches)
+    hessians = dict(gptq.full_precision_hessians(model, batches))
     inputs = float_layer_inputs(model, batches)
     head = "model.embed_tokens" if tied else "lm_head"
     if tied:
