@@ -28,7 +28,10 @@ model's forward pass, and unlike it no teacher forward pass for targets: they co
 share of rounding's output error GPTQ leaves in it (`stages.gptq.output_error_ratio`, from the
 full-precision model's inputs on GPTQ's calibration rows): 0.02-0.5 across the default teacher's
 layers and hardly dependent on the bits, so unscaled estimates spend bits where GPTQ would have
-cancelled the error anyway. On the default teacher at uniform 4-bit's bytes the scaled estimates
+cancelled the error anyway (8-bit layers stay rounded to nearest: not scaled). A tied
+embedding's estimate, which also counts its lookups, is scaled by its output layer's share: a
+measured choice, not a derived one (tune keeps that layer's GPTQ only if it validates better).
+On the default teacher at uniform 4-bit's bytes the scaled estimates
 moved the embedding (tied: GPTQ'd as the output layer) from 5 bits back to 4 and the mix's GPTQ
 start from validation KL 0.0798 to 0.0623 (uniform 4-bit's start: 0.0758; README, 2026-12-01).
 
@@ -62,8 +65,8 @@ BUDGET_REVISION = 1
 GPTQ_BUDGET_REVISION = 2
 
 GPTQ_NOTE = (
-    ", times the layer's gptq_error_ratio: the share of that error a GPTQ start leaves, from "
-    "its inputs' Hessian on the calibration rows"
+    ", below 8 bits times the layer's gptq_error_ratio: the share of that error a GPTQ start "
+    "leaves, foretold from its inputs' Hessian on the calibration rows"
 )
 
 Batch = tuple  # tokens (1, L), top-k logits (1, L, K), their indices, tail at T=1 or None, mask
@@ -410,8 +413,12 @@ def choose_layer_bits(
 def scaled(
     estimates: dict[str, dict[Option, float]], ratios: dict[str, float]
 ) -> dict[str, dict[Option, float]]:
-    """Each layer's estimates times its ratio (1 for a layer without one)."""
+    """Each layer's estimates below 8 bits times its ratio (1 for a layer without one): GPTQ
+    leaves an 8-bit layer rounded to nearest, as it is not tuned either."""
     return {
-        path: {option: kl * ratios.get(path, 1.0) for option, kl in per_option.items()}
+        path: {
+            option: kl * ratios.get(path, 1.0) if option[0] < 8 else kl
+            for option, kl in per_option.items()
+        }
         for path, per_option in estimates.items()
     }

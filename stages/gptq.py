@@ -369,23 +369,29 @@ def output_error_ratio(hessian: mx.array) -> float:
     upper Cholesky factor of the inverse taken in that order. For rounding errors of like size
     in every column the ratio is sum_j 1/U_jj^2 / sum_j H_jj (both dampened as GPTQ is): the
     more the inputs are correlated, the more GPTQ cancels. It does not depend on the bits."""
-    h = np.array(hessian.astype(mx.float32), dtype=np.float64)
-    diagonal = np.diag(h).copy()
+    h = np.array(hessian.astype(mx.float32))
+    diagonal = np.diag(h).astype(np.float64)
     if not diagonal.mean() > 0 or not np.isfinite(h).all():
         return 1.0  # no calibration token reached it (or GPTQ refuses it): plain rounding
     order = np.argsort(-diagonal, kind="stable")
-    u = inverse_hessian_factor(mx.array(h[np.ix_(order, order)].astype(np.float32)))
+    u = inverse_hessian_factor(mx.array(h[np.ix_(order, order)]))
     left = (1.0 / np.square(np.diag(u).astype(np.float64))).sum()
-    return float(min(1.0, left / (diagonal.sum() * (1 + DAMPING))))
+    share = left / (diagonal.sum() * (1 + DAMPING))
+    return float(min(1.0, share)) if np.isfinite(share) else 1.0
 
 
-def full_precision_hessians(model: Any, batches: list[Batch]) -> Iterator[tuple[str, mx.array]]:
+def full_precision_hessians(
+    model: Any, batches: list[Batch], on_block: Callable[[int, int], None] | None = None
+) -> Iterator[tuple[str, mx.array]]:
     """(path, X^T X of its inputs) for every Linear in the model's blocks, block by block (one
     block's in memory at a time), then for its output layer (an untied lm_head, or the embedding
-    it is tied to), on the full-precision model's own inputs at the loss mask's positions."""
+    it is tied to), on the full-precision model's own inputs at the loss mask's positions.
+    on_block(done, total) is called before each block."""
     blocks = list(zip(getattr(model, "layers", []), _block_prefixes(model), strict=True))
     inputs = first_block_inputs(model, batches) if blocks else []
-    for block, prefix in blocks:
+    for number, (block, prefix) in enumerate(blocks):
+        if on_block:
+            on_block(number + 1, len(blocks))
         calibration = _Calibration()
         linears = [(p, m) for p, m in block.named_modules() if isinstance(m, nn.Linear)]
         catchers = {p: _Catcher(m, calibration) for p, m in linears}
@@ -404,7 +410,9 @@ def full_precision_hessians(model: Any, batches: list[Batch]) -> Iterator[tuple[
         calibration = _Calibration()
         catchers = {path: _Catcher(module, calibration) for path, module in outside}
         with _swapped(model, catchers):
-            _run_block(model, [((tokens,), {}) for tokens, _ in batches], batches, calibration)
+            for tokens, mask in batches:  # the logits (a vocabulary wide) are not kept
+                calibration.start_batch(mask)
+                mx.eval(model(tokens), [c.hessian for c in catchers.values()])
         yield from ((path, catchers[path].hessian) for path, _ in outside)
     for path, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, nn.QuantizedEmbedding):

@@ -543,11 +543,11 @@ def _layer_bits(config: TuneConfig, model: Any, inputs: _StartInputs) -> tuple[d
     rows = len(batches.rows)
     label = "measuring layer sensitivities: sequence {}/" + str(rows)
     on_batch = lambda number: inputs.phase(label.format(number + 1))  # noqa: E731
-    inputs.phase("measuring layer sensitivities")
     layout = model_layout(model, config.quantization[1])  # scales as stored: the teacher's dtype
     own = to_compute_dtype(model, config.compute_dtype)
     try:
         ratios = _gptq_error_ratios(config, model, inputs) if config.start == "gptq" else None
+        inputs.phase("measuring layer sensitivities")
         choice, record = choose_layer_bits(
             layout,
             model,
@@ -591,8 +591,10 @@ def _gptq_error_ratios(config: TuneConfig, model: Any, inputs: _StartInputs) -> 
     full-precision `model`'s inputs on GPTQ's calibration rows: it differs from layer to layer
     (0.02-0.5 on the default teacher) but hardly with the bits, so a budget for a GPTQ start
     spends its bits where GPTQ leaves most error."""
-    inputs.phase("measuring what GPTQ leaves of each layer's rounding error")
-    hessians = full_precision_hessians(model, _calibration_batches(inputs.reader, config))
+    label = "measuring what GPTQ leaves of each layer's rounding error: block {}/{}"
+    on_block = lambda done, total: inputs.phase(label.format(done, total))  # noqa: E731
+    batches = _calibration_batches(inputs.reader, config)
+    hessians = full_precision_hessians(model, batches, on_block)
     return {path: output_error_ratio(hessian) for path, hessian in hessians}
 
 

@@ -125,6 +125,37 @@ def test_a_gptq_start_weighs_each_layer_by_what_gptq_leaves_of_its_error(
     assert max(shares.values()) > 1.5 * min(shares.values())  # they differ: the ranking moves
 
 
+def test_a_layer_gptq_mostly_cancels_gets_fewer_bits_but_8_bits_is_not_discounted(
+    tiny_store, tiny_teacher
+):
+    """The ratios scale each layer's estimates below 8 bits (GPTQ leaves an 8-bit layer
+    rounded to nearest), and the allocation follows: the layer that got the most bits gets
+    fewer once GPTQ is to leave 1 % of its error."""
+    config = tune_config(tiny_store, Path("unused"))
+    batches = list(_sensitivity_batches(config, StoreReader(str(tiny_store)), None))
+    model = load_model(str(tiny_teacher)).model
+    layout = model_layout(model, 32)
+    allowed = bit_budget.DEFAULT_ALLOWED_BITS
+
+    def choose(ratios=None):
+        return bit_budget.choose_layer_bits(
+            layout, model, batches, BUDGET, allowed, seed=0, error_ratios=ratios
+        )
+
+    plain_choice, plain = choose()
+    favoured = max(plain_choice, key=lambda path: plain_choice[path][0])
+    ratios = {path: 1.0 for path in plain_choice} | {favoured: 0.01}
+    choice, record = choose(ratios)
+    assert choice[favoured][0] < plain_choice[favoured][0]
+    for before, after in zip(plain["layers"], record["layers"], strict=True):
+        share = ratios[before["path"]]
+        assert after["gptq_error_ratio"] == share
+        for key, kl in before["estimated_kl"].items():
+            expected = kl if key == "8" else kl * share
+            assert after["estimated_kl"][key] == pytest.approx(expected, rel=1e-6)
+    assert "gptq_error_ratio" not in plain["layers"][0]
+
+
 def test_greedy_allocation_follows_the_estimates_and_fills_the_budget():
     layout = Layout(
         [Candidate(f"layer{i}", 4096, 16) for i in range(6)],
