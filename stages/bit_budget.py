@@ -28,12 +28,13 @@ model's forward pass, and unlike it no teacher forward pass for targets: they co
 share of rounding's output error GPTQ leaves in it (`stages.gptq.output_error_ratio`, from the
 full-precision model's inputs on GPTQ's calibration rows): 0.02-0.5 across the default teacher's
 layers and hardly dependent on the bits, so unscaled estimates spend bits where GPTQ would have
-cancelled the error anyway (8-bit layers stay rounded to nearest: not scaled). A tied
-embedding's estimate, which also counts its lookups, is scaled by its output layer's share: a
-measured choice, not a derived one (tune keeps that layer's GPTQ only if it validates better).
-On the default teacher at uniform 4-bit's bytes the scaled estimates
-moved the embedding (tied: GPTQ'd as the output layer) from 5 bits back to 4 and the mix's GPTQ
-start from validation KL 0.0798 to 0.0623 (uniform 4-bit's start: 0.0758; README, 2026-12-01).
+cancelled the error anyway. 8-bit options are not scaled (GPTQ leaves 8-bit layers rounded to
+nearest), and nothing is when the calibration rows hold too few tokens for the widest layer
+(`tune.MIN_TOKENS_PER_COLUMN`). A tied embedding's estimate, which also counts its lookups, is
+scaled by its output layer's share: a measured choice, not a derived one (tune keeps that
+layer's GPTQ only if it validates better). On the default teacher at uniform 4-bit's bytes the
+scaled estimates moved the embedding from 5 bits back to 4 and the mix's GPTQ start from
+validation KL 0.0798 to 0.0623 (uniform 4-bit's start: 0.0758; README, 2026-12-01).
 
 **The allocation** starts every layer at its cheapest allowed choice (the lowest bits in the largest
 group) and spends the rest of the budget greedily: each time the change (a layer to any dearer

@@ -104,6 +104,7 @@ LEVERS_OFF = {
     "adam_moments_dtype": "float32",
 }
 INCOMPLETE = ("refuse", "use", "wait")
+MIN_TOKENS_PER_COLUMN = 4  # calibration tokens per input column for a GPTQ-aware budget
 GPTQ_ROWS = 128  # GPTQ's calibration sequences (the paper's 128); their hidden states are held
 # A start whose algorithm changed gives other integers from the same settings: its revision is
 # part of a run's identity, so a checkpoint made before the change is refused, not resumed.
@@ -586,16 +587,24 @@ def _with_group_sizes(recorded: dict, group_size: int) -> dict[str, list[int]]:
     }
 
 
-def _gptq_error_ratios(config: TuneConfig, model: Any, inputs: _StartInputs) -> dict[str, float]:
+def _gptq_error_ratios(
+    config: TuneConfig, model: Any, inputs: _StartInputs
+) -> dict[str, float] | None:
     """Per layer, the share of round-to-nearest's output error a GPTQ start leaves, from the
     full-precision `model`'s inputs on GPTQ's calibration rows: it differs from layer to layer
     (0.02-0.5 on the default teacher) but hardly with the bits, so a budget for a GPTQ start
-    spends its bits where GPTQ leaves most error."""
-    label = "measuring what GPTQ leaves of each layer's rounding error: block {}/{}"
+    spends its bits where GPTQ leaves most error. None (the plain estimates) when the rows hold
+    fewer than MIN_TOKENS_PER_COLUMN tokens per input column of some layer: GPTQ then fits
+    those few tokens, and the share foretold from them collapses towards 0."""
+    label = "measuring GPTQ's share of each layer's error: block {}/{}"
     on_block = lambda done, total: inputs.phase(label.format(done, total))  # noqa: E731
     batches = _calibration_batches(inputs.reader, config)
-    hessians = full_precision_hessians(model, batches, on_block)
-    return {path: output_error_ratio(hessian) for path, hessian in hessians}
+    tokens = sum(float(mask.sum().item()) for _, mask in batches)
+    ratios, widest = {}, 0
+    for path, hessian in full_precision_hessians(model, batches, on_block):
+        widest = max(widest, hessian.shape[0])
+        ratios[path] = output_error_ratio(hessian)
+    return ratios if tokens >= MIN_TOKENS_PER_COLUMN * widest else None
 
 
 @dataclass

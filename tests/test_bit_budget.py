@@ -103,19 +103,32 @@ def test_the_chosen_mix_spends_the_budget(budget_run, tiny_teacher):
 
 
 def test_a_gptq_start_weighs_each_layer_by_what_gptq_leaves_of_its_error(
-    budget_run, tiny_store, tiny_teacher
+    budget_run, tiny_store, tiny_teacher, tmp_path_factory
 ):
     """A GPTQ student keeps far less of some layers' rounding error than of others': each
     layer's estimates are scaled by its share, from the full-precision teacher's inputs on
-    GPTQ's calibration rows, which the record keeps."""
+    GPTQ's calibration rows, which the record keeps; unless those rows hold too few tokens
+    for the widest layer (the tests' usual store: 24 rows of 16), where GPTQ fits them and the
+    share collapses, and the plain estimates choose."""
     from stages import gptq
-    from stages.tune import _calibration_batches
+    from stages.tune import MIN_TOKENS_PER_COLUMN, _calibration_batches
 
-    record = sensitivities(budget_run)
-    assert "gptq_error_ratio" in record["estimate"]
+    def calibration(store: Path) -> list:
+        return _calibration_batches(StoreReader(str(store)), tune_config(store, Path("unused")))
+
     model = load_model(str(tiny_teacher)).model
-    config = tune_config(tiny_store, Path("unused"))
-    batches = _calibration_batches(StoreReader(str(tiny_store)), config)
+    widest = max(w.shape[-1] for _, w in tree_flatten(model.parameters()) if w.ndim == 2)
+    tokens = lambda batches: sum(mask.sum().item() for _, mask in batches)  # noqa: E731
+    assert tokens(calibration(tiny_store)) < MIN_TOKENS_PER_COLUMN * widest
+    assert "gptq_error_ratio" not in sensitivities(budget_run)["layers"][0]
+
+    roomy = make_tune_store(tiny_teacher, tmp_path_factory, num_samples=48)
+    batches = calibration(roomy)
+    assert tokens(batches) >= MIN_TOKENS_PER_COLUMN * widest
+    run_dir = tmp_path_factory.mktemp("roomy") / "run"
+    tune(tune_config(roomy, run_dir, bits_per_weight=BUDGET, init="gptq", **SHORT))
+    record = sensitivities(run_dir)
+    assert "gptq_error_ratio" in record["estimate"]
     hessians = dict(gptq.full_precision_hessians(model, batches))
     shares = {layer["path"]: layer["gptq_error_ratio"] for layer in record["layers"]}
     assert set(shares) == set(hessians)  # every Linear and the tied embedding (its head's inputs)
