@@ -274,14 +274,12 @@ def _quantize_layers(
     """GPTQ for `root`'s quantized Linears at `paths` (inside root, at `prefix` in the model) on
     root's inputs, Hessians from the float layers; returns the re-quantized root's outputs on the
     same inputs."""
-    calibration = _Calibration()
     modules = dict(root.named_modules())
-    catchers = {p: _Catcher(_float_linear(modules[p], weights[p]), calibration) for p in paths}
-    with _swapped(root, catchers):
-        _run_block(root, inputs, batches, calibration)
+    floats = {p: _float_linear(modules[p], weights[p]) for p in paths}
+    hessians, _ = _input_hessians(root, floats, inputs, batches)
     for path in paths:
         module = modules[path]
-        hessian = _finite(catchers.pop(path).hessian, prefix + path)
+        hessian = _finite(hessians.pop(path), prefix + path)
         dtype = module["scales"].dtype
         packed, scales, biases = gptq_quantize(
             weights[path], hessian, module.bits, module.group_size, dtype
@@ -289,7 +287,19 @@ def _quantize_layers(
         module["weight"], module["scales"], module["biases"] = packed, scales, biases
         mx.eval(module.parameters())
     with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
-        return _run_block(root, inputs, batches, calibration)
+        return _run_block(root, inputs, batches, _Calibration())
+
+
+def _input_hessians(
+    root: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple], batches: list[Batch]
+) -> tuple[dict[str, mx.array], list[mx.array]]:
+    """(X^T X of each layer's inputs at the loss mask's positions, by path, root's outputs) with
+    `layers` (float layers, by path inside root) in place while root runs on `inputs`."""
+    calibration = _Calibration()
+    catchers = {path: _Catcher(layer, calibration) for path, layer in layers.items()}
+    with _swapped(root, catchers):
+        outputs = _run_block(root, inputs, batches, calibration)
+    return {path: catcher.hessian for path, catcher in catchers.items()}, outputs
 
 
 def _is_finite(hessian: mx.array) -> bool:
@@ -392,14 +402,10 @@ def full_precision_hessians(
     for number, (block, prefix) in enumerate(blocks):
         if on_block:
             on_block(number + 1, len(blocks))
-        calibration = _Calibration()
-        linears = [(p, m) for p, m in block.named_modules() if isinstance(m, nn.Linear)]
-        catchers = {p: _Catcher(m, calibration) for p, m in linears}
-        with _swapped(block, catchers):
-            outputs = _run_block(block, inputs, batches, calibration)
+        linears = {p: m for p, m in block.named_modules() if isinstance(m, nn.Linear)}
+        hessians, outputs = _input_hessians(block, linears, inputs, batches)
         inputs = [((out, *a[1:]), kw) for out, (a, kw) in zip(outputs, inputs, strict=True)]
-        for path, _ in linears:
-            yield prefix + path, catchers.pop(path).hessian
+        yield from ((prefix + path, hessian) for path, hessian in hessians.items())
     inside = tuple(prefix for _, prefix in blocks)
     outside = [
         (path, module)
@@ -419,6 +425,12 @@ def full_precision_hessians(
             hessian = _tied_head_hessian(model, path, module.weight.shape[1], batches)
             if hessian is not None:
                 yield path, hessian
+
+
+def widest_input(model: Any) -> int:
+    """The widest of full_precision_hessians' Hessians, read from the weights (0: none)."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    return max((layer.weight.shape[1] for layer in layers), default=0)
 
 
 # ---- a tied output layer ------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from stages.gptq import (
     output_error_ratio,
     swap_quantized,
     tied_output_layers,
+    widest_input,
 )
 from stages.losses import LOSSES, NEEDS_TAIL, SAMPLED_LOSS, sampled_tail_kl, tail_logsumexp
 from stages.models import (
@@ -596,15 +597,14 @@ def _gptq_error_ratios(
     spends its bits where GPTQ leaves most error. None (the plain estimates) when the rows hold
     fewer than MIN_TOKENS_PER_COLUMN tokens per input column of some layer: GPTQ then fits
     those few tokens, and the share foretold from them collapses towards 0."""
-    label = "measuring GPTQ's share of each layer's error: block {}/{}"
-    on_block = lambda done, total: inputs.phase(label.format(done, total))  # noqa: E731
     batches = _calibration_batches(inputs.reader, config)
     tokens = sum(float(mask.sum().item()) for _, mask in batches)
-    ratios, widest = {}, 0
-    for path, hessian in full_precision_hessians(model, batches, on_block):
-        widest = max(widest, hessian.shape[0])
-        ratios[path] = output_error_ratio(hessian)
-    return ratios if tokens >= MIN_TOKENS_PER_COLUMN * widest else None
+    if tokens < MIN_TOKENS_PER_COLUMN * widest_input(model):
+        return None
+    label = "measuring GPTQ's share of each layer's error: block {}/{}"
+    on_block = lambda done, total: inputs.phase(label.format(done, total))  # noqa: E731
+    hessians = full_precision_hessians(model, batches, on_block)
+    return {path: output_error_ratio(hessian) for path, hessian in hessians}
 
 
 @dataclass
