@@ -278,16 +278,17 @@ def _quantize_layers(
     floats = {p: _float_linear(modules[p], weights[p]) for p in paths}
     hessians, _ = _input_hessians(root, floats, inputs, batches)
     for path in paths:
-        module = modules[path]
-        hessian = _finite(hessians.pop(path), prefix + path)
-        dtype = module["scales"].dtype
-        packed, scales, biases = gptq_quantize(
-            weights[path], hessian, module.bits, module.group_size, dtype
-        )
-        module["weight"], module["scales"], module["biases"] = packed, scales, biases
-        mx.eval(module.parameters())
+        _requantize(modules[path], weights[path], _finite(hessians.pop(path), prefix + path))
     with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
         return _run_block(root, inputs, batches, _Calibration())
+
+
+def _requantize(module: nn.QuantizedLinear, weight: mx.array, hessian: mx.array) -> None:
+    """The quantized layer's arrays replaced by GPTQ's of `weight` under `hessian`."""
+    dtype = module["scales"].dtype
+    packed, scales, biases = gptq_quantize(weight, hessian, module.bits, module.group_size, dtype)
+    module["weight"], module["scales"], module["biases"] = packed, scales, biases
+    mx.eval(module.parameters())
 
 
 def _input_hessians(
@@ -300,6 +301,21 @@ def _input_hessians(
     with _swapped(root, catchers):
         outputs = _run_block(root, inputs, batches, calibration)
     return {path: catcher.hessian for path, catcher in catchers.items()}, outputs
+
+
+def _whole_model_hessians(
+    model: Any, layers: dict[str, nn.Module], batches: list[Batch]
+) -> dict[str, mx.array]:
+    """X^T X of each layer's inputs at the loss mask's positions, by path, with `layers` (float
+    layers, by path in the model) in place while the whole model runs on each batch; the model's
+    outputs (logits a vocabulary wide) are not kept."""
+    calibration = _Calibration()
+    catchers = {path: _Catcher(layer, calibration) for path, layer in layers.items()}
+    with _swapped(model, catchers):
+        for tokens, mask in batches:
+            calibration.start_batch(mask)
+            mx.eval(model(tokens), [catcher.hessian for catcher in catchers.values()])
+    return {path: catcher.hessian for path, catcher in catchers.items()}
 
 
 def _is_finite(hessian: mx.array) -> bool:
@@ -360,11 +376,13 @@ def gptq_init(
         ]
     done = [p for p in todo if any(p.startswith(prefix) for _, prefix in blocks)]
     rest = [p for p in todo if p not in done]  # outside the blocks (an untied lm_head)
-    if rest:
+    if rest:  # on the re-quantized blocks' outputs
         modules = dict(model.named_modules())
+        floats = {p: _float_linear(modules[p], originals[p]) for p in rest}
         with _swapped(model, {p: _dequantized(modules[p]) for p in done}):
-            whole = [((tokens,), {}) for tokens, _ in batches]
-            _quantize_layers(model, rest, {p: originals[p] for p in rest}, whole, batches)
+            hessians = _whole_model_hessians(model, floats, batches)
+        for path in rest:
+            _requantize(modules[path], originals[path], _finite(hessians.pop(path), path))
     return len(todo)
 
 
@@ -413,13 +431,7 @@ def full_precision_hessians(
         if isinstance(module, nn.Linear) and not path.startswith(inside)
     ]
     if outside:  # an untied lm_head: its inputs are the last hidden states
-        calibration = _Calibration()
-        catchers = {path: _Catcher(module, calibration) for path, module in outside}
-        with _swapped(model, catchers):
-            for tokens, mask in batches:  # the logits (a vocabulary wide) are not kept
-                calibration.start_batch(mask)
-                mx.eval(model(tokens), [c.hessian for c in catchers.values()])
-        yield from ((path, catchers[path].hessian) for path, _ in outside)
+        yield from _whole_model_hessians(model, dict(outside), batches).items()
     for path, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, nn.QuantizedEmbedding):
             hessian = _tied_head_hessian(model, path, module.weight.shape[1], batches)

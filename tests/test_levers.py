@@ -583,6 +583,36 @@ def test_gptq_requantizes_an_untied_output_layer_too():
     )
 
 
+def test_gptq_of_an_untied_output_layer_keeps_no_batch_of_logits():
+    """The untied head's Hessian comes from whole-model passes whose vocabulary-wide logits are
+    dropped batch by batch: GPTQ's peak memory stays near one batch's logits, not all of them
+    (before, every batch's logits were kept twice: 16x one batch's here)."""
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    vocab, rows, length, size = 70_000, 32, 64, 4
+    args = {"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128}
+    args |= {"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}
+    teacher = Model(
+        ModelArgs(model_type="llama", tie_word_embeddings=False, vocab_size=vocab, **args)
+    )
+    originals = rounding.full_precision_weights(teacher)
+    student = Model(
+        ModelArgs(model_type="llama", tie_word_embeddings=False, vocab_size=vocab, **args)
+    )
+    student.update(teacher.parameters())
+    nn.quantize(student, group_size=32, bits=4)
+    tokens = mx.random.randint(0, vocab, (rows, length), key=mx.random.key(1))
+    batches = [(tokens[i : i + size], mx.ones((size, length))) for i in range(0, rows, size)]
+    mx.eval(student.parameters(), tokens)
+    one_batch_of_logits = size * length * vocab * 4
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    rtn_head = np.array(student.lm_head.weight)
+    gptq.gptq_init(student, originals, batches)
+    assert not np.array_equal(np.array(student.lm_head.weight), rtn_head)  # the head got GPTQ
+    assert mx.get_peak_memory() - before < 3 * one_batch_of_logits
+
+
 def test_gptq_refuses_a_layer_whose_inputs_overflow_naming_it():
     """Inputs whose squares pass float32's range make the Hessian infinite, and GPTQ would round
     to garbage: one line naming the layer and what to try, not a student of noise."""
