@@ -269,7 +269,7 @@ def _quantize_layers(
     weights: dict[str, mx.array],
     inputs: list[tuple],
     batches: list[Batch],
-    prefix: str = "",
+    prefix: str,
 ) -> list[mx.array]:
     """GPTQ for `root`'s quantized Linears at `paths` (inside root, at `prefix` in the model) on
     root's inputs, Hessians from the float layers; returns the re-quantized root's outputs on the
