@@ -8,7 +8,7 @@ rows, tokens and steps of configs/default.yaml), and scored together on the held
   configs/default-3bit.yaml's rate: bench.quality's WIDTH_RATES);
 - ours, mixed: `tune --bits-per-weight B` (widths tune.allowed_bits), B the uniform 4-bit
   student's bits per weight as stored (its bytes: 5.0 from the float32 default teacher, whose
-  scales are float32; 4.5 from a bf16 one), at learning rate MIX_RATE, with
+  scales are float32; 4.5 from a bf16 one), at the default learning rate (MIX_RATE), with
   tune.allowed_group_sizes [64] (bits chosen, every group of 64, the budget's choice before
   2026-12-01) and [32, 64, 128] (each layer's group size chosen too: the default now);
 - mlx-lm, mixed: its `quant/dynamic_quant.py` at the same B (its sensitivities from the live
@@ -92,18 +92,18 @@ from stages.models import (
     to_compute_dtype,
     use_dequantized_matmul,
 )
-from stages.tune import tune
+from stages.tune import TuneConfig, tune
 
 ROOT = Path(__file__).parent.parent
 CACHE = ROOT / "artifacts" / "bench" / by_scale("bits_and_modes-quick", "bits_and_modes")
 RUNS, MODELS = CACHE / "runs", CACHE / "models"
 UNIFORM, MIXED = "ours, affine 4-bit g64", "ours, mixed"
 MIXED_GROUPS = "ours, mixed bits + group sizes"
-# The mixes' rate: 2.5e-5 gave the lower validation KL on the bits-only mix (0.1081 against
-# 0.1152 at the then-default 5e-5, seed 123, 2026-12-01) and on the bits + group sizes mix from
-# the revision-3 GPTQ start (0.0721 against 0.0735 at 1.5e-5); the uniform rows keep their
-# width's rate (bench.quality.our_settings), chosen on validation for them.
-MIX_RATE = 2.5e-5
+# The mixes' rate: the default (1.5e-5, as uniform 4-bit's). From the GPTQ-aware budget
+# (revision 2) the bits + group sizes mix validated 0.0575 at 1.5e-5 against 0.0594 at 2.5e-5,
+# the rate before (seed 123, 2026-12-01: the budget's revision 1 had preferred 2.5e-5, 0.0721
+# against 0.0735); the uniform rows keep their width's rate (bench.quality.our_settings).
+MIX_RATE = TuneConfig().learning_rate
 OURS: dict[str, dict] = {  # label -> settings changed from the default (the mixes' budget: below)
     UNIFORM: {},
     "ours, affine 3-bit g64": {"bits": 3},
