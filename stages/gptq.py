@@ -278,14 +278,16 @@ def _quantize_layers(
     floats = {p: _float_linear(modules[p], weights[p]) for p in paths}
     hessians, _ = _input_hessians(root, floats, inputs, batches)
     for path in paths:
-        _requantize(modules[path], weights[path], _finite(hessians.pop(path), prefix + path))
+        _requantize(modules[path], weights[path], hessians.pop(path), prefix + path)
     with _swapped(root, {path: _dequantized(modules[path]) for path in paths}):
         return _run_block(root, inputs, batches, _Calibration())
 
 
-def _requantize(module: nn.QuantizedLinear, weight: mx.array, hessian: mx.array) -> None:
-    """The quantized layer's arrays replaced by GPTQ's of `weight` under `hessian`."""
+def _requantize(module: nn.QuantizedLinear, weight: mx.array, hessian: mx.array, path: str) -> None:
+    """The quantized layer (at `path` in the model) given GPTQ's arrays of `weight` under
+    `hessian`, refused when the Hessian is not finite."""
     dtype = module["scales"].dtype
+    hessian = _finite(hessian, path)
     packed, scales, biases = gptq_quantize(weight, hessian, module.bits, module.group_size, dtype)
     module["weight"], module["scales"], module["biases"] = packed, scales, biases
     mx.eval(module.parameters())
@@ -382,7 +384,7 @@ def gptq_init(
         with _swapped(model, {p: _dequantized(modules[p]) for p in done}):
             hessians = _whole_model_hessians(model, floats, batches)
         for path in rest:
-            _requantize(modules[path], originals[path], _finite(hessians.pop(path), path))
+            _requantize(modules[path], originals[path], hessians.pop(path), path)
     return len(todo)
 
 
